@@ -1,0 +1,72 @@
+//! PID 1 duties: the filesystems every guest needs, the console, and a
+//! clean way out.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, MsFlags};
+use runv_proto::guest;
+
+struct Mount {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const MOUNTS: &[Mount] = &[
+    Mount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
+    Mount { source: "proc", target: "/proc", fstype: "proc", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), data: None },
+    Mount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), data: None },
+    Mount { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC), data: Some("newinstance,ptmxmode=0666,mode=0620") },
+    Mount { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
+    Mount { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=0755") },
+    Mount { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
+    Mount { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), data: None },
+];
+
+/// Mounts the basics and points stdio at the console.
+pub fn setup() -> Result<()> {
+    for m in MOUNTS {
+        fs::create_dir_all(m.target).with_context(|| format!("creating {}", m.target))?;
+        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data)
+            .with_context(|| format!("mounting {} on {}", m.fstype, m.target))?;
+    }
+    // The initramfs has no /dev/console node, so the kernel started us
+    // without stdio; take the console now that devtmpfs is there.
+    let console = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .context("opening /dev/console")?;
+    for fd in 0..3 {
+        // SAFETY: plain dup2 onto the standard descriptors.
+        if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("redirecting stdio to the console");
+        }
+    }
+    let _ = fs::remove_file("/dev/ptmx");
+    std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx").context("linking /dev/ptmx")?;
+    std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    Ok(())
+}
+
+/// Whether the kernel command line asks for a boot probe.
+pub fn probe_requested() -> bool {
+    fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|w| w == guest::PROBE_CMDLINE_FLAG))
+        .unwrap_or(false)
+}
+
+/// Ends the VM: the guest boots with `reboot=t` and the hypervisor turns a
+/// reboot into its own exit (a poweroff without ACPI would halt forever).
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Only reached if reboot failed; PID 1 must never return.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}

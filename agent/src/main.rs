@@ -1,0 +1,119 @@
+//! runv-agent: PID 1 of a runv microVM. It mounts the basics, reaps
+//! orphans, and serves the agent protocol over ttrpc on vsock port 1024.
+//!
+//! It also runs on a host as an ordinary process (`--listen unix:///path`),
+//! which is how its tests run without a VM.
+
+mod init;
+mod process;
+mod service;
+mod stream;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use runv_proto::guest;
+
+const USAGE: &str = "\
+runv-agent: the runv guest agent (PID 1 in the microVM)
+
+Usage: runv-agent [--listen ADDRESS]
+
+Options:
+  --listen ADDRESS   ttrpc address to serve: vsock://-1:1024 (default in a
+                     guest), or unix:///path/agent.sock to run on a host
+  --help             print this help
+  --version          print the agent version
+";
+
+fn main() -> ExitCode {
+    let pid1 = std::process::id() == 1;
+    let mut listen = format!("vsock://-1:{}", guest::AGENT_VSOCK_PORT);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            // The kernel hands unknown command-line words to init; a guest
+            // agent ignores what it does not know.
+            "--listen" if !pid1 => match args.next() {
+                Some(addr) => listen = addr,
+                None => return usage_error("--listen needs an address"),
+            },
+            "--help" | "-h" if !pid1 => {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--version" if !pid1 => {
+                println!("runv-agent {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            other if !pid1 => return usage_error(&format!("unknown argument '{other}'")),
+            _ => {}
+        }
+    }
+
+    if pid1 {
+        if let Err(e) = init::setup() {
+            eprintln!("runv-agent: guest setup failed: {e:#}");
+            init::power_off();
+        }
+        if init::probe_requested() {
+            println!("{}", guest::PROBE_READY_MARKER);
+            init::power_off();
+        }
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runv-agent: cannot start the async runtime: {e}");
+            return fail(pid1);
+        }
+    };
+    match runtime.block_on(serve(&listen, pid1)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("runv-agent: {e:#}");
+            fail(pid1)
+        }
+    }
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("runv-agent: {msg}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
+fn fail(pid1: bool) -> ExitCode {
+    if pid1 {
+        init::power_off();
+    }
+    ExitCode::FAILURE
+}
+
+async fn serve(listen: &str, pid1: bool) -> Result<()> {
+    if let Some(path) = listen.strip_prefix("unix://") {
+        // A stale socket from an earlier run would make bind fail.
+        let _ = std::fs::remove_file(path);
+    }
+    let processes = process::ProcessTable::new()?;
+    let service = Arc::new(service::AgentService::new(processes, pid1));
+    let shutdown = service.shutdown_signal();
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(listen)
+        .with_context(|| format!("binding {listen}"))?
+        .register_service(runv_proto::agent_ttrpc::create_agent(service));
+    server.start().await.context("starting the ttrpc server")?;
+    eprintln!("runv-agent {} serving on {listen}", env!("CARGO_PKG_VERSION"));
+    shutdown.notified().await;
+    // Let the reply to Shutdown reach the caller before the guest goes away.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    if pid1 {
+        init::power_off();
+    }
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! Processes the agent runs: spawning into a root directory, their stdio,
+//! and the reaper that collects every child's exit (the agent is PID 1, or
+//! a child subreaper on a host).
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use runv_proto::agent::RunProcessRequest;
+use tokio::sync::watch;
+
+use crate::stream::FdStream;
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How a process ended, in the shell's convention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub status: i32,
+    pub signal: u32,
+}
+
+impl ExitStatus {
+    fn from_wait(status: WaitStatus) -> Option<Self> {
+        match status {
+            WaitStatus::Exited(_, code) => Some(Self { status: code, signal: 0 }),
+            WaitStatus::Signaled(_, sig, _) => Some(Self { status: 128 + sig as i32, signal: sig as u32 }),
+            _ => None,
+        }
+    }
+}
+
+pub struct Process {
+    pub pid: i32,
+    pub stdin: tokio::sync::Mutex<Option<FdStream>>,
+    pub stdout: tokio::sync::Mutex<Option<FdStream>>,
+    pub stderr: tokio::sync::Mutex<Option<FdStream>>,
+    /// The pty master, kept for window resizes.
+    pub tty: Option<OwnedFd>,
+    exit_tx: watch::Sender<Option<ExitStatus>>,
+}
+
+impl Process {
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.exit_tx.borrow()
+    }
+
+    pub async fn wait(&self) -> ExitStatus {
+        let mut rx = self.exit_tx.subscribe();
+        loop {
+            if let Some(status) = *rx.borrow_and_update() {
+                return status;
+            }
+            // The sender lives as long as `self`, so this cannot fail.
+            let _ = rx.changed().await;
+        }
+    }
+
+    /// Long-poll read of one output stream: waits for data, returns at most
+    /// `max` bytes, or an empty vector at end of stream. Once the process
+    /// has exited the stream is only drained, so a grandchild that keeps it
+    /// open cannot hold the caller forever.
+    pub async fn read_output(&self, which: &tokio::sync::Mutex<Option<FdStream>>, max: usize) -> io::Result<Vec<u8>> {
+        let guard = which.lock().await;
+        let Some(stream) = guard.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let mut exit_rx = self.exit_tx.subscribe();
+        loop {
+            let exited = exit_rx.borrow_and_update().is_some();
+            if let Some(data) = stream.try_read(max)? {
+                return Ok(data);
+            }
+            if exited {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                r = stream.readable() => r?,
+                _ = exit_rx.changed() => {}
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        if self.exit_status().is_some() {
+            bail!("process {} has already exited", self.pid);
+        }
+        let sig = Signal::try_from(signal).with_context(|| format!("invalid signal number {signal}"))?;
+        nix::sys::signal::kill(Pid::from_raw(self.pid), sig)
+            .with_context(|| format!("signalling process {}", self.pid))
+    }
+
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        let Some(tty) = &self.tty else {
+            bail!("process {} has no terminal", self.pid);
+        };
+        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads a winsize we own.
+        if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+            return Err(io::Error::last_os_error()).context("setting the terminal size");
+        }
+        Ok(())
+    }
+}
+
+/// Every child the agent started, by pid, for the reaper.
+#[derive(Clone)]
+pub struct ProcessTable {
+    by_pid: Arc<Mutex<HashMap<i32, Arc<Process>>>>,
+}
+
+impl ProcessTable {
+    /// Creates the table and starts the reaper on the current runtime.
+    pub fn new() -> Result<Self> {
+        // On a host the agent is no PID 1; become the reaper of our subtree.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let table = Self { by_pid: Arc::default() };
+        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+            .context("listening for SIGCHLD")?;
+        let reaper = table.clone();
+        tokio::spawn(async move {
+            loop {
+                reaper.reap();
+                if sigchld.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        Ok(table)
+    }
+
+    /// Collects every exited child; ours get their status recorded.
+    fn reap(&self) {
+        // Held across waitpid so a child cannot be reaped between its spawn
+        // and its entry in the table.
+        let mut by_pid = self.by_pid.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => {
+                    let (Some(pid), Some(exit)) = (status.pid(), ExitStatus::from_wait(status)) else {
+                        continue;
+                    };
+                    if let Some(process) = by_pid.remove(&pid.as_raw()) {
+                        let _ = process.exit_tx.send(Some(exit));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a process as the request describes.
+    pub fn spawn(&self, req: &RunProcessRequest) -> Result<Arc<Process>> {
+        if req.args.is_empty() {
+            bail!("no command given (args is empty)");
+        }
+        let root = non_empty_or(&req.root, "/");
+        let cwd = non_empty_or(&req.cwd, "/");
+        if !root.starts_with('/') {
+            bail!("root '{root}' is not an absolute path");
+        }
+        if !cwd.starts_with('/') {
+            bail!("cwd '{cwd}' is not an absolute path");
+        }
+        if !std::path::Path::new(root).is_dir() {
+            bail!("root '{root}' is not a directory in the guest");
+        }
+        if !std::path::Path::new(root).join(cwd.trim_start_matches('/')).is_dir() {
+            bail!("cwd '{cwd}' is not a directory in root '{root}'");
+        }
+        let setup = ChildSetup::new(root, cwd, req.terminal)?;
+
+        let mut cmd = Command::new(&req.args[0]);
+        cmd.args(&req.args[1..]).env_clear();
+        let mut has_path = false;
+        for kv in &req.env {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("environment entry '{kv}' is not KEY=VALUE");
+            };
+            has_path |= k == "PATH";
+            cmd.env(k, v);
+        }
+        if !has_path {
+            let (k, v) = DEFAULT_PATH.split_once('=').expect("constant has '='");
+            cmd.env(k, v);
+        }
+
+        let (stdin, stdout, stderr, tty) = if req.terminal {
+            let pty = nix::pty::openpty(
+                Some(&nix::pty::Winsize {
+                    ws_row: req.rows.clamp(1, u16::MAX as u32) as u16,
+                    ws_col: req.cols.clamp(1, u16::MAX as u32) as u16,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                }),
+                None,
+            )
+            .context("opening a pty")?;
+            set_cloexec(&pty.master)?;
+            cmd.stdin(Stdio::from(pty.slave.try_clone()?))
+                .stdout(Stdio::from(pty.slave.try_clone()?))
+                .stderr(Stdio::from(pty.slave));
+            let master_in = pty.master.try_clone()?;
+            let master_out = pty.master.try_clone()?;
+            (Some(master_in), Some(master_out), None, Some(pty.master))
+        } else {
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            cmd.stdin(Stdio::from(in_r)).stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
+            (Some(in_w), Some(out_r), Some(err_r), None)
+        };
+
+        // SAFETY: the closure only makes async-signal-safe system calls on
+        // data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || setup.enter());
+        }
+
+        let (exit_tx, _) = watch::channel(None);
+        let mut by_pid = self.by_pid.lock().unwrap_or_else(|e| e.into_inner());
+        let child = cmd.spawn().map_err(|e| spawn_error(&req.args[0], e))?;
+        // The Command (holding the child's ends) is dropped with this scope.
+        drop(cmd);
+        let process = Arc::new(Process {
+            pid: child.id() as i32,
+            stdin: tokio::sync::Mutex::new(stdin.map(FdStream::new).transpose()?),
+            stdout: tokio::sync::Mutex::new(stdout.map(FdStream::new).transpose()?),
+            stderr: tokio::sync::Mutex::new(stderr.map(FdStream::new).transpose()?),
+            tty,
+            exit_tx,
+        });
+        by_pid.insert(process.pid, process.clone());
+        Ok(process)
+    }
+
+    /// Kills every process the agent started.
+    pub fn kill_all(&self) {
+        let by_pid = self.by_pid.lock().unwrap_or_else(|e| e.into_inner());
+        for pid in by_pid.keys() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn spawn_error(program: &str, e: io::Error) -> anyhow::Error {
+    match e.kind() {
+        io::ErrorKind::NotFound => anyhow::anyhow!("executable file not found: '{program}'"),
+        io::ErrorKind::PermissionDenied => anyhow::anyhow!("permission denied executing '{program}'"),
+        _ => anyhow::anyhow!("cannot start '{program}': {e}"),
+    }
+}
+
+fn non_empty_or<'a>(s: &'a str, default: &'a str) -> &'a str {
+    if s.is_empty() {
+        default
+    } else {
+        s
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error()).context("creating a pipe");
+    }
+    // SAFETY: both descriptors were just created and are owned by no one else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn set_cloexec(fd: &OwnedFd) -> Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error()).context("setting FD_CLOEXEC");
+    }
+    Ok(())
+}
+
+/// What the child does between fork and exec: a session of its own, the
+/// terminal, a private mount namespace with /proc, /sys and /dev in the new
+/// root, then chroot and chdir. Everything is prepared before the fork.
+struct ChildSetup {
+    root: CString,
+    cwd: CString,
+    terminal: bool,
+    mounts: Vec<(CString, CString, CString, libc::c_ulong)>,
+}
+
+impl ChildSetup {
+    fn new(root: &str, cwd: &str, terminal: bool) -> Result<Self> {
+        let mut mounts = Vec::new();
+        if root != "/" {
+            let base = std::path::Path::new(root);
+            for (source, target, fstype, flags) in [
+                ("proc", "proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+                ("sysfs", "sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY),
+                ("/dev", "dev", "", libc::MS_BIND | libc::MS_REC),
+            ] {
+                let path = base.join(target);
+                if path.is_dir() {
+                    mounts.push((cstr(source)?, cstr(path.to_str().unwrap_or_default())?, cstr(fstype)?, flags));
+                }
+            }
+        }
+        Ok(Self { root: cstr(root)?, cwd: cstr(cwd)?, terminal, mounts })
+    }
+
+    fn enter(&self) -> io::Result<()> {
+        // SAFETY: raw system calls on pre-built C strings, in the forked child.
+        unsafe {
+            check(libc::setsid())?;
+            if self.terminal {
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+            }
+            if !self.mounts.is_empty() {
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                for (source, target, fstype, flags) in &self.mounts {
+                    let fstype = if fstype.is_empty() { std::ptr::null() } else { fstype.as_ptr() };
+                    check(libc::mount(source.as_ptr(), target.as_ptr(), fstype, *flags, std::ptr::null()))?;
+                }
+            }
+            check(libc::chroot(self.root.as_ptr()))?;
+            check(libc::chdir(self.cwd.as_ptr()))?;
+        }
+        Ok(())
+    }
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).with_context(|| format!("'{s}' contains a NUL byte"))
+}

@@ -1,0 +1,213 @@
+//! The ttrpc service: the agent protocol's calls mapped onto the process
+//! table and the guest.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use runv_proto::agent::*;
+use runv_proto::agent_ttrpc::Agent;
+use runv_proto::guest;
+use tokio::sync::{Mutex, Notify};
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::{Code, Error as RpcError};
+
+use crate::process::{Process, ProcessTable};
+
+type ProcessKey = (String, String);
+
+pub struct AgentService {
+    table: ProcessTable,
+    processes: Mutex<HashMap<ProcessKey, Arc<Process>>>,
+    shutdown: Arc<Notify>,
+    in_guest: bool,
+}
+
+impl AgentService {
+    pub fn new(table: ProcessTable, in_guest: bool) -> Self {
+        Self { table, processes: Mutex::default(), shutdown: Arc::default(), in_guest }
+    }
+
+    pub fn shutdown_signal(&self) -> Arc<Notify> {
+        self.shutdown.clone()
+    }
+
+    async fn process(&self, container_id: &str, exec_id: &str) -> ttrpc::Result<Arc<Process>> {
+        self.processes
+            .lock()
+            .await
+            .get(&(container_id.to_owned(), exec_id.to_owned()))
+            .cloned()
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("no process '{exec_id}' in container '{container_id}'")))
+    }
+
+    async fn read(&self, container_id: &str, exec_id: &str, len: u32, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
+        let process = self.process(container_id, exec_id).await?;
+        let max = len.clamp(1, guest::MAX_READ_CHUNK) as usize;
+        let which = if stderr { &process.stderr } else { &process.stdout };
+        let data = process
+            .read_output(which, max)
+            .await
+            .map_err(|e| status(Code::INTERNAL, format!("reading process output: {e}")))?;
+        let eof = data.is_empty();
+        Ok(ReadStreamResponse { data, eof, ..Default::default() })
+    }
+}
+
+fn status(code: Code, msg: impl Into<String>) -> RpcError {
+    RpcError::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn invalid(e: anyhow::Error) -> RpcError {
+    status(Code::INVALID_ARGUMENT, format!("{e:#}"))
+}
+
+fn mem_field(meminfo: &str, key: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Agent for AgentService {
+    async fn health(&self, _ctx: &TtrpcContext, _req: HealthRequest) -> ttrpc::Result<HealthResponse> {
+        Ok(HealthResponse { status: "SERVING".into(), ..Default::default() })
+    }
+
+    async fn guest_details(&self, _ctx: &TtrpcContext, _req: GuestDetailsRequest) -> ttrpc::Result<GuestDetailsResponse> {
+        let uname = nix::sys::utsname::uname().map_err(|e| status(Code::INTERNAL, format!("uname: {e}")))?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo")
+            .map_err(|e| status(Code::INTERNAL, format!("reading /proc/meminfo: {e}")))?;
+        let memory = MemoryInfo {
+            total_kib: mem_field(&meminfo, "MemTotal"),
+            free_kib: mem_field(&meminfo, "MemFree"),
+            available_kib: mem_field(&meminfo, "MemAvailable"),
+            buffers_kib: mem_field(&meminfo, "Buffers"),
+            cached_kib: mem_field(&meminfo, "Cached"),
+            ..Default::default()
+        };
+        Ok(GuestDetailsResponse {
+            kernel_release: uname.release().to_string_lossy().into_owned(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            memory: Some(memory).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn mount_shared(&self, _ctx: &TtrpcContext, req: MountSharedRequest) -> ttrpc::Result<Empty> {
+        if req.tag.is_empty() {
+            return Err(status(Code::INVALID_ARGUMENT, "mount_shared: tag is empty"));
+        }
+        if !req.mount_point.starts_with('/') || req.mount_point.split('/').any(|c| c == "..") {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("mount_shared: mount point '{}' must be an absolute path without '..'", req.mount_point),
+            ));
+        }
+        std::fs::create_dir_all(&req.mount_point)
+            .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", req.mount_point)))?;
+        let mut flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+        if req.read_only {
+            flags |= nix::mount::MsFlags::MS_RDONLY;
+        }
+        nix::mount::mount(Some(req.tag.as_str()), req.mount_point.as_str(), Some("virtiofs"), flags, None::<&str>)
+            .map_err(|e| status(Code::INTERNAL, format!("mounting virtio-fs '{}' on {}: {e}", req.tag, req.mount_point)))?;
+        Ok(Empty::new())
+    }
+
+    async fn run_process(&self, _ctx: &TtrpcContext, req: RunProcessRequest) -> ttrpc::Result<RunProcessResponse> {
+        if req.exec_id.is_empty() {
+            return Err(status(Code::INVALID_ARGUMENT, "run_process: exec_id is empty"));
+        }
+        let key = (req.container_id.clone(), req.exec_id.clone());
+        let mut processes = self.processes.lock().await;
+        if processes.contains_key(&key) {
+            return Err(status(Code::ALREADY_EXISTS, format!("process '{}' already exists", req.exec_id)));
+        }
+        let process = self.table.spawn(&req).map_err(invalid)?;
+        let pid = process.pid as u32;
+        processes.insert(key, process);
+        Ok(RunProcessResponse { pid, ..Default::default() })
+    }
+
+    async fn write_stdin(&self, _ctx: &TtrpcContext, req: WriteStdinRequest) -> ttrpc::Result<WriteStdinResponse> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let stdin = process.stdin.lock().await;
+        let Some(stdin) = stdin.as_ref() else {
+            return Err(status(Code::FAILED_PRECONDITION, "stdin is closed"));
+        };
+        let len = stdin
+            .write_all(&req.data)
+            .await
+            .map_err(|e| status(Code::INTERNAL, format!("writing stdin: {e}")))?;
+        Ok(WriteStdinResponse { len: len as u32, ..Default::default() })
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let mut stdin = process.stdin.lock().await;
+        if process.tty.is_some() {
+            // A terminal has no separate stdin to close: send end-of-file.
+            if let Some(s) = stdin.as_ref() {
+                let _ = s.write_all(&[4]).await;
+            }
+        } else {
+            stdin.take();
+        }
+        Ok(Empty::new())
+    }
+
+    async fn read_stdout(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        self.read(&req.container_id, &req.exec_id, req.len, false).await
+    }
+
+    async fn read_stderr(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        self.read(&req.container_id, &req.exec_id, req.len, true).await
+    }
+
+    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        process
+            .signal(req.signal as i32)
+            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(&self, _ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let exit = process.wait().await;
+        Ok(WaitProcessResponse { status: exit.status, signal: exit.signal, ..Default::default() })
+    }
+
+    async fn tty_win_resize(&self, _ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let rows = u16::try_from(req.rows).map_err(|_| status(Code::INVALID_ARGUMENT, format!("rows {} out of range", req.rows)))?;
+        let cols = u16::try_from(req.cols).map_err(|_| status(Code::INVALID_ARGUMENT, format!("cols {} out of range", req.cols)))?;
+        process.resize(rows, cols).map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_process(&self, _ctx: &TtrpcContext, req: RemoveProcessRequest) -> ttrpc::Result<Empty> {
+        let key = (req.container_id.clone(), req.exec_id.clone());
+        let mut processes = self.processes.lock().await;
+        let Some(process) = processes.get(&key) else {
+            return Err(status(Code::NOT_FOUND, format!("no process '{}' in container '{}'", req.exec_id, req.container_id)));
+        };
+        if process.exit_status().is_none() {
+            return Err(status(Code::FAILED_PRECONDITION, format!("process '{}' is still running", req.exec_id)));
+        }
+        processes.remove(&key);
+        Ok(Empty::new())
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        self.table.kill_all();
+        if self.in_guest {
+            nix::unistd::sync();
+        }
+        self.shutdown.notify_one();
+        Ok(Empty::new())
+    }
+}

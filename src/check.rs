@@ -1,0 +1,227 @@
+//! `runv check`: what this host can do for runv, and whether KVM can boot
+//! the guest (a short, cached boot probe).
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use runv_proto::guest;
+
+use crate::config::Config;
+use crate::helper::{find_program, log_tail, HelperProcess};
+use crate::hypervisor::{Qemu, VmConfig};
+
+/// A Linux guest reaches init in well under a second on hardware KVM; a
+/// KVM that cannot run it stalls or fails, which this bounds.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug)]
+pub struct Finding {
+    pub level: Level,
+    pub item: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub kvm_boots_guest: bool,
+}
+
+impl Report {
+    fn add(&mut self, level: Level, item: &'static str, detail: impl Into<String>) {
+        self.findings.push(Finding { level, item, detail: detail.into() });
+    }
+
+    /// Whether sandboxes can run here at all (perhaps only under TCG).
+    pub fn ready(&self) -> bool {
+        !self.findings.iter().any(|f| f.level == Level::Fail)
+    }
+
+    pub fn verdict(&self) -> String {
+        if !self.ready() {
+            let failed: Vec<&str> = self.findings.iter().filter(|f| f.level == Level::Fail).map(|f| f.item).collect();
+            format!("verdict: not ready (fix: {})", failed.join(", "))
+        } else if self.kvm_boots_guest {
+            "verdict: ready (qemu/kvm; KVM boots the guest)".into()
+        } else {
+            "verdict: ready (qemu/tcg software emulation; KVM cannot boot the guest here)".into()
+        }
+    }
+}
+
+/// Probes the host. `probe_kvm` runs the boot probe (else only its cached
+/// result is used, or KVM counts as unusable).
+pub fn check(config: &Config) -> Report {
+    let mut r = Report::default();
+
+    match kvm_ioctls::Kvm::new() {
+        Ok(kvm) => {
+            r.add(Level::Ok, "kvm", format!("/dev/kvm present, API version {}", kvm.get_api_version()));
+            match kvm_boots_guest(config) {
+                Ok(()) => {
+                    r.kvm_boots_guest = true;
+                    r.add(Level::Ok, "kvm-boot", "KVM boots the guest kernel");
+                }
+                Err(why) => r.add(Level::Warn, "kvm-boot", format!("KVM cannot boot the guest: {why}")),
+            }
+        }
+        Err(e) => r.add(Level::Warn, "kvm", format!("/dev/kvm unusable ({e}); guests run under TCG only")),
+    }
+
+    if Path::new("/dev/vhost-vsock").exists() {
+        r.add(Level::Ok, "vhost-vsock", "/dev/vhost-vsock present");
+    } else {
+        r.add(Level::Ok, "vhost-vsock", "/dev/vhost-vsock absent; vsock is served by vhost-device-vsock");
+    }
+
+    for (item, program, version_arg) in [
+        ("qemu", &config.qemu, "--version"),
+        ("virtiofsd", &config.virtiofsd, "--version"),
+        ("vhost-device-vsock", &config.vhost_vsock, "--version"),
+    ] {
+        match find_program(program) {
+            Some(path) => {
+                let version = program_version(&path, version_arg);
+                r.add(Level::Ok, item, format!("{} ({version})", path.display()));
+            }
+            None => r.add(Level::Fail, item, format!("'{}' not found (install it, or set its path in the config)", program.display())),
+        }
+    }
+
+    for (item, path) in [("kernel", &config.kernel), ("initramfs", &config.initramfs)] {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => r.add(Level::Ok, item, format!("{} ({} KiB)", path.display(), m.len() / 1024)),
+            _ => r.add(Level::Fail, item, format!("{} not found (run scripts/install.sh, or set `{item}` in the config)", path.display())),
+        }
+    }
+    if config.rootfs.is_dir() {
+        r.add(Level::Ok, "rootfs", format!("{} (default for `runv run`)", config.rootfs.display()));
+    } else {
+        r.add(Level::Warn, "rootfs", format!("{} missing; `runv run` needs --rootfs", config.rootfs.display()));
+    }
+
+    match cgroup_version() {
+        Some(v) => r.add(Level::Ok, "cgroup", v),
+        None => r.add(Level::Warn, "cgroup", "no cgroup filesystem mounted at /sys/fs/cgroup"),
+    }
+    r
+}
+
+fn program_version(path: &Path, arg: &str) -> String {
+    Command::new(path)
+        .arg(arg)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+fn cgroup_version() -> Option<String> {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Some("v2 (unified)".into())
+    } else if Path::new("/sys/fs/cgroup/memory").exists() {
+        Some("v1".into())
+    } else {
+        None
+    }
+}
+
+/// Whether KVM can boot the configured guest: `Ok` or why not. The answer
+/// is cached per kernel, initramfs, QEMU and host kernel under the runtime
+/// directory (a tmpfs, so a reboot probes again).
+pub fn kvm_boots_guest(config: &Config) -> Result<(), String> {
+    kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm unusable: {e}"))?;
+    let cache = probe_cache_path(config);
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        return match text.strip_prefix("ok") {
+            Some(_) => Ok(()),
+            None => Err(text.trim().to_string()),
+        };
+    }
+    let result = probe_boot(config, "kvm", PROBE_TIMEOUT);
+    let text = match &result {
+        Ok(elapsed) => format!("ok {}ms", elapsed.as_millis()),
+        Err(why) => why.clone(),
+    };
+    if let Some(parent) = cache.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::write(&cache, text);
+    result.map(|_| ())
+}
+
+fn probe_cache_path(config: &Config) -> PathBuf {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in [&config.kernel, &config.initramfs] {
+        p.hash(&mut h);
+        if let Ok(m) = std::fs::metadata(p) {
+            m.len().hash(&mut h);
+            m.modified().ok().hash(&mut h);
+        }
+    }
+    find_program(&config.qemu).hash(&mut h);
+    nix::sys::utsname::uname().ok().map(|u| u.release().to_owned()).hash(&mut h);
+    config.runtime_dir.join(format!("kvm-probe-{:016x}", h.finish()))
+}
+
+/// Boots the guest with the probe flag under `accel` and waits for the
+/// agent's marker on the console; returns the time to the marker.
+pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Result<Duration, String> {
+    if !config.kernel.is_file() || !config.initramfs.is_file() {
+        return Err("guest kernel or initramfs missing".into());
+    }
+    let dir = tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
+    let result = (|| {
+        let vm = VmConfig {
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            cmdline: format!("{} {}", guest::KERNEL_CMDLINE_BASE, guest::PROBE_CMDLINE_FLAG),
+            vcpus: 1,
+            memory_mib: 128,
+            work_dir: dir.clone(),
+            console_log: dir.join("console.log"),
+            shared_fs_socket: None,
+            shared_fs_tag: String::new(),
+        };
+        let cmd = Qemu::new(&config.qemu, &config.vhost_vsock, accel).command(&vm, None);
+        let started = Instant::now();
+        let mut qemu = HelperProcess::spawn("qemu", cmd, &dir.join("qemu.log")).map_err(|e| e.to_string())?;
+        loop {
+            let console = std::fs::read_to_string(&vm.console_log).unwrap_or_default();
+            if console.contains(guest::PROBE_READY_MARKER) {
+                return Ok(started.elapsed());
+            }
+            let qemu_log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+            if qemu_log.contains("internal error") || qemu_log.contains("emulation failure") {
+                return Err(format!("KVM internal error (emulation failure) {:.1}s into the boot", started.elapsed().as_secs_f64()));
+            }
+            if let Some(status) = qemu.try_wait() {
+                return Err(format!("QEMU exited ({status}) before the guest reached init: {}", log_tail(&dir.join("qemu.log"), 2)));
+            }
+            if started.elapsed() >= timeout {
+                return Err(format!("the guest did not reach init within {}s", timeout.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(parent)?;
+    let dir = parent.join(format!("probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir)?;
+    Ok(dir)
+}

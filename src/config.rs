@@ -1,0 +1,186 @@
+//! runv configuration: `/etc/runv/config.toml`, every key optional.
+//!
+//! The sample with every key and its default is `deploy/config.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the configuration is read from when no path is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/runv/config.toml";
+/// Where `scripts/install.sh` puts the guest kernel, initramfs and rootfs.
+pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/runv";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key} {problem}")]
+    Invalid { path: PathBuf, key: &'static str, problem: String },
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// The built-in VMM where KVM can boot the guest, else QEMU.
+    #[default]
+    Auto,
+    Qemu,
+    Builtin,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where `runv check` finds it can boot the guest, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: HypervisorKind,
+    pub accel: Accel,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Root filesystem `runv run` uses when given no `--rootfs`.
+    pub rootfs: PathBuf,
+    /// Extra guest kernel parameters, appended to runv's own.
+    pub kernel_params: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Seconds to wait for the agent to answer after the VM starts.
+    pub boot_timeout_secs: u64,
+    /// Per-sandbox state (sockets, logs), removed with the sandbox.
+    pub runtime_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_vsock: PathBuf,
+    /// tracing filter for runv's own log on stderr (error, warn, info, debug).
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let share = Path::new(DEFAULT_SHARE_DIR);
+        Self {
+            hypervisor: HypervisorKind::Auto,
+            accel: Accel::Auto,
+            kernel: share.join("vmlinux"),
+            initramfs: share.join("initramfs.cpio"),
+            rootfs: share.join("rootfs"),
+            kernel_params: String::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            boot_timeout_secs: 30,
+            runtime_dir: PathBuf::from("/run/runv"),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            virtiofsd: PathBuf::from("virtiofsd"),
+            vhost_vsock: PathBuf::from("vhost-device-vsock"),
+            log_level: "warn".into(),
+        }
+    }
+}
+
+/// Largest VM a config may ask for; beyond this a typo is likelier than intent.
+pub const MAX_VCPUS: u32 = 256;
+pub const MAX_MEMORY_MIB: u32 = 1024 * 1024;
+pub const MIN_MEMORY_MIB: u32 = 64;
+
+impl Config {
+    /// Loads `path`, or the default path when it exists, or the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        Self::parse(&text, &path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, problem: String| ConfigError::Invalid { path: path.to_path_buf(), key, problem };
+        check_vcpus(self.vcpus).map_err(|p| invalid("vcpus", p))?;
+        check_memory(self.memory_mib).map_err(|p| invalid("memory_mib", p))?;
+        if self.boot_timeout_secs == 0 {
+            return Err(invalid("boot_timeout_secs", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+pub fn check_vcpus(vcpus: u32) -> Result<(), String> {
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(format!("must be between 1 and {MAX_VCPUS}, got {vcpus}"));
+    }
+    Ok(())
+}
+
+pub fn check_memory(mib: u32) -> Result<(), String> {
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+        return Err(format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {mib}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_gives_defaults() {
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.hypervisor, HypervisorKind::Auto);
+        assert_eq!(c.kernel, Path::new(DEFAULT_SHARE_DIR).join("vmlinux"));
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = Config::parse("hypervisor = \"qemu\"\naccel = \"tcg\"\nvcpus = 2\nmemory_mib = 512\n", Path::new("t.toml")).unwrap();
+        assert_eq!(c.hypervisor, HypervisorKind::Qemu);
+        assert_eq!(c.accel, Accel::Tcg);
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("vcpu = 2\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `vcpu`"), "{e}");
+        assert!(e.contains("t.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_key() {
+        let e = Config::parse("memory_mib = 1\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("memory_mib must be between"), "{e}");
+        let e = Config::parse("vcpus = 0\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("vcpus"), "{e}");
+        let e = Config::parse("hypervisor = \"xen\"\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("xen"), "{e}");
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_but_missing_given_file_is_not() {
+        let e = Config::load(Some(Path::new("/nonexistent/runv.toml"))).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/runv.toml"), "{e}");
+    }
+}

@@ -1,0 +1,153 @@
+//! Host processes a sandbox runs beside it (QEMU, virtiofsd,
+//! vhost-device-vsock): started with their output in a log file, tied to
+//! our lifetime, and always killed and reaped when dropped.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+#[error("starting {name} ({program}): {source}")]
+pub struct SpawnError {
+    name: &'static str,
+    program: String,
+    source: std::io::Error,
+}
+
+pub struct HelperProcess {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl HelperProcess {
+    /// Starts `cmd` with stdout and stderr appended to `log`. The child gets
+    /// SIGKILL if the thread that started it dies, so a killed runv leaves
+    /// no helper behind; start helpers from a long-lived thread.
+    pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<Self, SpawnError> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let err = |source| SpawnError { name, program: program.clone(), source };
+        let out = File::options().create(true).append(true).open(log).map_err(err)?;
+        let errf = out.try_clone().map_err(err)?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(errf);
+        // SAFETY: prctl with integer arguments is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(err)?;
+        Ok(Self { name, child: Some(child), log: log.to_path_buf(), status: None })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(child) = self.child.as_mut() {
+                self.status = child.try_wait().ok().flatten();
+            }
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the process to end on its own.
+    pub async fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asks politely (SIGTERM), then kills after `grace`.
+    pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if self.try_wait().is_none() {
+            if let Some(pid) = self.pid() {
+                // SAFETY: signalling our own, not yet reaped child.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            if self.wait_timeout(grace).await.is_none() {
+                self.kill();
+            }
+        }
+        self.status
+    }
+
+    /// SIGKILL and reap; idempotent.
+    pub fn kill(&mut self) {
+        if self.try_wait().is_some() {
+            return;
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            self.status = child.wait().ok();
+        }
+    }
+
+    /// The last `lines` lines of the helper's log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+}
+
+impl Drop for HelperProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last `lines` non-empty lines of a text file, joined by " | ".
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let kept: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    kept[kept.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// Waits until `path` exists (a helper's socket), or the helper dies, or
+/// `timeout` passes.
+pub async fn wait_for_path(helper: &mut HelperProcess, path: &Path, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(status) = helper.try_wait() {
+            return Err(format!("{} exited ({status}) before creating {}: {}", helper.name(), path.display(), helper.log_tail(3)));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("{} did not create {} within {timeout:?}", helper.name(), path.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Resolves a program name against PATH (a path with a '/' is taken as is).
+pub fn find_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_path_buf());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,90 @@
+//! Hypervisor backends: one trait, the QEMU backend today and the built-in
+//! VMM next to it.
+
+mod qemu;
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+pub use qemu::Qemu;
+
+use crate::config::Accel;
+
+/// What a backend needs to start one sandbox's VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Directory for the VM's sockets and logs (owned by the sandbox).
+    pub work_dir: PathBuf,
+    /// Guest console output goes here.
+    pub console_log: PathBuf,
+    /// vhost-user socket of the virtio-fs daemon serving the shared dir.
+    pub shared_fs_socket: Option<PathBuf>,
+    pub shared_fs_tag: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("{0}")]
+    Start(String),
+    #[error(transparent)]
+    Spawn(#[from] crate::helper::SpawnError),
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest rebooted or powered off, which runv guests do to stop.
+    GuestShutdown,
+    /// The VM process failed or was killed; the status says how.
+    Failed(String),
+}
+
+/// A running VM as a backend presents it to the sandbox.
+#[async_trait::async_trait]
+pub trait Hypervisor: Send {
+    /// Short name for messages ("qemu/tcg").
+    fn describe(&self) -> String;
+    /// Starts the VM; on error nothing is left running.
+    async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError>;
+    /// Host Unix socket of the guest's hybrid vsock (`CONNECT <port>\n`).
+    fn agent_socket(&self) -> PathBuf;
+    /// How the VM ended, if it has.
+    fn try_exit(&mut self) -> Option<VmExit>;
+    /// Waits up to `grace` for the VM to end by itself, then kills it, and
+    /// stops every helper process the backend started.
+    async fn stop(&mut self, grace: Duration) -> VmExit;
+    /// The last lines the VM process printed, for error messages.
+    fn diagnostics(&self) -> String;
+}
+
+fn exit_from_status(status: ExitStatus) -> VmExit {
+    if status.success() {
+        VmExit::GuestShutdown
+    } else {
+        VmExit::Failed(status.to_string())
+    }
+}
+
+/// Which QEMU accelerator to use for `accel`, and whether that choice is a
+/// fallback the user should hear about.
+pub fn choose_accel(accel: Accel, kvm_boots_guest: impl FnOnce() -> Result<(), String>) -> (&'static str, Option<String>) {
+    match accel {
+        Accel::Kvm => ("kvm", None),
+        Accel::Tcg => ("tcg", None),
+        Accel::Auto => match kvm_boots_guest() {
+            Ok(()) => ("kvm", None),
+            Err(why) => (
+                "tcg",
+                Some(format!(
+                    "KVM cannot boot the guest on this host ({why}); running under QEMU TCG software emulation, which is much slower. Set accel = \"tcg\" in the config to silence this."
+                )),
+            ),
+        },
+    }
+}

@@ -1,0 +1,10 @@
+//! runv: a lightweight VM sandbox runtime for Kubernetes. Each pod gets its
+//! own KVM microVM; the pod's containers run inside it next to a guest
+//! agent reached over vsock.
+
+pub mod check;
+pub mod config;
+pub mod helper;
+pub mod hypervisor;
+pub mod run;
+pub mod sandbox;

@@ -1,0 +1,122 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use runv::check::Level;
+use runv::config::Config;
+use runv::run::{RunOptions, EXIT_RUNV_ERROR};
+
+/// runv: every pod in its own KVM microVM.
+///
+/// `runv run` boots a microVM and runs one command in it; `runv check`
+/// tells what this host can do. Configuration is read from
+/// /etc/runv/config.toml when present (see deploy/config.toml).
+#[derive(Parser)]
+#[command(name = "runv", version)]
+struct Cli {
+    /// Configuration file (default /etc/runv/config.toml, if present).
+    #[arg(long, global = true, env = "RUNV_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a microVM, run CMD inside it and exit with its status.
+    ///
+    /// The root filesystem (default: the embedded busybox rootfs) is shared
+    /// into the guest over virtio-fs; CMD's stdin, stdout and stderr are
+    /// streamed; the VM and everything around it is removed afterwards.
+    /// Exit status: CMD's own, 125 when runv fails, 126 when CMD cannot be
+    /// executed, 127 when it is not found in the guest.
+    Run {
+        /// Host directory to use as the guest's root filesystem.
+        #[arg(long, value_name = "DIR")]
+        rootfs: Option<PathBuf>,
+        /// vCPUs of the microVM (default from the config: 1).
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// Memory of the microVM in MiB (default from the config: 256).
+        #[arg(long, value_name = "MiB")]
+        memory: Option<u32>,
+        /// Give CMD a terminal (and put this one in raw mode).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Set an environment variable for CMD (repeatable).
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory of CMD inside the rootfs.
+        #[arg(short = 'w', long, value_name = "DIR")]
+        workdir: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Report what this host offers runv and whether KVM can boot the guest.
+    ///
+    /// Exit status 0 when sandboxes can run (perhaps only under TCG
+    /// software emulation), 1 when not.
+    Check {
+        /// Exit 1 unless KVM can boot the guest (no TCG fallback).
+        #[arg(long)]
+        require_kvm: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("runv: error: {e}");
+            return ExitCode::from(EXIT_RUNV_ERROR as u8);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+
+    match cli.command {
+        Command::Check { require_kvm } => {
+            let report = runv::check::check(&config);
+            for f in &report.findings {
+                let tag = match f.level {
+                    Level::Ok => "ok  ",
+                    Level::Warn => "warn",
+                    Level::Fail => "FAIL",
+                };
+                println!("{tag} {:<19} {}", f.item, f.detail);
+            }
+            println!("{}", report.verdict());
+            let ok = report.ready() && (!require_kvm || report.kvm_boots_guest);
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Run { rootfs, cpus, memory, tty, env, workdir, command } => {
+            // One thread: helpers are tied to the thread that starts them
+            // (PR_SET_PDEATHSIG), which must outlive them.
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runv: error: starting the async runtime: {e}");
+                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
+                }
+            };
+            let opts = RunOptions { rootfs, cpus, memory_mib: memory, tty, env, workdir, command };
+            let status = match runtime.block_on(runv::run::run(&config, opts)) {
+                Ok(status) => status,
+                Err(e) => {
+                    eprintln!("runv: error: {e}");
+                    e.status
+                }
+            };
+            // Blocking stdin reads must not hold the exit.
+            runtime.shutdown_background();
+            ExitCode::from(status.clamp(0, 255) as u8)
+        }
+    }
+}

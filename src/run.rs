@@ -1,0 +1,237 @@
+//! `runv run`: boot a sandbox, run one command in it with its stdio
+//! streamed, exit with its status, tear everything down.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use runv_proto::agent::RunProcessRequest;
+use runv_proto::guest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::config::{check_memory, check_vcpus, Config};
+use crate::sandbox::{AgentClient, AgentError, Sandbox, SandboxSpec};
+
+/// Exit status when runv itself fails (as docker and podman use it).
+pub const EXIT_RUNV_ERROR: i32 = 125;
+/// The command exists but cannot be run.
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+/// The command was not found in the guest.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+const EXEC_ID: &str = "run";
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub rootfs: Option<PathBuf>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub tty: bool,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub command: Vec<String>,
+}
+
+/// A failure with the exit status runv should end with.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RunError {
+    pub status: i32,
+    pub message: String,
+}
+
+impl RunError {
+    fn runv(message: impl Into<String>) -> Self {
+        Self { status: EXIT_RUNV_ERROR, message: message.into() }
+    }
+}
+
+/// Runs the command and returns its exit status.
+pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
+    if opts.command.is_empty() {
+        return Err(RunError::runv("no command given (usage: runv run [OPTIONS] -- CMD [ARGS...])"));
+    }
+    for kv in &opts.env {
+        if !kv.contains('=') || kv.starts_with('=') {
+            return Err(RunError::runv(format!("--env '{kv}' is not KEY=VALUE")));
+        }
+    }
+    let vcpus = opts.cpus.unwrap_or(config.vcpus);
+    check_vcpus(vcpus).map_err(|p| RunError::runv(format!("--cpus {p}")))?;
+    let memory_mib = opts.memory_mib.unwrap_or(config.memory_mib);
+    check_memory(memory_mib).map_err(|p| RunError::runv(format!("--memory {p}")))?;
+    let rootfs = opts.rootfs.clone().unwrap_or_else(|| config.rootfs.clone());
+    if !rootfs.is_dir() {
+        let hint = if opts.rootfs.is_none() { " (the default rootfs; run scripts/install.sh or pass --rootfs)" } else { "" };
+        return Err(RunError::runv(format!("rootfs '{}' does not exist or is not a directory{hint}", rootfs.display())));
+    }
+    let rootfs = rootfs.canonicalize().map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
+
+    let mut signals = Signals::new().map_err(|e| RunError::runv(format!("installing signal handlers: {e}")))?;
+    // The embedded default rootfs is shared by every run: keep it pristine.
+    let spec = SandboxSpec { shared_dir: rootfs, read_only: opts.rootfs.is_none(), vcpus, memory_mib };
+    let sandbox = tokio::select! {
+        r = Sandbox::start(config, &spec) => r.map_err(|e| RunError::runv(e.to_string()))?,
+        sig = signals.recv() => return Err(RunError { status: 128 + sig, message: format!("interrupted by signal {sig} while booting") }),
+    };
+    tracing::debug!(sandbox = sandbox.id(), hypervisor = %sandbox.describe_hypervisor(), "sandbox ready");
+    let result = run_command(sandbox.agent(), &opts, &mut signals).await;
+    sandbox.shutdown().await;
+    result
+}
+
+async fn run_command(agent: &AgentClient, opts: &RunOptions, signals: &mut Signals) -> Result<i32, RunError> {
+    let stdin_is_tty = nix::unistd::isatty(std::io::stdin()).unwrap_or(false);
+    let (rows, cols) = if opts.tty { terminal_size().unwrap_or((24, 80)) } else { (0, 0) };
+    let mut env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "HOME=/root".to_string()];
+    if opts.tty {
+        env.push(format!("TERM={}", std::env::var("TERM").unwrap_or_else(|_| "xterm".into())));
+    }
+    env.extend(opts.env.iter().cloned());
+    let req = RunProcessRequest {
+        exec_id: EXEC_ID.into(),
+        args: opts.command.clone(),
+        env,
+        cwd: opts.workdir.clone().unwrap_or_else(|| "/".into()),
+        root: guest::SHARED_MOUNT_POINT.into(),
+        terminal: opts.tty,
+        rows: rows.into(),
+        cols: cols.into(),
+        ..Default::default()
+    };
+    agent.run_process(&req).await.map_err(|e| {
+        let status = match e.code() {
+            Some(ttrpc::Code::NOT_FOUND) => EXIT_NOT_FOUND,
+            Some(ttrpc::Code::PERMISSION_DENIED) => EXIT_CANNOT_EXECUTE,
+            _ => EXIT_RUNV_ERROR,
+        };
+        RunError { status, message: format!("cannot run '{}' in the guest: {e}", opts.command[0]) }
+    })?;
+
+    let _raw = if opts.tty && stdin_is_tty { RawTerminal::enter() } else { None };
+    let stdout = tokio::spawn(pump_output(agent.clone(), false));
+    let stderr = (!opts.tty).then(|| tokio::spawn(pump_output(agent.clone(), true)));
+    let stdin = tokio::spawn(pump_stdin(agent.clone()));
+
+    let wait = agent.wait_process("", EXEC_ID);
+    tokio::pin!(wait);
+    let mut forwarded = false;
+    let exit = loop {
+        tokio::select! {
+            r = &mut wait => break r.map_err(|e| RunError::runv(format!("waiting for the command: {e} (the VM may have died)")))?,
+            sig = signals.recv() => {
+                if sig == libc::SIGWINCH {
+                    if let Some((r, c)) = terminal_size() {
+                        let _ = agent.resize("", EXEC_ID, r, c).await;
+                    }
+                } else if forwarded {
+                    return Err(RunError { status: 128 + sig, message: format!("signal {sig} received twice; tearing the sandbox down") });
+                } else {
+                    // The first signal goes to the command; a second one ends runv.
+                    forwarded = true;
+                    let _ = agent.signal_process("", EXEC_ID, sig).await;
+                }
+            }
+        }
+    };
+    // The agent drains the streams once the process has exited.
+    for pump in std::iter::once(stdout).chain(stderr) {
+        match tokio::time::timeout(Duration::from_secs(10), pump).await {
+            Ok(Ok(Err(e))) => tracing::warn!("output stream: {e}"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("output stream did not end"),
+        }
+    }
+    stdin.abort();
+    let _ = agent.remove_process("", EXEC_ID).await;
+    Ok(exit.status)
+}
+
+async fn pump_output(agent: AgentClient, stderr: bool) -> Result<(), AgentError> {
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+        if stderr { Box::new(tokio::io::stderr()) } else { Box::new(tokio::io::stdout()) };
+    while let Some(data) = agent.read_output("", EXEC_ID, stderr).await? {
+        if out.write_all(&data).await.is_err() || out.flush().await.is_err() {
+            // Our own stdout is gone (a closed pipe); keep draining the guest.
+            continue;
+        }
+    }
+    Ok(())
+}
+
+async fn pump_stdin(agent: AgentClient) {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if agent.write_stdin("", EXEC_ID, buf[..n].to_vec()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = agent.close_stdin("", EXEC_ID).await;
+}
+
+/// SIGINT, SIGTERM, SIGHUP (forwarded to the command) and SIGWINCH.
+struct Signals {
+    streams: Vec<(i32, Signal)>,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        let mut streams = Vec::new();
+        for (num, kind) in [
+            (libc::SIGINT, SignalKind::interrupt()),
+            (libc::SIGTERM, SignalKind::terminate()),
+            (libc::SIGHUP, SignalKind::hangup()),
+            (libc::SIGWINCH, SignalKind::window_change()),
+        ] {
+            streams.push((num, signal(kind)?));
+        }
+        Ok(Self { streams })
+    }
+
+    async fn recv(&mut self) -> i32 {
+        let futures = self.streams.iter_mut().map(|(num, s)| {
+            let num = *num;
+            Box::pin(async move {
+                s.recv().await;
+                num
+            })
+        });
+        futures::future::select_all(futures).await.0
+    }
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes into the winsize we own.
+    let ok = unsafe { libc::ioctl(std::io::stdout().as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Puts the host terminal in raw mode; restores it when dropped.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let saved = tcgetattr(std::io::stdin()).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(std::io::stdin(), SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &self.saved);
+    }
+}

@@ -1,0 +1,178 @@
+//! The host's client of the guest agent: hybrid vsock (the host writes
+//! `CONNECT <port>\n` on the VM's vsock Unix socket and reads `OK <n>\n`)
+//! carrying ttrpc.
+
+use std::path::Path;
+use std::time::Duration;
+
+use runv_proto::agent::*;
+use runv_proto::agent_ttrpc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use ttrpc::context::{self, Context};
+
+/// How long one handshake or short call may take before it counts as failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("connecting to the agent on {path}: {message}")]
+    Connect { path: String, message: String },
+    /// The agent answered with an error status.
+    #[error("{message}")]
+    Status { code: ttrpc::Code, message: String },
+    #[error("agent call {call} failed: {message}")]
+    Transport { call: &'static str, message: String },
+}
+
+impl AgentError {
+    fn from_rpc(call: &'static str, e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s) => AgentError::Status { code: s.code(), message: s.message().to_string() },
+            other => AgentError::Transport { call, message: other.to_string() },
+        }
+    }
+
+    pub fn code(&self) -> Option<ttrpc::Code> {
+        match self {
+            AgentError::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Opens a stream to `port` in the guest through the hybrid vsock socket.
+pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
+    let err = |message: String| AgentError::Connect { path: uds.display().to_string(), message };
+    let handshake = async {
+        let mut stream = UnixStream::connect(uds).await.map_err(|e| err(e.to_string()))?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| err(e.to_string()))?;
+        // Read the reply a byte at a time: whatever follows the newline
+        // already belongs to the guest's stream.
+        let mut line = Vec::with_capacity(16);
+        loop {
+            let mut byte = [0u8; 1];
+            match stream.read(&mut byte).await {
+                Ok(0) => return Err(err("closed during the handshake (nothing listens on the port yet)".into())),
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if line.len() < 64 => line.push(byte[0]),
+                Ok(_) => return Err(err("handshake reply too long".into())),
+                Err(e) => return Err(err(e.to_string())),
+            }
+        }
+        let reply = String::from_utf8_lossy(&line);
+        if !reply.starts_with("OK ") {
+            return Err(err(format!("unexpected handshake reply '{reply}'")));
+        }
+        Ok(stream)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| err("no handshake reply".into()))?
+}
+
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: agent_ttrpc::AgentClient,
+}
+
+fn short() -> Context {
+    context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+}
+
+/// For calls that block until something happens in the guest.
+fn unbounded() -> Context {
+    context::Context::default()
+}
+
+impl AgentClient {
+    pub fn new(stream: UnixStream) -> Self {
+        let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
+        Self { inner: agent_ttrpc::AgentClient::new(client) }
+    }
+
+    /// Connects to a ttrpc address directly (an agent running on the host).
+    pub async fn connect(address: &str) -> Result<Self, AgentError> {
+        let client = ttrpc::r#async::Client::connect(address)
+            .await
+            .map_err(|e| AgentError::Connect { path: address.into(), message: e.to_string() })?;
+        Ok(Self { inner: agent_ttrpc::AgentClient::new(client) })
+    }
+
+    pub async fn health(&self, timeout: Duration) -> Result<HealthResponse, AgentError> {
+        let ctx = context::with_timeout(timeout.as_nanos() as i64);
+        self.inner.health(ctx, &HealthRequest::new()).await.map_err(|e| AgentError::from_rpc("health", e))
+    }
+
+    pub async fn guest_details(&self) -> Result<GuestDetailsResponse, AgentError> {
+        self.inner.guest_details(short(), &GuestDetailsRequest::new()).await.map_err(|e| AgentError::from_rpc("guest_details", e))
+    }
+
+    pub async fn mount_shared(&self, tag: &str, mount_point: &str, read_only: bool) -> Result<(), AgentError> {
+        let req = MountSharedRequest { tag: tag.into(), mount_point: mount_point.into(), read_only, ..Default::default() };
+        self.inner.mount_shared(short(), &req).await.map_err(|e| AgentError::from_rpc("mount_shared", e))?;
+        Ok(())
+    }
+
+    pub async fn run_process(&self, req: &RunProcessRequest) -> Result<u32, AgentError> {
+        let resp = self.inner.run_process(short(), req).await.map_err(|e| AgentError::from_rpc("run_process", e))?;
+        Ok(resp.pid)
+    }
+
+    pub async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<(), AgentError> {
+        let req = WriteStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), data, ..Default::default() };
+        self.inner.write_stdin(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("write_stdin", e))?;
+        Ok(())
+    }
+
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = CloseStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.inner.close_stdin(short(), &req).await.map_err(|e| AgentError::from_rpc("close_stdin", e))?;
+        Ok(())
+    }
+
+    /// Next chunk of stdout (or stderr); `None` at end of stream.
+    pub async fn read_output(&self, container_id: &str, exec_id: &str, stderr: bool) -> Result<Option<Vec<u8>>, AgentError> {
+        let req = ReadStreamRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            len: runv_proto::guest::MAX_READ_CHUNK,
+            ..Default::default()
+        };
+        let resp = if stderr {
+            self.inner.read_stderr(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("read_stderr", e))?
+        } else {
+            self.inner.read_stdout(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("read_stdout", e))?
+        };
+        Ok(if resp.eof { None } else { Some(resp.data) })
+    }
+
+    pub async fn signal_process(&self, container_id: &str, exec_id: &str, signal: i32) -> Result<(), AgentError> {
+        let req = SignalProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), signal: signal as u32, ..Default::default() };
+        self.inner.signal_process(short(), &req).await.map_err(|e| AgentError::from_rpc("signal_process", e))?;
+        Ok(())
+    }
+
+    pub async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<WaitProcessResponse, AgentError> {
+        let req = WaitProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.inner.wait_process(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("wait_process", e))
+    }
+
+    pub async fn resize(&self, container_id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let req = TtyWinResizeRequest { container_id: container_id.into(), exec_id: exec_id.into(), rows: rows.into(), cols: cols.into(), ..Default::default() };
+        self.inner.tty_win_resize(short(), &req).await.map_err(|e| AgentError::from_rpc("tty_win_resize", e))?;
+        Ok(())
+    }
+
+    pub async fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = RemoveProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.inner.remove_process(short(), &req).await.map_err(|e| AgentError::from_rpc("remove_process", e))?;
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        self.inner.shutdown(short(), &ShutdownRequest::new()).await.map_err(|e| AgentError::from_rpc("shutdown", e))?;
+        Ok(())
+    }
+}

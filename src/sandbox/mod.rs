@@ -1,0 +1,236 @@
+//! One pod's microVM: its work directory, the shared-directory daemon, the
+//! hypervisor, and the agent client. Dropping a `Sandbox` kills whatever it
+//! started and removes its directory, on every path.
+
+pub mod agent;
+mod virtiofsd;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use runv_proto::guest;
+
+pub use agent::{AgentClient, AgentError};
+use virtiofsd::Virtiofsd;
+
+use crate::config::{Config, HypervisorKind};
+use crate::helper::log_tail;
+use crate::hypervisor::{self, Hypervisor, HypervisorError, Qemu, VmConfig, VmExit};
+
+/// How long the guest may take to stop after the agent was told to.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What a sandbox is made of.
+#[derive(Clone, Debug)]
+pub struct SandboxSpec {
+    /// Host directory shared into the guest over virtio-fs.
+    pub shared_dir: PathBuf,
+    /// Share the directory read-only (the guest cannot change it).
+    pub read_only: bool,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("guest kernel {0} not found (set `kernel` in the config, or run scripts/install.sh)")]
+    KernelMissing(PathBuf),
+    #[error("guest initramfs {0} not found (set `initramfs` in the config, or run scripts/install.sh)")]
+    InitramfsMissing(PathBuf),
+    #[error("shared directory {0} does not exist or is not a directory")]
+    SharedDirMissing(PathBuf),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("creating sandbox directory {path}: {source}")]
+    WorkDir { path: PathBuf, source: std::io::Error },
+    #[error("starting virtiofsd: {0}")]
+    Virtiofsd(String),
+    #[error("starting the VM: {0}")]
+    Hypervisor(#[from] HypervisorError),
+    #[error("the guest agent did not answer within {timeout:?} ({what}); last console lines: {console}")]
+    BootTimeout { timeout: Duration, what: String, console: String },
+    #[error("the VM exited while booting ({exit:?}); last console lines: {console}; {diagnostics}")]
+    VmExited { exit: VmExit, console: String, diagnostics: String },
+    #[error("agent: {0}")]
+    Agent(#[from] AgentError),
+}
+
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    console_log: PathBuf,
+    hypervisor: Box<dyn Hypervisor>,
+    virtiofsd: Option<Virtiofsd>,
+    agent: Option<AgentClient>,
+}
+
+impl Sandbox {
+    /// Boots a sandbox and waits until its agent answers. On error nothing
+    /// it started is left behind; the same holds if the future is dropped.
+    pub async fn start(config: &Config, spec: &SandboxSpec) -> Result<Self, SandboxError> {
+        if !config.kernel.is_file() {
+            return Err(SandboxError::KernelMissing(config.kernel.clone()));
+        }
+        if !config.initramfs.is_file() {
+            return Err(SandboxError::InitramfsMissing(config.initramfs.clone()));
+        }
+        if !spec.shared_dir.is_dir() {
+            return Err(SandboxError::SharedDirMissing(spec.shared_dir.clone()));
+        }
+        let hypervisor = select_hypervisor(config)?;
+        let id = new_sandbox_id();
+        let dir = config.runtime_dir.join("sandboxes").join(&id);
+        create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
+        let mut sandbox = Sandbox {
+            id,
+            console_log: dir.join("console.log"),
+            dir,
+            hypervisor,
+            virtiofsd: None,
+            agent: None,
+        };
+        sandbox.boot(config, spec).await?;
+        Ok(sandbox)
+    }
+
+    async fn boot(&mut self, config: &Config, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        let virtiofsd = Virtiofsd::start(&config.virtiofsd, &spec.shared_dir, spec.read_only, &self.dir)
+            .await
+            .map_err(SandboxError::Virtiofsd)?;
+        let mut cmdline = guest::KERNEL_CMDLINE_BASE.to_string();
+        if !config.kernel_params.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(config.kernel_params.trim());
+        }
+        let vm = VmConfig {
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            cmdline,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            work_dir: self.dir.clone(),
+            console_log: self.console_log.clone(),
+            shared_fs_socket: Some(virtiofsd.socket().to_path_buf()),
+            shared_fs_tag: guest::SHARED_FS_TAG.to_string(),
+        };
+        self.virtiofsd = Some(virtiofsd);
+        tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
+        self.hypervisor.start(&vm).await?;
+        let agent = self.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await?;
+        agent.mount_shared(guest::SHARED_FS_TAG, guest::SHARED_MOUNT_POINT, spec.read_only).await?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    async fn wait_for_agent(&mut self, timeout: Duration) -> Result<AgentClient, SandboxError> {
+        let started = Instant::now();
+        let socket = self.hypervisor.agent_socket();
+        loop {
+            if let Some(exit) = self.hypervisor.try_exit() {
+                return Err(SandboxError::VmExited {
+                    exit,
+                    console: log_tail(&self.console_log, 5),
+                    diagnostics: self.hypervisor.diagnostics(),
+                });
+            }
+            let last_error = match agent::connect_hybrid_vsock(&socket, guest::AGENT_VSOCK_PORT).await {
+                Ok(stream) => {
+                    let client = AgentClient::new(stream);
+                    match client.health(Duration::from_secs(2)).await {
+                        Ok(_) => {
+                            tracing::debug!(sandbox = %self.id, elapsed = ?started.elapsed(), "agent ready");
+                            return Ok(client);
+                        }
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() >= timeout {
+                return Err(SandboxError::BootTimeout { timeout, what: last_error, console: log_tail(&self.console_log, 5) });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn describe_hypervisor(&self) -> String {
+        self.hypervisor.describe()
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        self.agent.as_ref().expect("a started sandbox has an agent")
+    }
+
+    /// How the VM ended, if it has (a guest crash, a killed VMM).
+    pub fn vm_exit(&mut self) -> Option<VmExit> {
+        self.hypervisor.try_exit()
+    }
+
+    /// Asks the agent to power the guest off, waits for the VM to end (or
+    /// kills it), stops the helpers and removes the sandbox directory.
+    pub async fn shutdown(mut self) -> VmExit {
+        if let Some(agent) = self.agent.take() {
+            if let Err(e) = agent.shutdown().await {
+                tracing::debug!(sandbox = %self.id, "agent shutdown: {e}");
+            }
+        }
+        let exit = self.hypervisor.stop(SHUTDOWN_GRACE).await;
+        if let Some(mut fs) = self.virtiofsd.take() {
+            fs.stop().await;
+        }
+        exit
+        // Drop removes the directory.
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Dropping the helpers kills them; the directory goes with them.
+        self.virtiofsd.take();
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(sandbox = %self.id, "removing {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+fn select_hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>, SandboxError> {
+    match config.hypervisor {
+        HypervisorKind::Builtin => Err(SandboxError::Unsupported(
+            "hypervisor = \"builtin\": the built-in VMM is not available in this build; use \"qemu\" or \"auto\"".into(),
+        )),
+        HypervisorKind::Auto | HypervisorKind::Qemu => {
+            let (accel, warning) = hypervisor::choose_accel(config.accel, || crate::check::kvm_boots_guest(config));
+            if let Some(w) = warning {
+                eprintln!("runv: warning: {w}");
+            }
+            Ok(Box::new(Qemu::new(&config.qemu, &config.vhost_vsock, accel)))
+        }
+    }
+}
+
+fn new_sandbox_id() -> String {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
+}

@@ -1,0 +1,45 @@
+//! The virtio-fs daemon that serves a sandbox's shared directory to the
+//! guest over vhost-user.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::helper::{wait_for_path, HelperProcess};
+
+pub struct Virtiofsd {
+    process: HelperProcess,
+    socket: PathBuf,
+}
+
+impl Virtiofsd {
+    /// Starts virtiofsd on `shared_dir` and waits for its socket.
+    pub async fn start(program: &Path, shared_dir: &Path, read_only: bool, work_dir: &Path) -> Result<Self, String> {
+        let socket = work_dir.join("virtiofsd.sock");
+        let mut cmd = Command::new(program);
+        cmd.arg(format!("--socket-path={}", socket.display()))
+            .arg(format!("--shared-dir={}", shared_dir.display()))
+            // The host may change the directory under the guest (later
+            // containers' rootfs and volumes appear there), so no caching.
+            .arg("--cache=never")
+            .arg("--log-level=error");
+        if read_only {
+            cmd.arg("--readonly");
+        }
+        let mut process =
+            HelperProcess::spawn("virtiofsd", cmd, &work_dir.join("virtiofsd.log")).map_err(|e| e.to_string())?;
+        wait_for_path(&mut process, &socket, Duration::from_secs(10)).await?;
+        Ok(Self { process, socket })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// virtiofsd exits by itself once the VM has gone; kill it if not.
+    pub async fn stop(&mut self) {
+        if self.process.wait_timeout(Duration::from_millis(500)).await.is_none() {
+            self.process.terminate(Duration::from_millis(500)).await;
+        }
+    }
+}
