@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use runv_proto::guest;
 
 use crate::config::Config;
-use crate::helper::{find_program, log_tail, HelperProcess};
+use crate::helper::{find_program, HelperProcess};
 use crate::hypervisor::{Qemu, VmConfig};
 
 /// A Linux guest reaches init in well under a second on hardware KVM; a
@@ -206,7 +206,10 @@ pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Re
                 return Err(format!("KVM internal error (emulation failure) {:.1}s into the boot", started.elapsed().as_secs_f64()));
             }
             if let Some(status) = qemu.try_wait() {
-                return Err(format!("QEMU exited ({status}) before the guest reached init: {}", log_tail(&dir.join("qemu.log"), 2)));
+                let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+                let mut first = log.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                first.truncate(160);
+                return Err(format!("QEMU exited ({status}) before the guest reached init: {first}"));
             }
             if started.elapsed() >= timeout {
                 return Err(format!("the guest did not reach init within {}s", timeout.as_secs()));

@@ -159,7 +159,14 @@ impl ProcessTable {
     }
 
     /// Starts a process as the request describes.
-    pub fn spawn(&self, req: &RunProcessRequest) -> Result<Arc<Process>> {
+    pub fn spawn(&self, req: &RunProcessRequest) -> Result<Arc<Process>, SpawnError> {
+        self.try_spawn(req).map_err(|e| match e.downcast::<SpawnError>() {
+            Ok(spawn) => spawn,
+            Err(other) => SpawnError::Invalid(format!("{other:#}")),
+        })
+    }
+
+    fn try_spawn(&self, req: &RunProcessRequest) -> Result<Arc<Process>> {
         if req.args.is_empty() {
             bail!("no command given (args is empty)");
         }
@@ -252,12 +259,32 @@ impl ProcessTable {
     }
 }
 
-fn spawn_error(program: &str, e: io::Error) -> anyhow::Error {
-    match e.kind() {
-        io::ErrorKind::NotFound => anyhow::anyhow!("executable file not found: '{program}'"),
-        io::ErrorKind::PermissionDenied => anyhow::anyhow!("permission denied executing '{program}'"),
-        _ => anyhow::anyhow!("cannot start '{program}': {e}"),
+/// Why a process could not be started; the service maps each kind to its
+/// own status code so callers can tell "not found" from bad requests.
+#[derive(Debug)]
+pub enum SpawnError {
+    NotFound(String),
+    PermissionDenied(String),
+    Invalid(String),
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpawnError::NotFound(m) | SpawnError::PermissionDenied(m) | SpawnError::Invalid(m) => f.write_str(m),
+        }
     }
+}
+
+impl std::error::Error for SpawnError {}
+
+fn spawn_error(program: &str, e: io::Error) -> anyhow::Error {
+    let err = match e.kind() {
+        io::ErrorKind::NotFound => SpawnError::NotFound(format!("executable file not found: '{program}'")),
+        io::ErrorKind::PermissionDenied => SpawnError::PermissionDenied(format!("permission denied executing '{program}'")),
+        _ => SpawnError::Invalid(format!("cannot start '{program}': {e}")),
+    };
+    err.into()
 }
 
 fn non_empty_or<'a>(s: &'a str, default: &'a str) -> &'a str {

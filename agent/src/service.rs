@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, Notify};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as RpcError};
 
-use crate::process::{Process, ProcessTable};
+use crate::process::{Process, ProcessTable, SpawnError};
 
 type ProcessKey = (String, String);
 
@@ -56,10 +56,6 @@ impl AgentService {
 
 fn status(code: Code, msg: impl Into<String>) -> RpcError {
     RpcError::RpcStatus(ttrpc::get_status(code, msg.into()))
-}
-
-fn invalid(e: anyhow::Error) -> RpcError {
-    status(Code::INVALID_ARGUMENT, format!("{e:#}"))
 }
 
 fn mem_field(meminfo: &str, key: &str) -> u64 {
@@ -126,7 +122,14 @@ impl Agent for AgentService {
         if processes.contains_key(&key) {
             return Err(status(Code::ALREADY_EXISTS, format!("process '{}' already exists", req.exec_id)));
         }
-        let process = self.table.spawn(&req).map_err(invalid)?;
+        let process = self.table.spawn(&req).map_err(|e| {
+            let code = match e {
+                SpawnError::NotFound(_) => Code::NOT_FOUND,
+                SpawnError::PermissionDenied(_) => Code::PERMISSION_DENIED,
+                SpawnError::Invalid(_) => Code::INVALID_ARGUMENT,
+            };
+            status(code, e.to_string())
+        })?;
         let pid = process.pid as u32;
         processes.insert(key, process);
         Ok(RunProcessResponse { pid, ..Default::default() })

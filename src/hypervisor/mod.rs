@@ -82,7 +82,7 @@ pub fn choose_accel(accel: Accel, kvm_boots_guest: impl FnOnce() -> Result<(), S
             Err(why) => (
                 "tcg",
                 Some(format!(
-                    "KVM cannot boot the guest on this host ({why}); running under QEMU TCG software emulation, which is much slower. Set accel = \"tcg\" in the config to silence this."
+                    "KVM cannot boot the guest here ({why}); using QEMU TCG software emulation (slow). Set accel = \"tcg\" in the config to silence this."
                 )),
             ),
         },

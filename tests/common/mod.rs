@@ -1,0 +1,124 @@
+//! Shared helpers for runv's end-to-end tests: a private runtime directory
+//! and config per test, the installed guest assets, and a leftover census.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const SHARE_DIR: &str = "/usr/local/share/runv";
+
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub runtime_dir: PathBuf,
+}
+
+/// Whether the end-to-end prerequisites are here; prints why not otherwise.
+pub fn e2e_ready(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::Uid::effective().is_root() {
+        missing.push("root".to_string());
+    }
+    for f in ["vmlinux", "initramfs.cpio", "rootfs"] {
+        if !Path::new(SHARE_DIR).join(f).exists() {
+            missing.push(format!("{SHARE_DIR}/{f}"));
+        }
+    }
+    for p in ["qemu-system-x86_64", "virtiofsd", "vhost-device-vsock"] {
+        if runv::helper::find_program(Path::new(p)).is_none() {
+            missing.push(p.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs {} (run scripts/install.sh as root)", missing.join(", "));
+    false
+}
+
+impl TestEnv {
+    /// A runtime directory of its own and a config with `extra` appended.
+    pub fn new(extra: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("runv-test-").tempdir().expect("tempdir");
+        let runtime_dir = dir.path().join("run");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, format!("runtime_dir = \"{}\"\n{extra}\n", runtime_dir.display())).expect("config");
+        Self { dir, config, runtime_dir }
+    }
+
+    pub fn runv(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runv"));
+        cmd.arg("--config").arg(&self.config).env_remove("RUNV_LOG");
+        cmd
+    }
+
+    /// `runv run ARGS`, stdin from /dev/null.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.runv().arg("run").args(args).stdin(std::process::Stdio::null()).output().expect("spawning runv")
+    }
+
+    /// Everything a sandbox of this test left behind: sandbox directories,
+    /// processes and mounts that mention the test's directory.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.runtime_dir.join("sandboxes")) {
+            for e in entries.flatten() {
+                found.push(format!("sandbox dir {}", e.path().display()));
+            }
+        }
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        for pid in processes_mentioning(&needle) {
+            found.push(format!("process {pid}"));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in mounts.lines().filter(|l| l.contains(&needle)) {
+            found.push(format!("mount {line}"));
+        }
+        found
+    }
+
+    /// Waits up to 5 s for the census to come back empty (helpers are reaped
+    /// asynchronously after a forced exit) and returns what remains.
+    pub fn settled_leftovers(&self) -> Vec<String> {
+        for _ in 0..50 {
+            if self.leftovers().is_empty() {
+                return Vec::new();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.leftovers()
+    }
+
+    /// A writable copy of the default rootfs inside the test directory.
+    pub fn rootfs_copy(&self) -> PathBuf {
+        let dst = self.dir.path().join("rootfs");
+        let ok = Command::new("cp").arg("-a").arg(Path::new(SHARE_DIR).join("rootfs")).arg(&dst).status().expect("cp");
+        assert!(ok.success(), "copying the rootfs");
+        dst
+    }
+}
+
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
