@@ -151,7 +151,7 @@ impl ProcessTable {
                         continue;
                     };
                     if let Some(process) = by_pid.remove(&pid.as_raw()) {
-                        let _ = process.exit_tx.send(Some(exit));
+                        process.exit_tx.send_replace(Some(exit));
                     }
                 }
             }
