@@ -23,7 +23,10 @@ fn main() {
     for name in ["agent.rs", "agent_ttrpc.rs"] {
         let path = out.join(name);
         let text = fs::read_to_string(&path).expect("reading generated code");
-        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).collect();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+            .collect();
         fs::write(&path, kept.join("\n")).expect("writing generated code");
     }
 }

@@ -43,14 +43,19 @@ pub struct RunError {
 
 impl RunError {
     fn runv(message: impl Into<String>) -> Self {
-        Self { status: EXIT_RUNV_ERROR, message: message.into() }
+        Self {
+            status: EXIT_RUNV_ERROR,
+            message: message.into(),
+        }
     }
 }
 
 /// Runs the command and returns its exit status.
 pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
     if opts.command.is_empty() {
-        return Err(RunError::runv("no command given (usage: runv run [OPTIONS] -- CMD [ARGS...])"));
+        return Err(RunError::runv(
+            "no command given (usage: runv run [OPTIONS] -- CMD [ARGS...])",
+        ));
     }
     for kv in &opts.env {
         if !kv.contains('=') || kv.starts_with('=') {
@@ -63,14 +68,29 @@ pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
     check_memory(memory_mib).map_err(|p| RunError::runv(format!("--memory {p}")))?;
     let rootfs = opts.rootfs.clone().unwrap_or_else(|| config.rootfs.clone());
     if !rootfs.is_dir() {
-        let hint = if opts.rootfs.is_none() { " (the default rootfs; run scripts/install.sh or pass --rootfs)" } else { "" };
-        return Err(RunError::runv(format!("rootfs '{}' does not exist or is not a directory{hint}", rootfs.display())));
+        let hint = if opts.rootfs.is_none() {
+            " (the default rootfs; run scripts/install.sh or pass --rootfs)"
+        } else {
+            ""
+        };
+        return Err(RunError::runv(format!(
+            "rootfs '{}' does not exist or is not a directory{hint}",
+            rootfs.display()
+        )));
     }
-    let rootfs = rootfs.canonicalize().map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
+    let rootfs = rootfs
+        .canonicalize()
+        .map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
 
-    let mut signals = Signals::new().map_err(|e| RunError::runv(format!("installing signal handlers: {e}")))?;
+    let mut signals =
+        Signals::new().map_err(|e| RunError::runv(format!("installing signal handlers: {e}")))?;
     // The embedded default rootfs is shared by every run: keep it pristine.
-    let spec = SandboxSpec { shared_dir: rootfs, read_only: opts.rootfs.is_none(), vcpus, memory_mib };
+    let spec = SandboxSpec {
+        shared_dir: rootfs,
+        read_only: opts.rootfs.is_none(),
+        vcpus,
+        memory_mib,
+    };
     let sandbox = tokio::select! {
         r = Sandbox::start(config, &spec) => r.map_err(|e| RunError::runv(e.to_string()))?,
         sig = signals.recv() => return Err(RunError { status: 128 + sig, message: format!("interrupted by signal {sig} while booting") }),
@@ -81,12 +101,26 @@ pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
     result
 }
 
-async fn run_command(agent: &AgentClient, opts: &RunOptions, signals: &mut Signals) -> Result<i32, RunError> {
+async fn run_command(
+    agent: &AgentClient,
+    opts: &RunOptions,
+    signals: &mut Signals,
+) -> Result<i32, RunError> {
     let stdin_is_tty = nix::unistd::isatty(std::io::stdin()).unwrap_or(false);
-    let (rows, cols) = if opts.tty { terminal_size().unwrap_or((24, 80)) } else { (0, 0) };
-    let mut env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "HOME=/root".to_string()];
+    let (rows, cols) = if opts.tty {
+        terminal_size().unwrap_or((24, 80))
+    } else {
+        (0, 0)
+    };
+    let mut env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "HOME=/root".to_string(),
+    ];
     if opts.tty {
-        env.push(format!("TERM={}", std::env::var("TERM").unwrap_or_else(|_| "xterm".into())));
+        env.push(format!(
+            "TERM={}",
+            std::env::var("TERM").unwrap_or_else(|_| "xterm".into())
+        ));
     }
     env.extend(opts.env.iter().cloned());
     let req = RunProcessRequest {
@@ -106,10 +140,17 @@ async fn run_command(agent: &AgentClient, opts: &RunOptions, signals: &mut Signa
             Some(ttrpc::Code::PERMISSION_DENIED) => EXIT_CANNOT_EXECUTE,
             _ => EXIT_RUNV_ERROR,
         };
-        RunError { status, message: format!("cannot run '{}' in the guest: {e}", opts.command[0]) }
+        RunError {
+            status,
+            message: format!("cannot run '{}' in the guest: {e}", opts.command[0]),
+        }
     })?;
 
-    let _raw = if opts.tty && stdin_is_tty { RawTerminal::enter() } else { None };
+    let _raw = if opts.tty && stdin_is_tty {
+        RawTerminal::enter()
+    } else {
+        None
+    };
     let stdout = tokio::spawn(pump_output(agent.clone(), false));
     let stderr = (!opts.tty).then(|| tokio::spawn(pump_output(agent.clone(), true)));
     let stdin = tokio::spawn(pump_stdin(agent.clone()));
@@ -149,8 +190,11 @@ async fn run_command(agent: &AgentClient, opts: &RunOptions, signals: &mut Signa
 }
 
 async fn pump_output(agent: AgentClient, stderr: bool) -> Result<(), AgentError> {
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
-        if stderr { Box::new(tokio::io::stderr()) } else { Box::new(tokio::io::stdout()) };
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if stderr {
+        Box::new(tokio::io::stderr())
+    } else {
+        Box::new(tokio::io::stdout())
+    };
     while let Some(data) = agent.read_output("", EXEC_ID, stderr).await? {
         if out.write_all(&data).await.is_err() || out.flush().await.is_err() {
             // Our own stdout is gone (a closed pipe); keep draining the guest.
@@ -167,7 +211,11 @@ async fn pump_stdin(agent: AgentClient) {
         match stdin.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if agent.write_stdin("", EXEC_ID, buf[..n].to_vec()).await.is_err() {
+                if agent
+                    .write_stdin("", EXEC_ID, buf[..n].to_vec())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -208,7 +256,12 @@ impl Signals {
 }
 
 fn terminal_size() -> Option<(u16, u16)> {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes into the winsize we own.
     let ok = unsafe { libc::ioctl(std::io::stdout().as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } == 0;
     (ok && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
@@ -232,6 +285,10 @@ impl RawTerminal {
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &self.saved);
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
     }
 }

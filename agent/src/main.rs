@@ -108,7 +108,10 @@ async fn serve(listen: &str, pid1: bool) -> Result<()> {
         .with_context(|| format!("binding {listen}"))?
         .register_service(runv_proto::agent_ttrpc::create_agent(service));
     server.start().await.context("starting the ttrpc server")?;
-    eprintln!("runv-agent {} serving on {listen}", env!("CARGO_PKG_VERSION"));
+    eprintln!(
+        "runv-agent {} serving on {listen}",
+        env!("CARGO_PKG_VERSION")
+    );
     shutdown.notified().await;
     // Let the reply to Shutdown reach the caller before the guest goes away.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -25,7 +25,12 @@ pub struct AgentService {
 
 impl AgentService {
     pub fn new(table: ProcessTable, in_guest: bool) -> Self {
-        Self { table, processes: Mutex::default(), shutdown: Arc::default(), in_guest }
+        Self {
+            table,
+            processes: Mutex::default(),
+            shutdown: Arc::default(),
+            in_guest,
+        }
     }
 
     pub fn shutdown_signal(&self) -> Arc<Notify> {
@@ -38,19 +43,38 @@ impl AgentService {
             .await
             .get(&(container_id.to_owned(), exec_id.to_owned()))
             .cloned()
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("no process '{exec_id}' in container '{container_id}'")))
+            .ok_or_else(|| {
+                status(
+                    Code::NOT_FOUND,
+                    format!("no process '{exec_id}' in container '{container_id}'"),
+                )
+            })
     }
 
-    async fn read(&self, container_id: &str, exec_id: &str, len: u32, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
+    async fn read(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        len: u32,
+        stderr: bool,
+    ) -> ttrpc::Result<ReadStreamResponse> {
         let process = self.process(container_id, exec_id).await?;
         let max = len.clamp(1, guest::MAX_READ_CHUNK) as usize;
-        let which = if stderr { &process.stderr } else { &process.stdout };
+        let which = if stderr {
+            &process.stderr
+        } else {
+            &process.stdout
+        };
         let data = process
             .read_output(which, max)
             .await
             .map_err(|e| status(Code::INTERNAL, format!("reading process output: {e}")))?;
         let eof = data.is_empty();
-        Ok(ReadStreamResponse { data, eof, ..Default::default() })
+        Ok(ReadStreamResponse {
+            data,
+            eof,
+            ..Default::default()
+        })
     }
 }
 
@@ -68,12 +92,24 @@ fn mem_field(meminfo: &str, key: &str) -> u64 {
 
 #[async_trait]
 impl Agent for AgentService {
-    async fn health(&self, _ctx: &TtrpcContext, _req: HealthRequest) -> ttrpc::Result<HealthResponse> {
-        Ok(HealthResponse { status: "SERVING".into(), ..Default::default() })
+    async fn health(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: HealthRequest,
+    ) -> ttrpc::Result<HealthResponse> {
+        Ok(HealthResponse {
+            status: "SERVING".into(),
+            ..Default::default()
+        })
     }
 
-    async fn guest_details(&self, _ctx: &TtrpcContext, _req: GuestDetailsRequest) -> ttrpc::Result<GuestDetailsResponse> {
-        let uname = nix::sys::utsname::uname().map_err(|e| status(Code::INTERNAL, format!("uname: {e}")))?;
+    async fn guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GuestDetailsRequest,
+    ) -> ttrpc::Result<GuestDetailsResponse> {
+        let uname = nix::sys::utsname::uname()
+            .map_err(|e| status(Code::INTERNAL, format!("uname: {e}")))?;
         let meminfo = std::fs::read_to_string("/proc/meminfo")
             .map_err(|e| status(Code::INTERNAL, format!("reading /proc/meminfo: {e}")))?;
         let memory = MemoryInfo {
@@ -92,14 +128,21 @@ impl Agent for AgentService {
         })
     }
 
-    async fn mount_shared(&self, _ctx: &TtrpcContext, req: MountSharedRequest) -> ttrpc::Result<Empty> {
+    async fn mount_shared(
+        &self,
+        _ctx: &TtrpcContext,
+        req: MountSharedRequest,
+    ) -> ttrpc::Result<Empty> {
         if req.tag.is_empty() {
             return Err(status(Code::INVALID_ARGUMENT, "mount_shared: tag is empty"));
         }
         if !req.mount_point.starts_with('/') || req.mount_point.split('/').any(|c| c == "..") {
             return Err(status(
                 Code::INVALID_ARGUMENT,
-                format!("mount_shared: mount point '{}' must be an absolute path without '..'", req.mount_point),
+                format!(
+                    "mount_shared: mount point '{}' must be an absolute path without '..'",
+                    req.mount_point
+                ),
             ));
         }
         std::fs::create_dir_all(&req.mount_point)
@@ -108,19 +151,43 @@ impl Agent for AgentService {
         if req.read_only {
             flags |= nix::mount::MsFlags::MS_RDONLY;
         }
-        nix::mount::mount(Some(req.tag.as_str()), req.mount_point.as_str(), Some("virtiofs"), flags, None::<&str>)
-            .map_err(|e| status(Code::INTERNAL, format!("mounting virtio-fs '{}' on {}: {e}", req.tag, req.mount_point)))?;
+        nix::mount::mount(
+            Some(req.tag.as_str()),
+            req.mount_point.as_str(),
+            Some("virtiofs"),
+            flags,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            status(
+                Code::INTERNAL,
+                format!(
+                    "mounting virtio-fs '{}' on {}: {e}",
+                    req.tag, req.mount_point
+                ),
+            )
+        })?;
         Ok(Empty::new())
     }
 
-    async fn run_process(&self, _ctx: &TtrpcContext, req: RunProcessRequest) -> ttrpc::Result<RunProcessResponse> {
+    async fn run_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RunProcessRequest,
+    ) -> ttrpc::Result<RunProcessResponse> {
         if req.exec_id.is_empty() {
-            return Err(status(Code::INVALID_ARGUMENT, "run_process: exec_id is empty"));
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "run_process: exec_id is empty",
+            ));
         }
         let key = (req.container_id.clone(), req.exec_id.clone());
         let mut processes = self.processes.lock().await;
         if processes.contains_key(&key) {
-            return Err(status(Code::ALREADY_EXISTS, format!("process '{}' already exists", req.exec_id)));
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("process '{}' already exists", req.exec_id),
+            ));
         }
         let process = self.table.spawn(&req).map_err(|e| {
             let code = match e {
@@ -132,10 +199,17 @@ impl Agent for AgentService {
         })?;
         let pid = process.pid as u32;
         processes.insert(key, process);
-        Ok(RunProcessResponse { pid, ..Default::default() })
+        Ok(RunProcessResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
-    async fn write_stdin(&self, _ctx: &TtrpcContext, req: WriteStdinRequest) -> ttrpc::Result<WriteStdinResponse> {
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteStdinRequest,
+    ) -> ttrpc::Result<WriteStdinResponse> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         let stdin = process.stdin.lock().await;
         let Some(stdin) = stdin.as_ref() else {
@@ -145,10 +219,17 @@ impl Agent for AgentService {
             .write_all(&req.data)
             .await
             .map_err(|e| status(Code::INTERNAL, format!("writing stdin: {e}")))?;
-        Ok(WriteStdinResponse { len: len as u32, ..Default::default() })
+        Ok(WriteStdinResponse {
+            len: len as u32,
+            ..Default::default()
+        })
     }
 
-    async fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         let mut stdin = process.stdin.lock().await;
         if process.tty.is_some() {
@@ -162,15 +243,29 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn read_stdout(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
-        self.read(&req.container_id, &req.exec_id, req.len, false).await
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        self.read(&req.container_id, &req.exec_id, req.len, false)
+            .await
     }
 
-    async fn read_stderr(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
-        self.read(&req.container_id, &req.exec_id, req.len, true).await
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        self.read(&req.container_id, &req.exec_id, req.len, true)
+            .await
     }
 
-    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         process
             .signal(req.signal as i32)
@@ -178,28 +273,65 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn wait_process(&self, _ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         let exit = process.wait().await;
-        Ok(WaitProcessResponse { status: exit.status, signal: exit.signal, ..Default::default() })
+        Ok(WaitProcessResponse {
+            status: exit.status,
+            signal: exit.signal,
+            ..Default::default()
+        })
     }
 
-    async fn tty_win_resize(&self, _ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
-        let rows = u16::try_from(req.rows).map_err(|_| status(Code::INVALID_ARGUMENT, format!("rows {} out of range", req.rows)))?;
-        let cols = u16::try_from(req.cols).map_err(|_| status(Code::INVALID_ARGUMENT, format!("cols {} out of range", req.cols)))?;
-        process.resize(rows, cols).map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
+        let rows = u16::try_from(req.rows).map_err(|_| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!("rows {} out of range", req.rows),
+            )
+        })?;
+        let cols = u16::try_from(req.cols).map_err(|_| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!("cols {} out of range", req.cols),
+            )
+        })?;
+        process
+            .resize(rows, cols)
+            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
         Ok(Empty::new())
     }
 
-    async fn remove_process(&self, _ctx: &TtrpcContext, req: RemoveProcessRequest) -> ttrpc::Result<Empty> {
+    async fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveProcessRequest,
+    ) -> ttrpc::Result<Empty> {
         let key = (req.container_id.clone(), req.exec_id.clone());
         let mut processes = self.processes.lock().await;
         let Some(process) = processes.get(&key) else {
-            return Err(status(Code::NOT_FOUND, format!("no process '{}' in container '{}'", req.exec_id, req.container_id)));
+            return Err(status(
+                Code::NOT_FOUND,
+                format!(
+                    "no process '{}' in container '{}'",
+                    req.exec_id, req.container_id
+                ),
+            ));
         };
         if process.exit_status().is_none() {
-            return Err(status(Code::FAILED_PRECONDITION, format!("process '{}' is still running", req.exec_id)));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("process '{}' is still running", req.exec_id),
+            ));
         }
         processes.remove(&key);
         Ok(Empty::new())

@@ -1,12 +1,34 @@
 //! The runv agent protocol and the facts about the guest that both the host
 //! and the agent rely on.
 
-#[allow(clippy::all, unused_imports, unused_results, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, unused_mut, unknown_lints)]
+#[allow(
+    clippy::all,
+    unused_imports,
+    unused_results,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code,
+    unused_mut,
+    unknown_lints
+)]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent.rs"));
 }
 
-#[allow(clippy::all, unused_imports, unused_results, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, unused_mut, unknown_lints)]
+#[allow(
+    clippy::all,
+    unused_imports,
+    unused_results,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code,
+    unused_mut,
+    unknown_lints
+)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }

@@ -41,6 +41,9 @@ pub enum HypervisorError {
 pub enum VmExit {
     /// The guest rebooted or powered off, which runv guests do to stop.
     GuestShutdown,
+    /// runv stopped the VM (after the agent had shut the guest down, or
+    /// because it did not).
+    Stopped,
     /// The VM process failed or was killed; the status says how.
     Failed(String),
 }
@@ -56,7 +59,7 @@ pub trait Hypervisor: Send {
     fn agent_socket(&self) -> PathBuf;
     /// How the VM ended, if it has.
     fn try_exit(&mut self) -> Option<VmExit>;
-    /// Waits up to `grace` for the VM to end by itself, then kills it, and
+    /// Waits up to `grace` for the VM to end by itself, then stops it, and
     /// stops every helper process the backend started.
     async fn stop(&mut self, grace: Duration) -> VmExit;
     /// The last lines the VM process printed, for error messages.
@@ -73,7 +76,10 @@ fn exit_from_status(status: ExitStatus) -> VmExit {
 
 /// Which QEMU accelerator to use for `accel`, and whether that choice is a
 /// fallback the user should hear about.
-pub fn choose_accel(accel: Accel, kvm_boots_guest: impl FnOnce() -> Result<(), String>) -> (&'static str, Option<String>) {
+pub fn choose_accel(
+    accel: Accel,
+    kvm_boots_guest: impl FnOnce() -> Result<(), String>,
+) -> (&'static str, Option<String>) {
     match accel {
         Accel::Kvm => ("kvm", None),
         Accel::Tcg => ("tcg", None),

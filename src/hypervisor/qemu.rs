@@ -48,22 +48,37 @@ impl Qemu {
             .args(["-cpu", if self.accel == "kvm" { "host" } else { "max" }])
             .args(["-smp", &vm.vcpus.to_string()])
             .args(["-m", &mem])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
             .args(["-global", "virtio-mmio.force-legacy=false"])
             .args(["-kernel"])
             .arg(&vm.kernel)
             .args(["-initrd"])
             .arg(&vm.initramfs)
             .args(["-append", &vm.cmdline])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .args(["-serial", &format!("file:{}", vm.console_log.display())]);
         if let Some(sock) = vsock_socket {
-            cmd.args(["-chardev", &format!("socket,id=vsock,path={}", sock.display())])
-                .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+            cmd.args([
+                "-chardev",
+                &format!("socket,id=vsock,path={}", sock.display()),
+            ])
+            .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
         }
         if let Some(sock) = &vm.shared_fs_socket {
             cmd.args(["-chardev", &format!("socket,id=fs,path={}", sock.display())])
-                .args(["-device", &format!("vhost-user-fs-device,chardev=fs,tag={}", vm.shared_fs_tag)]);
+                .args([
+                    "-device",
+                    &format!("vhost-user-fs-device,chardev=fs,tag={}", vm.shared_fs_tag),
+                ]);
         }
         cmd
     }
@@ -74,7 +89,11 @@ impl Qemu {
         cmd.arg(format!("--guest-cid={}", guest::GUEST_CID))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--uds-path={}", self.agent_socket.display()));
-        let mut helper = HelperProcess::spawn("vhost-device-vsock", cmd, &vm.work_dir.join("vhost-vsock.log"))?;
+        let mut helper = HelperProcess::spawn(
+            "vhost-device-vsock",
+            cmd,
+            &vm.work_dir.join("vhost-vsock.log"),
+        )?;
         let ready = wait_for_path(&mut helper, &socket, HELPER_SOCKET_TIMEOUT).await;
         self.vsock = Some(helper);
         ready.map_err(HypervisorError::Start)?;
@@ -93,7 +112,11 @@ impl Hypervisor for Qemu {
         let result = async {
             let vsock_socket = self.start_vsock(vm).await?;
             let cmd = self.command(vm, Some(&vsock_socket));
-            self.vm = Some(HelperProcess::spawn("qemu", cmd, &vm.work_dir.join("qemu.log"))?);
+            self.vm = Some(HelperProcess::spawn(
+                "qemu",
+                cmd,
+                &vm.work_dir.join("qemu.log"),
+            )?);
             Ok(())
         }
         .await;
@@ -117,7 +140,7 @@ impl Hypervisor for Qemu {
                 Some(status) => exit_from_status(status),
                 None => {
                     vm.kill();
-                    VmExit::Failed("killed after the guest did not stop".into())
+                    VmExit::Stopped
                 }
             },
             None => VmExit::Failed("never started".into()),
@@ -129,6 +152,9 @@ impl Hypervisor for Qemu {
     }
 
     fn diagnostics(&self) -> String {
-        self.vm.as_ref().map(|vm| vm.log_tail(3)).unwrap_or_default()
+        self.vm
+            .as_ref()
+            .map(|vm| vm.log_tail(3))
+            .unwrap_or_default()
     }
 }

@@ -17,8 +17,9 @@ use crate::config::{Config, HypervisorKind};
 use crate::helper::log_tail;
 use crate::hypervisor::{self, Hypervisor, HypervisorError, Qemu, VmConfig, VmExit};
 
-/// How long the guest may take to stop after the agent was told to.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a guest whose agent did not answer the shutdown call may take
+/// to end by itself before the VM is killed.
+const UNACKNOWLEDGED_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// What a sandbox is made of.
 #[derive(Clone, Debug)]
@@ -35,22 +36,39 @@ pub struct SandboxSpec {
 pub enum SandboxError {
     #[error("guest kernel {0} not found (set `kernel` in the config, or run scripts/install.sh)")]
     KernelMissing(PathBuf),
-    #[error("guest initramfs {0} not found (set `initramfs` in the config, or run scripts/install.sh)")]
+    #[error(
+        "guest initramfs {0} not found (set `initramfs` in the config, or run scripts/install.sh)"
+    )]
     InitramfsMissing(PathBuf),
     #[error("shared directory {0} does not exist or is not a directory")]
     SharedDirMissing(PathBuf),
     #[error("{0}")]
     Unsupported(String),
     #[error("creating sandbox directory {path}: {source}")]
-    WorkDir { path: PathBuf, source: std::io::Error },
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("starting virtiofsd: {0}")]
     Virtiofsd(String),
     #[error("starting the VM: {0}")]
     Hypervisor(#[from] HypervisorError),
-    #[error("the guest agent did not answer within {timeout:?} ({what}); last console lines: {console}")]
-    BootTimeout { timeout: Duration, what: String, console: String },
-    #[error("the VM exited while booting ({exit:?}); last console lines: {console}; {diagnostics}")]
-    VmExited { exit: VmExit, console: String, diagnostics: String },
+    #[error(
+        "the guest agent did not answer within {timeout:?} ({what}); last console lines: {console}"
+    )]
+    BootTimeout {
+        timeout: Duration,
+        what: String,
+        console: String,
+    },
+    #[error(
+        "the VM exited while booting ({exit:?}); last console lines: {console}; {diagnostics}"
+    )]
+    VmExited {
+        exit: VmExit,
+        console: String,
+        diagnostics: String,
+    },
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
 }
@@ -80,7 +98,10 @@ impl Sandbox {
         let hypervisor = select_hypervisor(config)?;
         let id = new_sandbox_id();
         let dir = config.runtime_dir.join("sandboxes").join(&id);
-        create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
+        create_private_dir(&dir).map_err(|source| SandboxError::WorkDir {
+            path: dir.clone(),
+            source,
+        })?;
         let mut sandbox = Sandbox {
             id,
             console_log: dir.join("console.log"),
@@ -94,9 +115,14 @@ impl Sandbox {
     }
 
     async fn boot(&mut self, config: &Config, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let virtiofsd = Virtiofsd::start(&config.virtiofsd, &spec.shared_dir, spec.read_only, &self.dir)
-            .await
-            .map_err(SandboxError::Virtiofsd)?;
+        let virtiofsd = Virtiofsd::start(
+            &config.virtiofsd,
+            &spec.shared_dir,
+            spec.read_only,
+            &self.dir,
+        )
+        .await
+        .map_err(SandboxError::Virtiofsd)?;
         let mut cmdline = guest::KERNEL_CMDLINE_BASE.to_string();
         if !config.kernel_params.trim().is_empty() {
             cmdline.push(' ');
@@ -116,8 +142,16 @@ impl Sandbox {
         self.virtiofsd = Some(virtiofsd);
         tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
         self.hypervisor.start(&vm).await?;
-        let agent = self.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await?;
-        agent.mount_shared(guest::SHARED_FS_TAG, guest::SHARED_MOUNT_POINT, spec.read_only).await?;
+        let agent = self
+            .wait_for_agent(Duration::from_secs(config.boot_timeout_secs))
+            .await?;
+        agent
+            .mount_shared(
+                guest::SHARED_FS_TAG,
+                guest::SHARED_MOUNT_POINT,
+                spec.read_only,
+            )
+            .await?;
         self.agent = Some(agent);
         Ok(())
     }
@@ -133,7 +167,9 @@ impl Sandbox {
                     diagnostics: self.hypervisor.diagnostics(),
                 });
             }
-            let last_error = match agent::connect_hybrid_vsock(&socket, guest::AGENT_VSOCK_PORT).await {
+            let last_error = match agent::connect_hybrid_vsock(&socket, guest::AGENT_VSOCK_PORT)
+                .await
+            {
                 Ok(stream) => {
                     let client = AgentClient::new(stream);
                     match client.health(Duration::from_secs(2)).await {
@@ -147,7 +183,11 @@ impl Sandbox {
                 Err(e) => e.to_string(),
             };
             if started.elapsed() >= timeout {
-                return Err(SandboxError::BootTimeout { timeout, what: last_error, console: log_tail(&self.console_log, 5) });
+                return Err(SandboxError::BootTimeout {
+                    timeout,
+                    what: last_error,
+                    console: log_tail(&self.console_log, 5),
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -174,15 +214,30 @@ impl Sandbox {
         self.hypervisor.try_exit()
     }
 
-    /// Asks the agent to power the guest off, waits for the VM to end (or
-    /// kills it), stops the helpers and removes the sandbox directory.
+    /// Asks the agent to stop every process and sync, then ends the VM,
+    /// stops the helpers and removes the sandbox directory.
+    ///
+    /// Once the agent has acknowledged, nothing in the guest is left to
+    /// save (the shared directory is written through to the host), so the
+    /// VM is stopped at once rather than waiting for the guest kernel's own
+    /// reboot path, as Kata and Firecracker do.
     pub async fn shutdown(mut self) -> VmExit {
-        if let Some(agent) = self.agent.take() {
-            if let Err(e) = agent.shutdown().await {
-                tracing::debug!(sandbox = %self.id, "agent shutdown: {e}");
-            }
-        }
-        let exit = self.hypervisor.stop(SHUTDOWN_GRACE).await;
+        let acknowledged = match self.agent.take() {
+            Some(agent) => match agent.shutdown().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(sandbox = %self.id, "agent shutdown: {e}");
+                    false
+                }
+            },
+            None => false,
+        };
+        let grace = if acknowledged {
+            Duration::ZERO
+        } else {
+            UNACKNOWLEDGED_SHUTDOWN_GRACE
+        };
+        let exit = self.hypervisor.stop(grace).await;
         if let Some(mut fs) = self.virtiofsd.take() {
             fs.stop().await;
         }
@@ -195,6 +250,13 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         // Dropping the helpers kills them; the directory goes with them.
         self.virtiofsd.take();
+        if std::env::var_os("RUNV_KEEP_SANDBOX_DIR").is_some() {
+            eprintln!(
+                "runv: kept sandbox directory {} (RUNV_KEEP_SANDBOX_DIR)",
+                self.dir.display()
+            );
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(sandbox = %self.id, "removing {}: {e}", self.dir.display());

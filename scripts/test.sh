@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs and builds everything (scripts/install.sh), then runs every
+# check and test: rustfmt, clippy, unit tests, the agent on the host, and
+# the end-to-end tests that boot real guests (QEMU; TCG where KVM cannot
+# boot Linux). Run as root on Debian 12.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+export RUNV_CACHE_DIR=${RUNV_CACHE_DIR:-/var/cache/runv}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$RUNV_CACHE_DIR/target}
+cd "$repo"
+
+"$repo/scripts/install.sh"
+
+echo "==> runv check" >&2
+runv check || true
+
+echo "==> cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "==> cargo clippy" >&2
+cargo clippy --quiet --release --workspace --all-targets -- -D warnings
+
+echo "==> cargo test" >&2
+cargo test --release --workspace 2>&1
