@@ -262,6 +262,7 @@ pub fn probe_boot(
             memory_mib: 128,
             work_dir: dir.clone(),
             console_log: dir.join("console.log"),
+            vsock_socket: dir.join("vsock.sock"),
             shared_fs_socket: None,
             shared_fs_tag: String::new(),
         };

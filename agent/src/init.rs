@@ -111,6 +111,24 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Connects to the host's readiness port and says so.
+pub fn notify_host_ready() -> Result<()> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("creating a vsock socket")?;
+    let addr = VsockAddr::new(guest::HOST_CID, guest::AGENT_READY_VSOCK_PORT);
+    connect(fd.as_raw_fd(), &addr).context("connecting to the host")?;
+    let mut stream = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut stream, guest::AGENT_READY_MESSAGE)
+        .context("writing the ready message")?;
+    Ok(())
+}
+
 /// Whether the kernel command line asks for a boot probe.
 pub fn probe_requested() -> bool {
     fs::read_to_string("/proc/cmdline")

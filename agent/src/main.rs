@@ -112,6 +112,14 @@ async fn serve(listen: &str, pid1: bool) -> Result<()> {
         "runv-agent {} serving on {listen}",
         env!("CARGO_PKG_VERSION")
     );
+    if pid1 {
+        // Tell the host we serve; it connects to us only then.
+        std::thread::spawn(|| {
+            if let Err(e) = init::notify_host_ready() {
+                eprintln!("runv-agent: could not tell the host it is ready: {e:#}");
+            }
+        });
+    }
     shutdown.notified().await;
     // Let the reply to Shutdown reach the caller before the guest goes away.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -3,6 +3,18 @@
 /// vsock port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// vsock port on the host the agent connects to once it serves, so the host
+/// knows when to connect (a hybrid-vsock host side listens on
+/// `<vsock socket>_<port>`). Connecting earlier, while the guest's vsock
+/// driver is still starting, can lose the connection request.
+pub const AGENT_READY_VSOCK_PORT: u32 = 1025;
+
+/// What the agent sends on the readiness connection.
+pub const AGENT_READY_MESSAGE: &[u8] = b"READY\n";
+
+/// The host's vsock context id, as the guest addresses it.
+pub const HOST_CID: u32 = 2;
+
 /// Guest context id given to the microVM.
 pub const GUEST_CID: u32 = 3;
 

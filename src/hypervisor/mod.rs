@@ -23,6 +23,10 @@ pub struct VmConfig {
     pub work_dir: PathBuf,
     /// Guest console output goes here.
     pub console_log: PathBuf,
+    /// Host Unix socket of the guest's hybrid vsock: the host connects here
+    /// and writes `CONNECT <port>\n`; guest-initiated connections to port P
+    /// arrive at `<vsock_socket>_P`.
+    pub vsock_socket: PathBuf,
     /// vhost-user socket of the virtio-fs daemon serving the shared dir.
     pub shared_fs_socket: Option<PathBuf>,
     pub shared_fs_tag: String,
@@ -55,8 +59,6 @@ pub trait Hypervisor: Send {
     fn describe(&self) -> String;
     /// Starts the VM; on error nothing is left running.
     async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError>;
-    /// Host Unix socket of the guest's hybrid vsock (`CONNECT <port>\n`).
-    fn agent_socket(&self) -> PathBuf;
     /// How the VM ended, if it has.
     fn try_exit(&mut self) -> Option<VmExit>;
     /// Waits up to `grace` for the VM to end by itself, then stops it, and
@@ -92,5 +94,25 @@ pub fn choose_accel(
                 )),
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_accelerators_never_probe() {
+        let probe = || -> Result<(), String> { panic!("probed") };
+        assert_eq!(choose_accel(Accel::Kvm, probe), ("kvm", None));
+        assert_eq!(choose_accel(Accel::Tcg, probe), ("tcg", None));
+    }
+
+    #[test]
+    fn auto_falls_back_to_tcg_with_the_reason() {
+        assert_eq!(choose_accel(Accel::Auto, || Ok(())), ("kvm", None));
+        let (accel, warning) = choose_accel(Accel::Auto, || Err("emulation failure".into()));
+        assert_eq!(accel, "tcg");
+        assert!(warning.unwrap().contains("emulation failure"));
     }
 }

@@ -18,7 +18,6 @@ pub struct Qemu {
     qemu: PathBuf,
     vhost_vsock: PathBuf,
     accel: &'static str,
-    agent_socket: PathBuf,
     vsock: Option<HelperProcess>,
     vm: Option<HelperProcess>,
 }
@@ -29,7 +28,6 @@ impl Qemu {
             qemu: qemu.to_path_buf(),
             vhost_vsock: vhost_vsock.to_path_buf(),
             accel,
-            agent_socket: PathBuf::new(),
             vsock: None,
             vm: None,
         }
@@ -88,7 +86,7 @@ impl Qemu {
         let mut cmd = Command::new(&self.vhost_vsock);
         cmd.arg(format!("--guest-cid={}", guest::GUEST_CID))
             .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--uds-path={}", self.agent_socket.display()));
+            .arg(format!("--uds-path={}", vm.vsock_socket.display()));
         let mut helper = HelperProcess::spawn(
             "vhost-device-vsock",
             cmd,
@@ -108,7 +106,6 @@ impl Hypervisor for Qemu {
     }
 
     async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError> {
-        self.agent_socket = vm.work_dir.join("vsock.sock");
         let result = async {
             let vsock_socket = self.start_vsock(vm).await?;
             let cmd = self.command(vm, Some(&vsock_socket));
@@ -124,10 +121,6 @@ impl Hypervisor for Qemu {
             self.stop(Duration::ZERO).await;
         }
         result
-    }
-
-    fn agent_socket(&self) -> PathBuf {
-        self.agent_socket.clone()
     }
 
     fn try_exit(&mut self) -> Option<VmExit> {
@@ -156,5 +149,75 @@ impl Hypervisor for Qemu {
             .as_ref()
             .map(|vm| vm.log_tail(3))
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> VmConfig {
+        VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+            cmdline: "console=ttyS0".into(),
+            vcpus: 2,
+            memory_mib: 300,
+            work_dir: "/w".into(),
+            console_log: "/w/console.log".into(),
+            vsock_socket: "/w/vsock.sock".into(),
+            shared_fs_socket: Some("/w/fs.sock".into()),
+            shared_fs_tag: "runv".into(),
+        }
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_command_line_has_what_vhost_user_on_microvm_needs() {
+        let q = Qemu::new(
+            Path::new("qemu-system-x86_64"),
+            Path::new("vhost-device-vsock"),
+            "tcg",
+        );
+        let a = args(&q.command(&vm(), Some(Path::new("/w/vhost-vsock.sock"))));
+        let joined = a.join(" ");
+        for needle in [
+            "-M microvm,acpi=off,memory-backend=mem",
+            "-accel tcg",
+            "-cpu max",
+            "-smp 2",
+            "memory-backend-memfd,id=mem,size=300M,share=on",
+            "virtio-mmio.force-legacy=false",
+            "-no-reboot",
+            "-serial file:/w/console.log",
+            "socket,id=vsock,path=/w/vhost-vsock.sock",
+            "vhost-user-vsock-device,chardev=vsock",
+            "socket,id=fs,path=/w/fs.sock",
+            "vhost-user-fs-device,chardev=fs,tag=runv",
+        ] {
+            assert!(joined.contains(needle), "missing '{needle}' in: {joined}");
+        }
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu_and_no_devices_are_added_unasked() {
+        let q = Qemu::new(
+            Path::new("qemu-system-x86_64"),
+            Path::new("vhost-device-vsock"),
+            "kvm",
+        );
+        let mut plain = vm();
+        plain.shared_fs_socket = None;
+        let joined = args(&q.command(&plain, None)).join(" ");
+        assert!(
+            joined.contains("-accel kvm") && joined.contains("-cpu host"),
+            "{joined}"
+        );
+        assert!(!joined.contains("vhost-user"), "{joined}");
     }
 }

@@ -308,3 +308,73 @@ impl AgentClient {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::net::UnixListener;
+
+    /// A hybrid-vsock host socket that answers the handshake with `reply`
+    /// and then writes `after` on the stream.
+    async fn fake_vsock(
+        reply: &'static [u8],
+        after: &'static [u8],
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            stream.get_mut().write_all(reply).await.unwrap();
+            stream.get_mut().write_all(after).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn handshake_ok_leaves_the_guest_bytes_on_the_stream() {
+        let (_dir, path) = fake_vsock(b"OK 1073741824\n", b"guest").await;
+        let mut stream = connect_hybrid_vsock(&path, 1024).await.unwrap();
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"guest");
+    }
+
+    #[tokio::test]
+    async fn a_refused_handshake_names_the_reply() {
+        let (_dir, path) = fake_vsock(b"NO\n", b"").await;
+        let err = connect_hybrid_vsock(&path, 1024)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unexpected handshake reply 'NO'"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_handshake_is_an_error() {
+        let (_dir, path) = fake_vsock(b"", b"").await;
+        let err = connect_hybrid_vsock(&path, 1024)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("closed during the handshake") || err.contains("no handshake reply"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_names_its_path() {
+        let err = connect_hybrid_vsock(Path::new("/nonexistent/vsock.sock"), 1024)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/vsock.sock"), "{err}");
+    }
+}

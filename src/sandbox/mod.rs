@@ -128,6 +128,19 @@ impl Sandbox {
             cmdline.push(' ');
             cmdline.push_str(config.kernel_params.trim());
         }
+        let vsock_socket = self.dir.join("vsock.sock");
+        // Listen for the agent's readiness call before the guest can make it.
+        let ready_path = PathBuf::from(format!(
+            "{}_{}",
+            vsock_socket.display(),
+            guest::AGENT_READY_VSOCK_PORT
+        ));
+        let ready = tokio::net::UnixListener::bind(&ready_path).map_err(|source| {
+            SandboxError::WorkDir {
+                path: ready_path.clone(),
+                source,
+            }
+        })?;
         let vm = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -136,6 +149,7 @@ impl Sandbox {
             memory_mib: spec.memory_mib,
             work_dir: self.dir.clone(),
             console_log: self.console_log.clone(),
+            vsock_socket: vsock_socket.clone(),
             shared_fs_socket: Some(virtiofsd.socket().to_path_buf()),
             shared_fs_tag: guest::SHARED_FS_TAG.to_string(),
         };
@@ -143,7 +157,11 @@ impl Sandbox {
         tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
         self.hypervisor.start(&vm).await?;
         let agent = self
-            .wait_for_agent(Duration::from_secs(config.boot_timeout_secs))
+            .wait_for_agent(
+                &ready,
+                &vsock_socket,
+                Duration::from_secs(config.boot_timeout_secs),
+            )
             .await?;
         agent
             .mount_shared(
@@ -156,9 +174,18 @@ impl Sandbox {
         Ok(())
     }
 
-    async fn wait_for_agent(&mut self, timeout: Duration) -> Result<AgentClient, SandboxError> {
+    /// Waits for the agent's readiness call, then connects to it. A VM that
+    /// exits meanwhile, or a deadline that passes, ends the wait.
+    async fn wait_for_agent(
+        &mut self,
+        ready: &tokio::net::UnixListener,
+        vsock_socket: &Path,
+        timeout: Duration,
+    ) -> Result<AgentClient, SandboxError> {
         let started = Instant::now();
-        let socket = self.hypervisor.agent_socket();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut announced = false;
+        let mut last_error = String::from("the agent has not announced itself");
         loop {
             if let Some(exit) = self.hypervisor.try_exit() {
                 return Err(SandboxError::VmExited {
@@ -167,9 +194,24 @@ impl Sandbox {
                     diagnostics: self.hypervisor.diagnostics(),
                 });
             }
-            let last_error = match agent::connect_hybrid_vsock(&socket, guest::AGENT_VSOCK_PORT)
-                .await
-            {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SandboxError::BootTimeout {
+                    timeout,
+                    what: last_error,
+                    console: log_tail(&self.console_log, 5),
+                });
+            }
+            if !announced {
+                // Poll the VM's state every few milliseconds while waiting.
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(20), ready.accept()).await
+                {
+                    announced = true;
+                    tracing::debug!(sandbox = %self.id, elapsed = ?started.elapsed(), "agent announced itself");
+                }
+                continue;
+            }
+            match agent::connect_hybrid_vsock(vsock_socket, guest::AGENT_VSOCK_PORT).await {
                 Ok(stream) => {
                     let client = AgentClient::new(stream);
                     match client.health(Duration::from_secs(2)).await {
@@ -177,17 +219,10 @@ impl Sandbox {
                             tracing::debug!(sandbox = %self.id, elapsed = ?started.elapsed(), "agent ready");
                             return Ok(client);
                         }
-                        Err(e) => e.to_string(),
+                        Err(e) => last_error = e.to_string(),
                     }
                 }
-                Err(e) => e.to_string(),
-            };
-            if started.elapsed() >= timeout {
-                return Err(SandboxError::BootTimeout {
-                    timeout,
-                    what: last_error,
-                    console: log_tail(&self.console_log, 5),
-                });
+                Err(e) => last_error = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
