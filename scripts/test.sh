@@ -20,4 +20,13 @@ echo "==> cargo clippy" >&2
 cargo clippy --quiet --release --workspace --all-targets -- -D warnings
 
 echo "==> cargo test" >&2
-cargo test --release --workspace 2>&1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"

@@ -328,9 +328,16 @@ fn interrupt_after(env: &TestEnv, wait_for_guest: bool) -> std::process::Output 
         assert!(marker.exists(), "the command never started");
     } else {
         // Mid-boot: the sandbox directory exists, the agent is not up yet.
-        while env.leftovers().is_empty() && Instant::now() < deadline {
+        let sandboxes = env.runtime_dir.join("sandboxes");
+        let started = || {
+            std::fs::read_dir(&sandboxes)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false)
+        };
+        while !started() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert!(started(), "no sandbox directory appeared");
     }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
