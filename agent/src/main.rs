@@ -4,6 +4,7 @@
 //! It also runs on a host as an ordinary process (`--listen unix:///path`),
 //! which is how its tests run without a VM.
 
+mod container;
 mod init;
 mod process;
 mod service;
@@ -18,18 +19,31 @@ use runv_proto::guest;
 const USAGE: &str = "\
 runv-agent: the runv guest agent (PID 1 in the microVM)
 
-Usage: runv-agent [--listen ADDRESS]
+Usage: runv-agent [--listen ADDRESS] [--state-dir DIR] [--allow-dir DIR]...
 
 Options:
   --listen ADDRESS   ttrpc address to serve: vsock://-1:1024 (default in a
                      guest), or unix:///path/agent.sock to run on a host
+  --state-dir DIR    container state, bundles and sandbox files
+                     (default /run/runv)
+  --allow-dir DIR    a directory container rootfs and bind mounts may come
+                     from (repeatable; default the shared directory
+                     /run/runv/shared)
   --help             print this help
   --version          print the agent version
 ";
 
 fn main() -> ExitCode {
+    let all: Vec<String> = std::env::args().collect();
+    match all.get(1).map(String::as_str) {
+        Some(container::helper::SUBCOMMAND) => return container::helper::main(&all[2..]),
+        Some(container::pause::SUBCOMMAND) => return container::pause::main(&all[2..]),
+        _ => {}
+    }
     let pid1 = std::process::id() == 1;
     let mut listen = format!("vsock://-1:{}", guest::AGENT_VSOCK_PORT);
+    let mut state_dir = std::path::PathBuf::from(guest::AGENT_STATE_DIR);
+    let mut allow_dirs = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -38,6 +52,14 @@ fn main() -> ExitCode {
             "--listen" if !pid1 => match args.next() {
                 Some(addr) => listen = addr,
                 None => return usage_error("--listen needs an address"),
+            },
+            "--state-dir" if !pid1 => match args.next() {
+                Some(dir) => state_dir = dir.into(),
+                None => return usage_error("--state-dir needs a directory"),
+            },
+            "--allow-dir" if !pid1 => match args.next() {
+                Some(dir) => allow_dirs.push(std::path::PathBuf::from(dir)),
+                None => return usage_error("--allow-dir needs a directory"),
             },
             "--help" | "-h" if !pid1 => {
                 print!("{USAGE}");
@@ -74,7 +96,17 @@ fn main() -> ExitCode {
             return fail(pid1);
         }
     };
-    match runtime.block_on(serve(&listen, pid1)) {
+    if allow_dirs.is_empty() {
+        allow_dirs.push(guest::SHARED_MOUNT_POINT.into());
+    }
+    allow_dirs.push(state_dir.join("sandbox"));
+    let paths = container::Paths {
+        state: state_dir.join("containers"),
+        bundles: state_dir.join("bundles"),
+        sandbox: state_dir.join("sandbox"),
+        allowed: container::spec::AllowedRoots(allow_dirs),
+    };
+    match runtime.block_on(serve(&listen, pid1, paths)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("runv-agent: {e:#}");
@@ -95,13 +127,14 @@ fn fail(pid1: bool) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn serve(listen: &str, pid1: bool) -> Result<()> {
+async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> {
     if let Some(path) = listen.strip_prefix("unix://") {
         // A stale socket from an earlier run would make bind fail.
         let _ = std::fs::remove_file(path);
     }
     let processes = process::ProcessTable::new()?;
-    let service = Arc::new(service::AgentService::new(processes, pid1));
+    let containers = container::Containers::new(processes.clone(), paths)?;
+    let service = Arc::new(service::AgentService::new(processes, containers, pid1));
     let shutdown = service.shutdown_signal();
     let mut server = ttrpc::r#async::Server::new()
         .bind(listen)

@@ -127,10 +127,74 @@ impl Process {
     }
 }
 
-/// Every child the agent started, by pid, for the reaper.
+/// Our ends of a process's stdio.
+#[derive(Default)]
+pub struct ProcessIo {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// The pty master, when the process has a terminal.
+    pub tty: Option<OwnedFd>,
+}
+
+/// The process's ends of its stdio pipes.
+pub struct ChildIo {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+impl ProcessIo {
+    /// Three pipes: ours and the child's ends.
+    pub fn pipes() -> Result<(Self, ChildIo)> {
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let ours = Self {
+            stdin: Some(in_w),
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            tty: None,
+        };
+        Ok((
+            ours,
+            ChildIo {
+                stdin: in_r,
+                stdout: out_w,
+                stderr: err_w,
+            },
+        ))
+    }
+
+    /// A terminal: stdin and stdout both go through the pty master.
+    pub fn terminal(master: OwnedFd) -> Result<Self> {
+        set_cloexec(&master)?;
+        Ok(Self {
+            stdin: Some(master.try_clone()?),
+            stdout: Some(master.try_clone()?),
+            stderr: None,
+            tty: Some(master),
+        })
+    }
+}
+
+/// How many exits of processes nobody registered (yet) are remembered.
+const MAX_UNCLAIMED_EXITS: usize = 1024;
+
+#[derive(Default)]
+struct Children {
+    by_pid: HashMap<i32, Arc<Process>>,
+    /// Exits reaped before their process was registered (a container init
+    /// that dies at once), or of orphans nobody will ask about.
+    unclaimed: HashMap<i32, ExitStatus>,
+    unclaimed_order: std::collections::VecDeque<i32>,
+}
+
+/// Every process the agent watches, by pid, and the reaper that collects
+/// every child's exit.
 #[derive(Clone)]
 pub struct ProcessTable {
-    by_pid: Arc<Mutex<HashMap<i32, Arc<Process>>>>,
+    children: Arc<Mutex<Children>>,
 }
 
 impl ProcessTable {
@@ -140,7 +204,7 @@ impl ProcessTable {
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let table = Self {
-            by_pid: Arc::default(),
+            children: Arc::default(),
         };
         let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
             .context("listening for SIGCHLD")?;
@@ -156,11 +220,13 @@ impl ProcessTable {
         Ok(table)
     }
 
-    /// Collects every exited child; ours get their status recorded.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Children> {
+        self.children.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Collects every exited child; watched ones get their status recorded.
     fn reap(&self) {
-        // Held across waitpid so a child cannot be reaped between its spawn
-        // and its entry in the table.
-        let mut by_pid = self.by_pid.lock().unwrap_or_else(|e| e.into_inner());
+        let mut children = self.lock();
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -169,12 +235,49 @@ impl ProcessTable {
                     else {
                         continue;
                     };
-                    if let Some(process) = by_pid.remove(&pid.as_raw()) {
+                    let pid = pid.as_raw();
+                    if let Some(process) = children.by_pid.remove(&pid) {
                         process.exit_tx.send_replace(Some(exit));
+                    } else {
+                        children.unclaimed.insert(pid, exit);
+                        children.unclaimed_order.push_back(pid);
+                        while children.unclaimed_order.len() > MAX_UNCLAIMED_EXITS {
+                            if let Some(old) = children.unclaimed_order.pop_front() {
+                                children.unclaimed.remove(&old);
+                            }
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Watches `pid` (a child or an orphan we reap) with its stdio.
+    pub fn register(&self, pid: i32, io: ProcessIo) -> Result<Arc<Process>> {
+        let (exit_tx, _) = watch::channel(None);
+        let process = Arc::new(Process {
+            pid,
+            stdin: tokio::sync::Mutex::new(io.stdin.map(FdStream::new).transpose()?),
+            stdout: tokio::sync::Mutex::new(io.stdout.map(FdStream::new).transpose()?),
+            stderr: tokio::sync::Mutex::new(io.stderr.map(FdStream::new).transpose()?),
+            tty: io.tty,
+            exit_tx,
+        });
+        let mut children = self.lock();
+        if let Some(exit) = children.unclaimed.remove(&pid) {
+            children.unclaimed_order.retain(|p| *p != pid);
+            process.exit_tx.send_replace(Some(exit));
+        } else {
+            children.by_pid.insert(pid, process.clone());
+        }
+        Ok(process)
+    }
+
+    /// Spawns `cmd` and watches it; its exit status comes from the reaper.
+    pub fn spawn_command(&self, cmd: &mut Command, io: ProcessIo) -> io::Result<Arc<Process>> {
+        let child = cmd.spawn()?;
+        self.register(child.id() as i32, io)
+            .map_err(io::Error::other)
     }
 
     /// Starts a process as the request describes.
@@ -224,7 +327,7 @@ impl ProcessTable {
             cmd.env(k, v);
         }
 
-        let (stdin, stdout, stderr, tty) = if req.terminal {
+        let io = if req.terminal {
             let pty = nix::pty::openpty(
                 Some(&nix::pty::Winsize {
                     ws_row: req.rows.clamp(1, u16::MAX as u32) as u16,
@@ -235,21 +338,16 @@ impl ProcessTable {
                 None,
             )
             .context("opening a pty")?;
-            set_cloexec(&pty.master)?;
             cmd.stdin(Stdio::from(pty.slave.try_clone()?))
                 .stdout(Stdio::from(pty.slave.try_clone()?))
                 .stderr(Stdio::from(pty.slave));
-            let master_in = pty.master.try_clone()?;
-            let master_out = pty.master.try_clone()?;
-            (Some(master_in), Some(master_out), None, Some(pty.master))
+            ProcessIo::terminal(pty.master)?
         } else {
-            let (in_r, in_w) = pipe()?;
-            let (out_r, out_w) = pipe()?;
-            let (err_r, err_w) = pipe()?;
-            cmd.stdin(Stdio::from(in_r))
-                .stdout(Stdio::from(out_w))
-                .stderr(Stdio::from(err_w));
-            (Some(in_w), Some(out_r), Some(err_r), None)
+            let (ours, child) = ProcessIo::pipes()?;
+            cmd.stdin(Stdio::from(child.stdin))
+                .stdout(Stdio::from(child.stdout))
+                .stderr(Stdio::from(child.stderr));
+            ours
         };
 
         // SAFETY: the closure only makes async-signal-safe system calls on
@@ -257,28 +355,13 @@ impl ProcessTable {
         unsafe {
             cmd.pre_exec(move || setup.enter());
         }
-
-        let (exit_tx, _) = watch::channel(None);
-        let mut by_pid = self.by_pid.lock().unwrap_or_else(|e| e.into_inner());
-        let child = cmd.spawn().map_err(|e| spawn_error(&req.args[0], e))?;
-        // The Command (holding the child's ends) is dropped with this scope.
-        drop(cmd);
-        let process = Arc::new(Process {
-            pid: child.id() as i32,
-            stdin: tokio::sync::Mutex::new(stdin.map(FdStream::new).transpose()?),
-            stdout: tokio::sync::Mutex::new(stdout.map(FdStream::new).transpose()?),
-            stderr: tokio::sync::Mutex::new(stderr.map(FdStream::new).transpose()?),
-            tty,
-            exit_tx,
-        });
-        by_pid.insert(process.pid, process.clone());
-        Ok(process)
+        self.spawn_command(&mut cmd, io)
+            .map_err(|e| spawn_error(&req.args[0], e))
     }
 
-    /// Kills every process the agent started.
+    /// Kills every process the agent watches.
     pub fn kill_all(&self) {
-        let by_pid = self.by_pid.lock().unwrap_or_else(|e| e.into_inner());
-        for pid in by_pid.keys() {
+        for pid in self.lock().by_pid.keys() {
             let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
     }

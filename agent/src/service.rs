@@ -12,25 +12,61 @@ use tokio::sync::{Mutex, Notify};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as RpcError};
 
+use crate::container::{ContainerError, Containers};
 use crate::process::{Process, ProcessTable, SpawnError};
 
 type ProcessKey = (String, String);
 
 pub struct AgentService {
     table: ProcessTable,
+    containers: Containers,
     processes: Mutex<HashMap<ProcessKey, Arc<Process>>>,
     shutdown: Arc<Notify>,
     in_guest: bool,
 }
 
 impl AgentService {
-    pub fn new(table: ProcessTable, in_guest: bool) -> Self {
+    pub fn new(table: ProcessTable, containers: Containers, in_guest: bool) -> Self {
         Self {
             table,
+            containers,
             processes: Mutex::default(),
             shutdown: Arc::default(),
             in_guest,
         }
+    }
+
+    async fn insert_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process: Arc<Process>,
+    ) -> ttrpc::Result<()> {
+        let mut processes = self.processes.lock().await;
+        let key = (container_id.to_string(), exec_id.to_string());
+        if processes.contains_key(&key) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("process '{exec_id}' already exists in container '{container_id}'"),
+            ));
+        }
+        processes.insert(key, process);
+        Ok(())
+    }
+
+    async fn check_exec_free(&self, container_id: &str, exec_id: &str) -> ttrpc::Result<()> {
+        if self
+            .processes
+            .lock()
+            .await
+            .contains_key(&(container_id.to_string(), exec_id.to_string()))
+        {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("process '{exec_id}' already exists in container '{container_id}'"),
+            ));
+        }
+        Ok(())
     }
 
     pub fn shutdown_signal(&self) -> Arc<Notify> {
@@ -76,6 +112,16 @@ impl AgentService {
             ..Default::default()
         })
     }
+}
+
+fn container_status(e: ContainerError) -> RpcError {
+    let code = match e {
+        ContainerError::NotFound(_) => Code::NOT_FOUND,
+        ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        ContainerError::Invalid(_) => Code::INVALID_ARGUMENT,
+        ContainerError::Failed(_) => Code::FAILED_PRECONDITION,
+    };
+    status(code, e.to_string())
 }
 
 fn status(code: Code, msg: impl Into<String>) -> RpcError {
@@ -179,6 +225,12 @@ impl Agent for AgentService {
             return Err(status(
                 Code::INVALID_ARGUMENT,
                 "run_process: exec_id is empty",
+            ));
+        }
+        if !req.container_id.is_empty() {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "run_process: container_id must be empty (use ExecProcess for a process in a container)",
             ));
         }
         let key = (req.container_id.clone(), req.exec_id.clone());
@@ -337,7 +389,189 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .create_sandbox(&req, self.in_guest)
+            .await
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        self.check_exec_free(&req.container_id, "").await?;
+        let started = self
+            .containers
+            .create(&req.container_id, &req.oci_spec)
+            .await
+            .map_err(container_status)?;
+        let pid = started.process.pid as u32;
+        self.insert_process(&req.container_id, "", started.process)
+            .await?;
+        Ok(CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .start(&req.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        if req.exec_id.is_empty() {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "exec_process: exec_id is empty",
+            ));
+        }
+        self.check_exec_free(&req.container_id, &req.exec_id)
+            .await?;
+        let started = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process)
+            .await
+            .map_err(container_status)?;
+        let pid = started.process.pid as u32;
+        self.insert_process(&req.container_id, &req.exec_id, started.process)
+            .await?;
+        Ok(ExecProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .pause(&req.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .resume(&req.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources)
+            .await
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        let u = self
+            .containers
+            .usage(&req.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(StatsContainerResponse {
+            cpu_usage_ns: u.cpu_usage_ns,
+            cpu_user_ns: u.cpu_user_ns,
+            cpu_system_ns: u.cpu_system_ns,
+            memory_usage_bytes: u.memory_usage,
+            memory_limit_bytes: u.memory_limit,
+            memory_working_set_bytes: u.memory_working_set,
+            pids_current: u.pids_current,
+            pids_limit: u.pids_limit,
+            io_read_bytes: u.io_read_bytes,
+            io_write_bytes: u.io_write_bytes,
+            oom_kills: u.oom_kills,
+            ..Default::default()
+        })
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self
+            .containers
+            .pids(&req.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(ListProcessesResponse {
+            pids: pids.into_iter().map(|p| p as u32).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove(&req.container_id, req.force)
+            .await
+            .map_err(container_status)?;
+        self.processes
+            .lock()
+            .await
+            .retain(|(cid, _), _| *cid != req.container_id);
+        Ok(Empty::new())
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GetOomEventRequest,
+    ) -> ttrpc::Result<OomEvent> {
+        match self.containers.next_oom().await {
+            Some(container_id) => Ok(OomEvent {
+                container_id,
+                ..Default::default()
+            }),
+            None => Err(status(Code::UNAVAILABLE, "the OOM watcher has stopped")),
+        }
+    }
+
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        for id in self.containers.ids().await {
+            let _ = self.containers.remove(&id, true).await;
+        }
         self.table.kill_all();
         if self.in_guest {
             nix::unistd::sync();

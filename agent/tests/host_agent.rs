@@ -1,6 +1,7 @@
 //! The agent run on the host as an ordinary process on a Unix socket,
 //! driven over ttrpc exactly as the host side drives it in a guest.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -19,7 +20,10 @@ impl HostAgent {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
+        // Its own process group, so that dropping it also ends the helpers
+        // and pause process it started.
         let child = Command::new(env!("CARGO_BIN_EXE_runv-agent"))
+            .process_group(0)
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))
             .spawn()
@@ -46,7 +50,8 @@ impl HostAgent {
 
 impl Drop for HostAgent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: signalling the process group we created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }

@@ -24,6 +24,9 @@ pub const SHARED_FS_TAG: &str = "runv";
 /// Where the agent mounts the shared directory in the guest.
 pub const SHARED_MOUNT_POINT: &str = "/run/runv/shared";
 
+/// The agent's own state in the guest: container state and bundles.
+pub const AGENT_STATE_DIR: &str = "/run/runv";
+
 /// Kernel command line pieces every runv guest gets. `reboot=t` plus the
 /// hypervisor's no-reboot mode turns a guest reboot into a VM exit (without
 /// ACPI a poweroff would halt forever); `panic=-1` reboots on panic so a

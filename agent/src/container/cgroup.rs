@@ -1,0 +1,135 @@
+//! A container's cgroup: stats, resource updates, its processes, and its
+//! OOM-kill count (cgroup v2 in the guest; v1 too, for hosts that have it).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
+use oci_spec::runtime::LinuxResources;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+pub struct Cgroup {
+    path: PathBuf,
+    manager: AnyCgroupManager,
+}
+
+/// What `StatsContainer` reports.
+#[derive(Debug, Default)]
+pub struct Usage {
+    pub cpu_usage_ns: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_system_ns: u64,
+    pub memory_usage: u64,
+    pub memory_limit: u64,
+    pub memory_working_set: u64,
+    pub pids_current: u64,
+    pub pids_limit: u64,
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+    pub oom_kills: u64,
+}
+
+/// "No limit" as the kernel spells it, in either hierarchy.
+fn limit_or_zero(v: u64) -> u64 {
+    if v >= i64::MAX as u64 / 2 {
+        0
+    } else {
+        v
+    }
+}
+
+impl Cgroup {
+    pub fn open(path: &Path, container_id: &str) -> Result<Self> {
+        let manager = libcgroups::common::create_cgroup_manager(CgroupConfig {
+            cgroup_path: path.to_path_buf(),
+            systemd_cgroup: false,
+            container_name: container_id.to_string(),
+        })
+        .with_context(|| format!("opening cgroup {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            manager,
+        })
+    }
+
+    pub fn update(&self, resources: &LinuxResources) -> Result<()> {
+        let opt = ControllerOpt {
+            resources,
+            disable_oom_killer: false,
+            oom_score_adj: None,
+            freezer_state: None,
+        };
+        self.manager
+            .apply(&opt)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("applying resources")
+    }
+
+    pub fn pids(&self) -> Result<Vec<i32>> {
+        let pids = self
+            .manager
+            .get_all_pids()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("listing processes")?;
+        Ok(pids.into_iter().map(|p| p.as_raw()).collect())
+    }
+
+    pub fn usage(&self) -> Result<Usage> {
+        let s = self
+            .manager
+            .stats()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("reading cgroup stats")?;
+        let inactive_file = s
+            .memory
+            .stats
+            .get("inactive_file")
+            .or_else(|| s.memory.stats.get("total_inactive_file"))
+            .copied()
+            .unwrap_or(0);
+        let (mut read, mut write) = (0, 0);
+        for d in &s.blkio.service_bytes {
+            match d.op_type.as_deref() {
+                Some("read") | Some("Read") => read += d.value,
+                Some("write") | Some("Write") => write += d.value,
+                _ => {}
+            }
+        }
+        Ok(Usage {
+            cpu_usage_ns: s.cpu.usage.usage_total,
+            cpu_user_ns: s.cpu.usage.usage_user,
+            cpu_system_ns: s.cpu.usage.usage_kernel,
+            memory_usage: s.memory.memory.usage,
+            memory_limit: limit_or_zero(s.memory.memory.limit),
+            memory_working_set: s.memory.memory.usage.saturating_sub(inactive_file),
+            pids_current: s.pids.current,
+            pids_limit: limit_or_zero(s.pids.limit),
+            io_read_bytes: read,
+            io_write_bytes: write,
+            oom_kills: self.oom_kills(),
+        })
+    }
+
+    /// How many processes the kernel OOM-killed in this cgroup so far.
+    pub fn oom_kills(&self) -> u64 {
+        let rel = self.path.strip_prefix("/").unwrap_or(&self.path);
+        let candidates = [
+            Path::new(CGROUP_ROOT).join(rel).join("memory.events"),
+            Path::new(CGROUP_ROOT)
+                .join("memory")
+                .join(rel)
+                .join("memory.oom_control"),
+        ];
+        for file in candidates {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                return text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+            }
+        }
+        0
+    }
+}

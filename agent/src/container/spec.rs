@@ -1,0 +1,355 @@
+//! Checking an OCI runtime spec before it reaches the container engine:
+//! the rootfs and bind mounts must stay inside the directories the agent
+//! may expose, sizes must be sane, and what the engine needs is filled in.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
+
+/// Smallest memory limit a container may ask for; below this a typo (bytes
+/// for MiB) is likelier than intent and the container could not even start.
+pub const MIN_MEMORY_LIMIT: i64 = 4 << 20;
+/// Largest sizes accepted at all (1 PiB; larger is nonsense in a VM).
+pub const MAX_SIZE: i64 = 1 << 50;
+pub const MAX_ID_LEN: usize = 128;
+
+/// Directories whose contents containers may see: the shared directory
+/// (rootfs and volumes from the host) and the agent's own sandbox files.
+#[derive(Clone, Debug)]
+pub struct AllowedRoots(pub Vec<PathBuf>);
+
+impl AllowedRoots {
+    /// Resolves `path` (following every symlink) and checks that it stays
+    /// inside one of the allowed directories.
+    pub fn resolve(&self, what: &str, path: &Path) -> Result<PathBuf> {
+        if !path.is_absolute() {
+            bail!("{what} '{}' is not an absolute path", path.display());
+        }
+        let real = path
+            .canonicalize()
+            .with_context(|| format!("{what} '{}'", path.display()))?;
+        for root in &self.0 {
+            let root = root.canonicalize().unwrap_or_else(|_| root.clone());
+            if real.starts_with(&root) {
+                return Ok(real);
+            }
+        }
+        bail!(
+            "{what} '{}' resolves to '{}', outside the shared directory",
+            path.display(),
+            real.display()
+        )
+    }
+}
+
+/// Container and exec ids: what the engine and file names can carry.
+pub fn check_id(what: &str, id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        bail!(
+            "{what} must be 1 to {MAX_ID_LEN} characters, got {}",
+            id.len()
+        );
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || id.starts_with('.')
+    {
+        bail!("{what} '{id}' may only contain letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// Parses and checks a container's spec; fixes up what the agent decides
+/// (an absolute, resolved root; the cgroup path).
+/// Namespace paths of the form `pause:<kind>` name the pod's pause process's
+/// namespaces.
+pub const PAUSE_NS_PREFIX: &str = "pause:";
+
+pub fn prepare(
+    container_id: &str,
+    json: &[u8],
+    allowed: &AllowedRoots,
+    pause_pid: Option<i32>,
+) -> Result<Spec> {
+    let mut spec: Spec = serde_json::from_slice(json).context("malformed OCI spec")?;
+    let Some(root) = spec.root().clone() else {
+        bail!("the spec has no root");
+    };
+    let rootfs = allowed.resolve("root.path", root.path())?;
+    if !rootfs.is_dir() {
+        bail!("root.path '{}' is not a directory", root.path().display());
+    }
+    let mut root = root;
+    root.set_path(rootfs);
+    spec.set_root(Some(root));
+
+    let Some(process) = spec.process() else {
+        bail!("the spec has no process");
+    };
+    check_process(process)?;
+    if let Some(hostname) = spec.hostname() {
+        if hostname.len() > 64 {
+            bail!("hostname is {} characters long; at most 64", hostname.len());
+        }
+    }
+
+    for m in spec.mounts().iter().flatten() {
+        let is_bind = m.typ().as_deref() == Some("bind")
+            || m.options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        if is_bind {
+            let Some(source) = m.source() else {
+                bail!(
+                    "bind mount on '{}' has no source",
+                    m.destination().display()
+                );
+            };
+            allowed.resolve(
+                &format!("mount source for '{}'", m.destination().display()),
+                source,
+            )?;
+        }
+        if !m.destination().is_absolute() {
+            bail!(
+                "mount destination '{}' is not an absolute path",
+                m.destination().display()
+            );
+        }
+    }
+
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    if let Some(resources) = linux.resources() {
+        check_resources(resources)?;
+    }
+    if let Some(namespaces) = linux.namespaces().clone() {
+        let mut fixed = Vec::with_capacity(namespaces.len());
+        for mut ns in namespaces {
+            if let Some(path) = ns.path() {
+                let text = path.to_string_lossy();
+                if let Some(kind) = text.strip_prefix(PAUSE_NS_PREFIX) {
+                    if !matches!(kind, "pid" | "ipc" | "uts") {
+                        bail!("namespace path '{text}': the pause process holds only pid, ipc and uts");
+                    }
+                    let Some(pid) = pause_pid else {
+                        bail!("namespace path '{text}': the sandbox has no pause process");
+                    };
+                    ns.set_path(Some(PathBuf::from(format!("/proc/{pid}/ns/{kind}"))));
+                } else if !path.exists() {
+                    bail!("namespace path '{}' does not exist", path.display());
+                }
+            }
+            fixed.push(ns);
+        }
+        linux.set_namespaces(Some(fixed));
+    }
+    if linux.cgroups_path().is_none() {
+        linux.set_cgroups_path(Some(PathBuf::from(format!("/runv/{container_id}"))));
+    }
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+pub fn check_process(process: &Process) -> Result<()> {
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        bail!("process.args is empty");
+    }
+    if !process.cwd().is_absolute() {
+        bail!(
+            "process.cwd '{}' is not an absolute path",
+            process.cwd().display()
+        );
+    }
+    for kv in process.env().iter().flatten() {
+        if !kv.contains('=') {
+            bail!("process.env entry '{kv}' is not KEY=VALUE");
+        }
+    }
+    Ok(())
+}
+
+pub fn check_resources(r: &LinuxResources) -> Result<()> {
+    if let Some(mem) = r.memory() {
+        for (key, value) in [
+            ("limit", mem.limit()),
+            ("reservation", mem.reservation()),
+            ("swap", mem.swap()),
+        ] {
+            match value {
+                None | Some(-1) => {}
+                Some(v) if v < 0 => bail!("memory.{key} {v} is negative"),
+                Some(v) if v > MAX_SIZE => bail!("memory.{key} {v} is absurdly large"),
+                Some(v) if key == "limit" && v < MIN_MEMORY_LIMIT => {
+                    bail!("memory.limit {v} bytes is below the minimum of {MIN_MEMORY_LIMIT} bytes")
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if let Some(cpu) = r.cpu() {
+        if let Some(shares) = cpu.shares() {
+            if !(2..=262_144).contains(&shares) {
+                bail!("cpu.shares {shares} is outside 2..=262144");
+            }
+        }
+        if let Some(quota) = cpu.quota() {
+            if quota != -1 && !(1000..=MAX_SIZE).contains(&quota) {
+                bail!("cpu.quota {quota} is outside 1000..={MAX_SIZE} (or -1)");
+            }
+        }
+        if let Some(period) = cpu.period() {
+            if !(1000..=1_000_000).contains(&period) {
+                bail!("cpu.period {period} is outside 1000..=1000000");
+            }
+        }
+    }
+    if let Some(pids) = r.pids() {
+        let limit = pids.limit();
+        if limit != -1 && !(1..=1 << 22).contains(&limit) {
+            bail!("pids.limit {limit} is outside 1..={} (or -1)", 1 << 22);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepare_t(id: &str, json: &[u8], allowed: &AllowedRoots) -> Result<Spec> {
+        prepare(id, json, allowed, None)
+    }
+
+    fn allowed(dir: &Path) -> AllowedRoots {
+        AllowedRoots(vec![dir.to_path_buf()])
+    }
+
+    fn spec_json(root: &Path, extra: &str) -> Vec<u8> {
+        format!(
+            r#"{{"ociVersion":"1.0.2","root":{{"path":"{}"}},"process":{{"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/","env":["PATH=/bin"]}}{extra}}}"#,
+            root.display()
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_good_spec_gets_a_resolved_root_and_a_cgroup_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("c1/rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        let spec = prepare_t(
+            "c1",
+            &spec_json(&dir.path().join("c1/./rootfs"), ""),
+            &allowed(dir.path()),
+        )
+        .unwrap();
+        assert_eq!(
+            spec.root().as_ref().unwrap().path(),
+            &rootfs.canonicalize().unwrap()
+        );
+        assert_eq!(
+            spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
+            Some(Path::new("/runv/c1"))
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = prepare_t("c1", b"{\"root\": [", &allowed(dir.path())).unwrap_err();
+        assert!(format!("{e:#}").starts_with("malformed OCI spec"), "{e:#}");
+    }
+
+    #[test]
+    fn a_root_escaping_the_shared_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir_all(shared.join("c1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("secret")).unwrap();
+        // By `..`.
+        let e = prepare_t(
+            "c1",
+            &spec_json(&shared.join("c1/../../secret"), ""),
+            &allowed(&shared),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("outside the shared directory"),
+            "{e:#}"
+        );
+        // By a symlink.
+        std::os::unix::fs::symlink(dir.path().join("secret"), shared.join("link")).unwrap();
+        let e = prepare_t(
+            "c1",
+            &spec_json(&shared.join("link"), ""),
+            &allowed(&shared),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("outside the shared directory"),
+            "{e:#}"
+        );
+        // A bind mount source by symlink.
+        let extra = format!(
+            r#","mounts":[{{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}}]"#,
+            shared.join("link").display()
+        );
+        let e = prepare_t(
+            "c1",
+            &spec_json(&shared.join("c1"), &extra),
+            &allowed(&shared),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("mount source for '/data'"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("r")).unwrap();
+        for (resources, needle) in [
+            (r#"{"memory":{"limit":1000}}"#, "below the minimum"),
+            (r#"{"memory":{"limit":-5}}"#, "negative"),
+            (
+                r#"{"memory":{"limit":9223372036854775807}}"#,
+                "absurdly large",
+            ),
+            (r#"{"cpu":{"shares":0}}"#, "cpu.shares"),
+            (r#"{"pids":{"limit":-7}}"#, "pids.limit"),
+        ] {
+            let extra = format!(r#","linux":{{"resources":{resources}}}"#);
+            let e = prepare_t(
+                "c1",
+                &spec_json(&dir.path().join("r"), &extra),
+                &allowed(dir.path()),
+            )
+            .unwrap_err();
+            assert!(format!("{e:#}").contains(needle), "{resources}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("container id", "abc-1_2.3").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(200)] {
+            assert!(check_id("container id", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_spec_without_args_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = format!(
+            r#"{{"root":{{"path":"{}"}},"process":{{"user":{{"uid":0,"gid":0}},"args":[],"cwd":"/"}}}}"#,
+            dir.path().display()
+        );
+        let e = prepare_t("c1", json.as_bytes(), &allowed(dir.path())).unwrap_err();
+        assert!(format!("{e:#}").contains("process.args is empty"), "{e:#}");
+    }
+}
