@@ -10,10 +10,7 @@ fn main() {
         .input("agent.proto")
         .include(".")
         .rust_protobuf()
-        .customize(Customize {
-            async_all: true,
-            ..Default::default()
-        })
+        .customize(Customize { async_all: true, ..Default::default() })
         .rust_protobuf_customize(ProtobufCustomize::default())
         .run()
         .expect("generating the agent protocol from agent.proto");
@@ -23,10 +20,7 @@ fn main() {
     for name in ["agent.rs", "agent_ttrpc.rs"] {
         let path = out.join(name);
         let text = fs::read_to_string(&path).expect("reading generated code");
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
-            .collect();
+        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).collect();
         fs::write(&path, kept.join("\n")).expect("writing generated code");
     }
 }

@@ -63,6 +63,11 @@ cargo_tool vhost-device-vsock 0.3.0 vhost-device-vsock
 step "building runv and containerd-shim-runv-v2"
 cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p runv -p containerd-shim-runv-v2
 step "building the static guest agent"
+# libcontainer links libseccomp: statically, from Debian's libseccomp-dev.
+# The agent lives in guest memory (initramfs), so build it for size.
+LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_LTO=fat \
+CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_STRIP=true \
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p runv-agent --target "$host_target"
 

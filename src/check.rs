@@ -38,11 +38,7 @@ pub struct Report {
 
 impl Report {
     fn add(&mut self, level: Level, item: &'static str, detail: impl Into<String>) {
-        self.findings.push(Finding {
-            level,
-            item,
-            detail: detail.into(),
-        });
+        self.findings.push(Finding { level, item, detail: detail.into() });
     }
 
     /// Whether sandboxes can run here at all (perhaps only under TCG).
@@ -52,12 +48,7 @@ impl Report {
 
     pub fn verdict(&self) -> String {
         if !self.ready() {
-            let failed: Vec<&str> = self
-                .findings
-                .iter()
-                .filter(|f| f.level == Level::Fail)
-                .map(|f| f.item)
-                .collect();
+            let failed: Vec<&str> = self.findings.iter().filter(|f| f.level == Level::Fail).map(|f| f.item).collect();
             format!("verdict: not ready (fix: {})", failed.join(", "))
         } else if self.kvm_boots_guest {
             "verdict: ready (qemu/kvm; KVM boots the guest)".into()
@@ -74,38 +65,22 @@ pub fn check(config: &Config) -> Report {
 
     match kvm_ioctls::Kvm::new() {
         Ok(kvm) => {
-            r.add(
-                Level::Ok,
-                "kvm",
-                format!("/dev/kvm present, API version {}", kvm.get_api_version()),
-            );
+            r.add(Level::Ok, "kvm", format!("/dev/kvm present, API version {}", kvm.get_api_version()));
             match kvm_boots_guest(config) {
                 Ok(()) => {
                     r.kvm_boots_guest = true;
                     r.add(Level::Ok, "kvm-boot", "KVM boots the guest kernel");
                 }
-                Err(why) => r.add(
-                    Level::Warn,
-                    "kvm-boot",
-                    format!("KVM cannot boot the guest: {why}"),
-                ),
+                Err(why) => r.add(Level::Warn, "kvm-boot", format!("KVM cannot boot the guest: {why}")),
             }
         }
-        Err(e) => r.add(
-            Level::Warn,
-            "kvm",
-            format!("/dev/kvm unusable ({e}); guests run under TCG only"),
-        ),
+        Err(e) => r.add(Level::Warn, "kvm", format!("/dev/kvm unusable ({e}); guests run under TCG only")),
     }
 
     if Path::new("/dev/vhost-vsock").exists() {
         r.add(Level::Ok, "vhost-vsock", "/dev/vhost-vsock present");
     } else {
-        r.add(
-            Level::Ok,
-            "vhost-vsock",
-            "/dev/vhost-vsock absent; vsock is served by vhost-device-vsock",
-        );
+        r.add(Level::Ok, "vhost-vsock", "/dev/vhost-vsock absent; vsock is served by vhost-device-vsock");
     }
 
     for (item, program, version_arg) in [
@@ -121,55 +96,30 @@ pub fn check(config: &Config) -> Report {
             None => r.add(
                 Level::Fail,
                 item,
-                format!(
-                    "'{}' not found (install it, or set its path in the config)",
-                    program.display()
-                ),
+                format!("'{}' not found (install it, or set its path in the config)", program.display()),
             ),
         }
     }
 
     for (item, path) in [("kernel", &config.kernel), ("initramfs", &config.initramfs)] {
         match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => r.add(
-                Level::Ok,
-                item,
-                format!("{} ({} KiB)", path.display(), m.len() / 1024),
-            ),
+            Ok(m) if m.is_file() => r.add(Level::Ok, item, format!("{} ({} KiB)", path.display(), m.len() / 1024)),
             _ => r.add(
                 Level::Fail,
                 item,
-                format!(
-                    "{} not found (run scripts/install.sh, or set `{item}` in the config)",
-                    path.display()
-                ),
+                format!("{} not found (run scripts/install.sh, or set `{item}` in the config)", path.display()),
             ),
         }
     }
     if config.rootfs.is_dir() {
-        r.add(
-            Level::Ok,
-            "rootfs",
-            format!("{} (default for `runv run`)", config.rootfs.display()),
-        );
+        r.add(Level::Ok, "rootfs", format!("{} (default for `runv run`)", config.rootfs.display()));
     } else {
-        r.add(
-            Level::Warn,
-            "rootfs",
-            format!(
-                "{} missing; `runv run` needs --rootfs",
-                config.rootfs.display()
-            ),
-        );
+        r.add(Level::Warn, "rootfs", format!("{} missing; `runv run` needs --rootfs", config.rootfs.display()));
     }
 
     match cgroup_version() {
         Some(v) => r.add(Level::Ok, "cgroup", v),
-        None => r.add(
-            Level::Warn,
-            "cgroup",
-            "no cgroup filesystem mounted at /sys/fs/cgroup",
-        ),
+        None => r.add(Level::Warn, "cgroup", "no cgroup filesystem mounted at /sys/fs/cgroup"),
     }
     r
 }
@@ -228,36 +178,22 @@ fn probe_cache_path(config: &Config) -> PathBuf {
         }
     }
     find_program(&config.qemu).hash(&mut h);
-    nix::sys::utsname::uname()
-        .ok()
-        .map(|u| u.release().to_owned())
-        .hash(&mut h);
-    config
-        .runtime_dir
-        .join(format!("kvm-probe-{:016x}", h.finish()))
+    nix::sys::utsname::uname().ok().map(|u| u.release().to_owned()).hash(&mut h);
+    config.runtime_dir.join(format!("kvm-probe-{:016x}", h.finish()))
 }
 
 /// Boots the guest with the probe flag under `accel` and waits for the
 /// agent's marker on the console; returns the time to the marker.
-pub fn probe_boot(
-    config: &Config,
-    accel: &'static str,
-    timeout: Duration,
-) -> Result<Duration, String> {
+pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Result<Duration, String> {
     if !config.kernel.is_file() || !config.initramfs.is_file() {
         return Err("guest kernel or initramfs missing".into());
     }
-    let dir =
-        tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
+    let dir = tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
     let result = (|| {
         let vm = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
-            cmdline: format!(
-                "{} {}",
-                guest::KERNEL_CMDLINE_BASE,
-                guest::PROBE_CMDLINE_FLAG
-            ),
+            cmdline: format!("{} {}", guest::KERNEL_CMDLINE_BASE, guest::PROBE_CMDLINE_FLAG),
             vcpus: 1,
             memory_mib: 128,
             work_dir: dir.clone(),
@@ -268,8 +204,7 @@ pub fn probe_boot(
         };
         let cmd = Qemu::new(&config.qemu, &config.vhost_vsock, accel).command(&vm, None);
         let started = Instant::now();
-        let mut qemu =
-            HelperProcess::spawn("qemu", cmd, &dir.join("qemu.log")).map_err(|e| e.to_string())?;
+        let mut qemu = HelperProcess::spawn("qemu", cmd, &dir.join("qemu.log")).map_err(|e| e.to_string())?;
         loop {
             let console = std::fs::read_to_string(&vm.console_log).unwrap_or_default();
             if console.contains(guest::PROBE_READY_MARKER) {
@@ -284,22 +219,12 @@ pub fn probe_boot(
             }
             if let Some(status) = qemu.try_wait() {
                 let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
-                let mut first = log
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .trim()
-                    .to_string();
+                let mut first = log.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
                 first.truncate(160);
-                return Err(format!(
-                    "QEMU exited ({status}) before the guest reached init: {first}"
-                ));
+                return Err(format!("QEMU exited ({status}) before the guest reached init: {first}"));
             }
             if started.elapsed() >= timeout {
-                return Err(format!(
-                    "the guest did not reach init within {}s",
-                    timeout.as_secs()
-                ));
+                return Err(format!("the guest did not reach init within {}s", timeout.as_secs()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -14,18 +14,11 @@ pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/runv";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {path}: {key} {problem}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        problem: String,
-    },
+    Invalid { path: PathBuf, key: &'static str, problem: String },
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -108,9 +101,7 @@ impl Config {
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Self::default())
-            }
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
         Self::parse(&text, &path)
@@ -119,21 +110,14 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.message().to_string()
-                + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
+            message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
         })?;
         config.validate(path)?;
         Ok(config)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key, problem: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            problem,
-        };
+        let invalid = |key, problem: String| ConfigError::Invalid { path: path.to_path_buf(), key, problem };
         check_vcpus(self.vcpus).map_err(|p| invalid("vcpus", p))?;
         check_memory(self.memory_mib).map_err(|p| invalid("memory_mib", p))?;
         if self.boot_timeout_secs == 0 {
@@ -152,9 +136,7 @@ pub fn check_vcpus(vcpus: u32) -> Result<(), String> {
 
 pub fn check_memory(mib: u32) -> Result<(), String> {
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
-        return Err(format!(
-            "must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {mib}"
-        ));
+        return Err(format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {mib}"));
     }
     Ok(())
 }
@@ -173,11 +155,9 @@ mod tests {
 
     #[test]
     fn keys_override_defaults() {
-        let c = Config::parse(
-            "hypervisor = \"qemu\"\naccel = \"tcg\"\nvcpus = 2\nmemory_mib = 512\n",
-            Path::new("t.toml"),
-        )
-        .unwrap();
+        let c =
+            Config::parse("hypervisor = \"qemu\"\naccel = \"tcg\"\nvcpus = 2\nmemory_mib = 512\n", Path::new("t.toml"))
+                .unwrap();
         assert_eq!(c.hypervisor, HypervisorKind::Qemu);
         assert_eq!(c.accel, Accel::Tcg);
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
@@ -185,34 +165,24 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = Config::parse("vcpu = 2\n", Path::new("t.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("vcpu = 2\n", Path::new("t.toml")).unwrap_err().to_string();
         assert!(e.contains("unknown field `vcpu`"), "{e}");
         assert!(e.contains("t.toml"), "{e}");
     }
 
     #[test]
     fn bad_values_are_rejected_with_the_key() {
-        let e = Config::parse("memory_mib = 1\n", Path::new("t.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("memory_mib = 1\n", Path::new("t.toml")).unwrap_err().to_string();
         assert!(e.contains("memory_mib must be between"), "{e}");
-        let e = Config::parse("vcpus = 0\n", Path::new("t.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("vcpus = 0\n", Path::new("t.toml")).unwrap_err().to_string();
         assert!(e.contains("vcpus"), "{e}");
-        let e = Config::parse("hypervisor = \"xen\"\n", Path::new("t.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("hypervisor = \"xen\"\n", Path::new("t.toml")).unwrap_err().to_string();
         assert!(e.contains("xen"), "{e}");
     }
 
     #[test]
     fn missing_default_file_is_fine_but_missing_given_file_is_not() {
-        let e = Config::load(Some(Path::new("/nonexistent/runv.toml")))
-            .unwrap_err()
-            .to_string();
+        let e = Config::load(Some(Path::new("/nonexistent/runv.toml"))).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/runv.toml"), "{e}");
     }
 }

@@ -29,16 +29,8 @@ impl HelperProcess {
     /// no helper behind; start helpers from a long-lived thread.
     pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<Self, SpawnError> {
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let err = |source| SpawnError {
-            name,
-            program: program.clone(),
-            source,
-        };
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(err)?;
+        let err = |source| SpawnError { name, program: program.clone(), source };
+        let out = File::options().create(true).append(true).open(log).map_err(err)?;
         let errf = out.try_clone().map_err(err)?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(errf);
         // SAFETY: prctl with integer arguments is async-signal-safe.
@@ -51,12 +43,7 @@ impl HelperProcess {
             });
         }
         let child = cmd.spawn().map_err(err)?;
-        Ok(Self {
-            name,
-            child: Some(child),
-            log: log.to_path_buf(),
-            status: None,
-        })
+        Ok(Self { name, child: Some(child), log: log.to_path_buf(), status: None })
     }
 
     pub fn name(&self) -> &'static str {
@@ -130,24 +117,14 @@ impl Drop for HelperProcess {
 
 /// The last `lines` non-empty lines of a text file, joined by " | ".
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let kept: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let kept: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     kept[kept.len().saturating_sub(lines)..].join(" | ")
 }
 
 /// Waits until `path` exists (a helper's socket), or the helper dies, or
 /// `timeout` passes.
-pub async fn wait_for_path(
-    helper: &mut HelperProcess,
-    path: &Path,
-    timeout: Duration,
-) -> Result<(), String> {
+pub async fn wait_for_path(helper: &mut HelperProcess, path: &Path, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if path.exists() {
@@ -162,11 +139,7 @@ pub async fn wait_for_path(
             ));
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "{} did not create {} within {timeout:?}",
-                helper.name(),
-                path.display()
-            ));
+            return Err(format!("{} did not create {} within {timeout:?}", helper.name(), path.display()));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -177,9 +150,5 @@ pub fn find_program(program: &Path) -> Option<PathBuf> {
     if program.components().count() > 1 {
         return program.is_file().then(|| program.to_path_buf());
     }
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|p| p.is_file())
 }

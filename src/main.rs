@@ -50,12 +50,7 @@ enum Command {
         #[arg(short = 'w', long, value_name = "DIR")]
         workdir: Option<String>,
         /// The command and its arguments, after `--`.
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Report what this host offers runv and whether KVM can boot the guest.
@@ -80,11 +75,7 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNV_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 
     match cli.command {
         Command::Check { require_kvm } => {
@@ -105,36 +96,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Run {
-            rootfs,
-            cpus,
-            memory,
-            tty,
-            env,
-            workdir,
-            command,
-        } => {
+        Command::Run { rootfs, cpus, memory, tty, env, workdir, command } => {
             // One thread: helpers are tied to the thread that starts them
             // (PR_SET_PDEATHSIG), which must outlive them.
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("runv: error: starting the async runtime: {e}");
                     return ExitCode::from(EXIT_RUNV_ERROR as u8);
                 }
             };
-            let opts = RunOptions {
-                rootfs,
-                cpus,
-                memory_mib: memory,
-                tty,
-                env,
-                workdir,
-                command,
-            };
+            let opts = RunOptions { rootfs, cpus, memory_mib: memory, tty, env, workdir, command };
             let status = match runtime.block_on(runv::run::run(&config, opts)) {
                 Ok(status) => status,
                 Err(e) => {

@@ -5,7 +5,10 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use runv_proto::agent::RunProcessRequest;
+use oci_spec::runtime::{
+    BoxBuilder, Capabilities, Capability, LinuxCapabilitiesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+};
+use runv_proto::agent::CreateSandboxRequest;
 use runv_proto::guest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -20,7 +23,72 @@ pub const EXIT_CANNOT_EXECUTE: i32 = 126;
 /// The command was not found in the guest.
 pub const EXIT_NOT_FOUND: i32 = 127;
 
-const EXEC_ID: &str = "run";
+/// The one container `runv run` runs, and its init process's exec id.
+const CONTAINER_ID: &str = "run";
+const INIT: &str = "";
+/// Hostname of the guest and the container.
+const HOSTNAME: &str = "runv";
+
+/// What docker gives a container by default, so `runv run` behaves alike.
+const DEFAULT_CAPABILITIES: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::NetRaw,
+    Capability::SysChroot,
+    Capability::Mknod,
+    Capability::AuditWrite,
+    Capability::Setfcap,
+];
+
+/// The OCI spec of `runv run`'s container: the shared rootfs, the runtime
+/// spec's default namespaces and mounts, docker's default capabilities.
+fn container_spec(
+    opts: &RunOptions,
+    env: Vec<String>,
+    (rows, cols): (u16, u16),
+    read_only: bool,
+) -> Result<Spec, oci_spec::OciSpecError> {
+    let caps: Capabilities = DEFAULT_CAPABILITIES.iter().copied().collect();
+    let capabilities =
+        LinuxCapabilitiesBuilder::default().bounding(caps.clone()).effective(caps.clone()).permitted(caps).build()?;
+    // Like `docker run --init`: the agent, mounted into the container, runs
+    // as PID 1, forwards signals to the command and reaps orphans.
+    let mut args = vec![guest::CONTAINER_INIT_PATH.to_string(), "init".into(), "--".into()];
+    args.extend(opts.command.iter().cloned());
+    let mut process = ProcessBuilder::default()
+        .args(args)
+        .env(env)
+        .cwd(opts.workdir.clone().unwrap_or_else(|| "/".into()))
+        .terminal(opts.tty)
+        .capabilities(capabilities)
+        .no_new_privileges(true)
+        .build()?;
+    if opts.tty {
+        process.set_console_size(Some(BoxBuilder::default().height(rows as u64).width(cols as u64).build()?));
+    }
+    let root = RootBuilder::default().path(guest::SHARED_MOUNT_POINT).readonly(read_only).build()?;
+    let init_mount = MountBuilder::default()
+        .destination(guest::CONTAINER_INIT_PATH)
+        .typ("bind")
+        .source(guest::AGENT_BINARY)
+        .options(vec!["bind".into(), "ro".into(), "nosuid".into(), "nodev".into()])
+        .build()?;
+    let mut spec = Spec::default();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(init_mount);
+    spec.set_mounts(Some(mounts));
+    spec.set_process(Some(process));
+    spec.set_root(Some(root));
+    spec.set_hostname(Some(HOSTNAME.into()));
+    Ok(spec)
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -43,19 +111,14 @@ pub struct RunError {
 
 impl RunError {
     fn runv(message: impl Into<String>) -> Self {
-        Self {
-            status: EXIT_RUNV_ERROR,
-            message: message.into(),
-        }
+        Self { status: EXIT_RUNV_ERROR, message: message.into() }
     }
 }
 
 /// Runs the command and returns its exit status.
 pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
     if opts.command.is_empty() {
-        return Err(RunError::runv(
-            "no command given (usage: runv run [OPTIONS] -- CMD [ARGS...])",
-        ));
+        return Err(RunError::runv("no command given (usage: runv run [OPTIONS] -- CMD [ARGS...])"));
     }
     for kv in &opts.env {
         if !kv.contains('=') || kv.starts_with('=') {
@@ -68,35 +131,24 @@ pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
     check_memory(memory_mib).map_err(|p| RunError::runv(format!("--memory {p}")))?;
     let rootfs = opts.rootfs.clone().unwrap_or_else(|| config.rootfs.clone());
     if !rootfs.is_dir() {
-        let hint = if opts.rootfs.is_none() {
-            " (the default rootfs; run scripts/install.sh or pass --rootfs)"
-        } else {
-            ""
-        };
+        let hint =
+            if opts.rootfs.is_none() { " (the default rootfs; run scripts/install.sh or pass --rootfs)" } else { "" };
         return Err(RunError::runv(format!(
             "rootfs '{}' does not exist or is not a directory{hint}",
             rootfs.display()
         )));
     }
-    let rootfs = rootfs
-        .canonicalize()
-        .map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
+    let rootfs = rootfs.canonicalize().map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
 
-    let mut signals =
-        Signals::new().map_err(|e| RunError::runv(format!("installing signal handlers: {e}")))?;
+    let mut signals = Signals::new().map_err(|e| RunError::runv(format!("installing signal handlers: {e}")))?;
     // The embedded default rootfs is shared by every run: keep it pristine.
-    let spec = SandboxSpec {
-        shared_dir: rootfs,
-        read_only: opts.rootfs.is_none(),
-        vcpus,
-        memory_mib,
-    };
+    let spec = SandboxSpec { shared_dir: rootfs, read_only: opts.rootfs.is_none(), vcpus, memory_mib };
     let sandbox = tokio::select! {
         r = Sandbox::start(config, &spec) => r.map_err(|e| RunError::runv(e.to_string()))?,
         sig = signals.recv() => return Err(RunError { status: 128 + sig, message: format!("interrupted by signal {sig} while booting") }),
     };
     tracing::debug!(sandbox = sandbox.id(), hypervisor = %sandbox.describe_hypervisor(), "sandbox ready");
-    let result = run_command(sandbox.agent(), &opts, &mut signals).await;
+    let result = run_command(sandbox.agent(), &opts, spec.read_only, &mut signals).await;
     sandbox.shutdown().await;
     result
 }
@@ -104,58 +156,46 @@ pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
 async fn run_command(
     agent: &AgentClient,
     opts: &RunOptions,
+    read_only: bool,
     signals: &mut Signals,
 ) -> Result<i32, RunError> {
     let stdin_is_tty = nix::unistd::isatty(std::io::stdin()).unwrap_or(false);
-    let (rows, cols) = if opts.tty {
-        terminal_size().unwrap_or((24, 80))
-    } else {
-        (0, 0)
-    };
-    let mut env = vec![
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        "HOME=/root".to_string(),
-    ];
+    let (rows, cols) = if opts.tty { terminal_size().unwrap_or((24, 80)) } else { (0, 0) };
+    let mut env =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "HOME=/root".to_string()];
     if opts.tty {
-        env.push(format!(
-            "TERM={}",
-            std::env::var("TERM").unwrap_or_else(|_| "xterm".into())
-        ));
+        env.push(format!("TERM={}", std::env::var("TERM").unwrap_or_else(|_| "xterm".into())));
     }
     env.extend(opts.env.iter().cloned());
-    let req = RunProcessRequest {
-        exec_id: EXEC_ID.into(),
-        args: opts.command.clone(),
-        env,
-        cwd: opts.workdir.clone().unwrap_or_else(|| "/".into()),
-        root: guest::SHARED_MOUNT_POINT.into(),
-        terminal: opts.tty,
-        rows: rows.into(),
-        cols: cols.into(),
-        ..Default::default()
-    };
-    agent.run_process(&req).await.map_err(|e| {
-        let status = match e.code() {
-            Some(ttrpc::Code::NOT_FOUND) => EXIT_NOT_FOUND,
-            Some(ttrpc::Code::PERMISSION_DENIED) => EXIT_CANNOT_EXECUTE,
-            _ => EXIT_RUNV_ERROR,
+    let spec = container_spec(opts, env, (rows, cols), read_only)
+        .map_err(|e| RunError::runv(format!("building the container spec: {e}")))?;
+    let cannot_run = |e: AgentError| {
+        let message = e.to_string();
+        let status = if message.contains("not found") || message.contains("No such file") {
+            EXIT_NOT_FOUND
+        } else if message.contains("ermission denied") {
+            EXIT_CANNOT_EXECUTE
+        } else {
+            EXIT_RUNV_ERROR
         };
-        RunError {
-            status,
-            message: format!("cannot run '{}' in the guest: {e}", opts.command[0]),
-        }
-    })?;
-
-    let _raw = if opts.tty && stdin_is_tty {
-        RawTerminal::enter()
-    } else {
-        None
+        RunError { status, message: format!("cannot run '{}' in the guest: {message}", opts.command[0]) }
     };
+    agent
+        .create_sandbox(&CreateSandboxRequest { hostname: HOSTNAME.into(), ..Default::default() })
+        .await
+        .map_err(|e| RunError::runv(format!("preparing the sandbox: {e}")))?;
+    agent.create_container(CONTAINER_ID, &spec).await.map_err(cannot_run)?;
+    if let Err(e) = agent.start_container(CONTAINER_ID).await {
+        let _ = agent.remove_container(CONTAINER_ID, true).await;
+        return Err(cannot_run(e));
+    }
+
+    let _raw = if opts.tty && stdin_is_tty { RawTerminal::enter() } else { None };
     let stdout = tokio::spawn(pump_output(agent.clone(), false));
     let stderr = (!opts.tty).then(|| tokio::spawn(pump_output(agent.clone(), true)));
     let stdin = tokio::spawn(pump_stdin(agent.clone()));
 
-    let wait = agent.wait_process("", EXEC_ID);
+    let wait = agent.wait_process(CONTAINER_ID, INIT);
     tokio::pin!(wait);
     let mut forwarded = false;
     let exit = loop {
@@ -164,14 +204,14 @@ async fn run_command(
             sig = signals.recv() => {
                 if sig == libc::SIGWINCH {
                     if let Some((r, c)) = terminal_size() {
-                        let _ = agent.resize("", EXEC_ID, r, c).await;
+                        let _ = agent.resize(CONTAINER_ID, INIT, r, c).await;
                     }
                 } else if forwarded {
                     return Err(RunError { status: 128 + sig, message: format!("signal {sig} received twice; tearing the sandbox down") });
                 } else {
                     // The first signal goes to the command; a second one ends runv.
                     forwarded = true;
-                    let _ = agent.signal_process("", EXEC_ID, sig).await;
+                    let _ = agent.signal_process(CONTAINER_ID, INIT, sig).await;
                 }
             }
         }
@@ -185,17 +225,14 @@ async fn run_command(
         }
     }
     stdin.abort();
-    let _ = agent.remove_process("", EXEC_ID).await;
+    let _ = agent.remove_container(CONTAINER_ID, true).await;
     Ok(exit.status)
 }
 
 async fn pump_output(agent: AgentClient, stderr: bool) -> Result<(), AgentError> {
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if stderr {
-        Box::new(tokio::io::stderr())
-    } else {
-        Box::new(tokio::io::stdout())
-    };
-    while let Some(data) = agent.read_output("", EXEC_ID, stderr).await? {
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+        if stderr { Box::new(tokio::io::stderr()) } else { Box::new(tokio::io::stdout()) };
+    while let Some(data) = agent.read_output(CONTAINER_ID, INIT, stderr).await? {
         if out.write_all(&data).await.is_err() || out.flush().await.is_err() {
             // Our own stdout is gone (a closed pipe); keep draining the guest.
             continue;
@@ -211,17 +248,13 @@ async fn pump_stdin(agent: AgentClient) {
         match stdin.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if agent
-                    .write_stdin("", EXEC_ID, buf[..n].to_vec())
-                    .await
-                    .is_err()
-                {
+                if agent.write_stdin(CONTAINER_ID, INIT, buf[..n].to_vec()).await.is_err() {
                     return;
                 }
             }
         }
     }
-    let _ = agent.close_stdin("", EXEC_ID).await;
+    let _ = agent.close_stdin(CONTAINER_ID, INIT).await;
 }
 
 /// SIGINT, SIGTERM, SIGHUP (forwarded to the command) and SIGWINCH.
@@ -256,12 +289,7 @@ impl Signals {
 }
 
 fn terminal_size() -> Option<(u16, u16)> {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCGWINSZ writes into the winsize we own.
     let ok = unsafe { libc::ioctl(std::io::stdout().as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } == 0;
     (ok && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
@@ -285,10 +313,6 @@ impl RawTerminal {
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        let _ = nix::sys::termios::tcsetattr(
-            std::io::stdin(),
-            nix::sys::termios::SetArg::TCSANOW,
-            &self.saved,
-        );
+        let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &self.saved);
     }
 }

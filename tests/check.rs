@@ -13,30 +13,11 @@ fn check_prints_a_verdict_and_an_exit_status_scripts_can_use() {
     assert!(verdict.starts_with("verdict: "), "stdout: {text}");
     let ready = verdict.starts_with("verdict: ready");
     assert_eq!(out.status.success(), ready, "stdout: {text}");
-    for item in [
-        "kvm",
-        "qemu",
-        "virtiofsd",
-        "vhost-device-vsock",
-        "kernel",
-        "initramfs",
-        "cgroup",
-    ] {
-        assert!(
-            text.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some(item)),
-            "no '{item}' line in: {text}"
-        );
+    for item in ["kvm", "qemu", "virtiofsd", "vhost-device-vsock", "kernel", "initramfs", "cgroup"] {
+        assert!(text.lines().any(|l| l.split_whitespace().nth(1) == Some(item)), "no '{item}' line in: {text}");
     }
-    let strict = env
-        .runv()
-        .args(["check", "--require-kvm"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        strict.status.success(),
-        ready && verdict.contains("KVM boots the guest")
-    );
+    let strict = env.runv().args(["check", "--require-kvm"]).output().unwrap();
+    assert_eq!(strict.status.success(), ready && verdict.contains("KVM boots the guest"));
 }
 
 #[test]
@@ -46,13 +27,7 @@ fn check_fails_when_the_kernel_is_missing() {
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
     assert!(text.contains("FAIL kernel"), "stdout: {text}");
-    assert!(
-        text.lines()
-            .last()
-            .unwrap()
-            .starts_with("verdict: not ready (fix: kernel"),
-        "stdout: {text}"
-    );
+    assert!(text.lines().last().unwrap().starts_with("verdict: not ready (fix: kernel"), "stdout: {text}");
 }
 
 #[test]
@@ -61,26 +36,14 @@ fn an_unknown_config_key_is_named() {
     let out = env.runv().args(["run", "--", "true"]).output().unwrap();
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);
-    assert!(
-        err.contains("unknown field `memory`") && err.contains("config.toml"),
-        "stderr: {err}"
-    );
+    assert!(err.contains("unknown field `memory`") && err.contains("config.toml"), "stderr: {err}");
 }
 
 #[test]
 fn bad_sizes_are_refused_before_anything_starts() {
     let env = TestEnv::new("");
-    for (args, key) in [
-        (["--cpus", "0"], "--cpus"),
-        (["--memory", "999999999"], "--memory"),
-    ] {
-        let out = env
-            .runv()
-            .arg("run")
-            .args(args)
-            .args(["--", "true"])
-            .output()
-            .unwrap();
+    for (args, key) in [(["--cpus", "0"], "--cpus"), (["--memory", "999999999"], "--memory")] {
+        let out = env.runv().arg("run").args(args).args(["--", "true"]).output().unwrap();
         assert_eq!(out.status.code(), Some(125));
         assert!(stderr(&out).contains(key), "stderr: {}", stderr(&out));
     }

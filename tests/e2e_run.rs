@@ -31,11 +31,7 @@ fn run_prints_the_guest_kernel_release_not_the_hosts() {
     let out = env.run(&["--", "uname", "-r"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     let guest = stdout(&out).trim().to_string();
-    let host = nix::sys::utsname::uname()
-        .unwrap()
-        .release()
-        .to_string_lossy()
-        .into_owned();
+    let host = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
     assert!(guest.starts_with("6.1."), "guest release '{guest}'");
     assert_ne!(guest, host, "the command ran on the host");
     assert_clean(&env);
@@ -45,12 +41,7 @@ fn run_prints_the_guest_kernel_release_not_the_hosts() {
 fn run_streams_stdout_and_stderr_and_returns_the_exit_code() {
     require_e2e!("run_streams_stdout_and_stderr_and_returns_the_exit_code");
     let env = TestEnv::new("");
-    let out = env.run(&[
-        "--",
-        "sh",
-        "-c",
-        "echo out1; echo err1 >&2; echo out2; exit 7",
-    ]);
+    let out = env.run(&["--", "sh", "-c", "echo out1; echo err1 >&2; echo out2; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), "out1\nout2\n");
     assert!(stderr(&out).contains("err1\n"), "stderr: {}", stderr(&out));
@@ -71,9 +62,7 @@ fn run_forwards_stdin_byte_for_byte() {
     require_e2e!("run_forwards_stdin_byte_for_byte");
     let env = TestEnv::new("");
     // 1 MiB of varied bytes, counted and summed inside the guest.
-    let data: Vec<u8> = (0..1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let mut child = env
         .runv()
         .args(["run", "--", "sh", "-c", "wc -c; echo done"])
@@ -89,24 +78,11 @@ fn run_forwards_stdin_byte_for_byte() {
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
-    assert_eq!(
-        stdout(&out).split_whitespace().collect::<Vec<_>>(),
-        ["1048576", "done"]
-    );
+    assert_eq!(stdout(&out).split_whitespace().collect::<Vec<_>>(), ["1048576", "done"]);
 
-    let echo = env
-        .runv()
-        .args(["run", "--", "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let echo = env.runv().args(["run", "--", "cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut echo = echo;
-    echo.stdin
-        .take()
-        .unwrap()
-        .write_all(b"hello from the host\n")
-        .unwrap();
+    echo.stdin.take().unwrap().write_all(b"hello from the host\n").unwrap();
     let out = echo.wait_with_output().unwrap();
     assert_eq!(stdout(&out), "hello from the host\n");
     assert_clean(&env);
@@ -128,22 +104,11 @@ fn run_shares_a_writable_rootfs_and_keeps_the_default_read_only() {
     ]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), "host data\n");
-    assert_eq!(
-        std::fs::read_to_string(rootfs.join("from-guest")).unwrap(),
-        "guest data\n"
-    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("from-guest")).unwrap(), "guest data\n");
 
     let out = env.run(&["--", "sh", "-c", "touch /x"]);
-    assert_ne!(
-        out.status.code(),
-        Some(0),
-        "the default rootfs must be read-only"
-    );
-    assert!(
-        stderr(&out).contains("Read-only file system"),
-        "stderr: {}",
-        stderr(&out)
-    );
+    assert_ne!(out.status.code(), Some(0), "the default rootfs must be read-only");
+    assert!(stderr(&out).contains("Read-only file system"), "stderr: {}", stderr(&out));
     assert_clean(&env);
 }
 
@@ -151,32 +116,13 @@ fn run_shares_a_writable_rootfs_and_keeps_the_default_read_only() {
 fn run_sizes_the_vm_from_cpus_and_memory() {
     require_e2e!("run_sizes_the_vm_from_cpus_and_memory");
     let env = TestEnv::new("");
-    let out = env.run(&[
-        "--cpus",
-        "2",
-        "--memory",
-        "192",
-        "--",
-        "sh",
-        "-c",
-        "nproc; head -1 /proc/meminfo",
-    ]);
+    let out = env.run(&["--cpus", "2", "--memory", "192", "--", "sh", "-c", "nproc; head -1 /proc/meminfo"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     let text = stdout(&out);
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("2"));
-    let total_kib: u64 = lines
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        (150 * 1024..=192 * 1024).contains(&total_kib),
-        "MemTotal {total_kib} KiB"
-    );
+    let total_kib: u64 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((150 * 1024..=192 * 1024).contains(&total_kib), "MemTotal {total_kib} KiB");
     assert_clean(&env);
 }
 
@@ -184,13 +130,7 @@ fn run_sizes_the_vm_from_cpus_and_memory() {
 fn run_gives_a_terminal_with_tty() {
     require_e2e!("run_gives_a_terminal_with_tty");
     let env = TestEnv::new("");
-    let out = env.run(&[
-        "-t",
-        "--",
-        "sh",
-        "-c",
-        "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; tty",
-    ]);
+    let out = env.run(&["-t", "--", "sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; tty"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("is-a-tty"), "stdout: {text}");
@@ -205,14 +145,27 @@ fn command_not_found_exits_127_with_one_line() {
     let out = env.run(&["--", "no-such-command"]);
     assert_eq!(out.status.code(), Some(127));
     let err = stderr(&out);
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("runv: error:"))
-        .unwrap_or_default();
-    assert!(
-        line.contains("no-such-command") && line.contains("not found"),
-        "stderr: {err}"
-    );
+    let line = err.lines().find(|l| l.contains("no-such-command")).unwrap_or_default();
+    assert!(line.contains("not found"), "stderr: {err}");
+    assert_clean(&env);
+}
+
+#[test]
+fn the_command_runs_in_an_isolated_container() {
+    require_e2e!("the_command_runs_in_an_isolated_container");
+    let env = TestEnv::new("");
+    let script = "hostname; ls /proc | grep -c '^[0-9]'; grep CapEff /proc/self/status; cat /proc/1/cmdline | tr '\\0' ' '; echo";
+    let out = env.run(&["--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "runv", "hostname: {text}");
+    // Its own PID namespace: the init, the shell, ls and grep at most.
+    let pids: u32 = lines[1].parse().unwrap();
+    assert!(pids <= 5, "{pids} processes visible: {text}");
+    // Docker's default capability set, not the agent's full one.
+    assert_eq!(lines[2], "CapEff:\t00000000a80425fb");
+    assert!(lines[3].starts_with("/dev/runv-init init -- sh -c"), "PID 1 is {}", lines[3]);
     assert_clean(&env);
 }
 
@@ -222,10 +175,7 @@ fn missing_rootfs_is_a_one_line_error_before_anything_starts() {
     let env = TestEnv::new("");
     let out = env.run(&["--rootfs", "/nonexistent/rootfs", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
-    assert_eq!(
-        stderr(&out),
-        "runv: error: rootfs '/nonexistent/rootfs' does not exist or is not a directory\n"
-    );
+    assert_eq!(stderr(&out), "runv: error: rootfs '/nonexistent/rootfs' does not exist or is not a directory\n");
     assert!(!env.runtime_dir.join("sandboxes").exists() || env.leftovers().is_empty());
 }
 
@@ -237,10 +187,7 @@ fn missing_kernel_is_a_one_line_error() {
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "stderr: {err}");
-    assert!(
-        err.contains("guest kernel /nonexistent/vmlinux not found"),
-        "stderr: {err}"
-    );
+    assert!(err.contains("guest kernel /nonexistent/vmlinux not found"), "stderr: {err}");
     assert_clean(&env);
 }
 
@@ -252,32 +199,17 @@ fn a_guest_that_never_answers_times_out_and_is_torn_down() {
     let stage = probe.dir.path().join("stage");
     std::fs::create_dir_all(stage.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", stage.join("bin/busybox")).unwrap();
-    std::fs::write(
-        stage.join("init"),
-        "#!/bin/busybox sh\nexec /bin/busybox sleep 1000\n",
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .arg("755")
-        .arg(stage.join("init"))
-        .status()
-        .unwrap();
+    std::fs::write(stage.join("init"), "#!/bin/busybox sh\nexec /bin/busybox sleep 1000\n").unwrap();
+    std::process::Command::new("chmod").arg("755").arg(stage.join("init")).status().unwrap();
     let cpio = probe.dir.path().join("silent.cpio");
     let status = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio --quiet -o -H newc -R 0:0 > {}",
-            stage.display(),
-            cpio.display()
-        ))
+        .arg(format!("cd {} && find . | cpio --quiet -o -H newc -R 0:0 > {}", stage.display(), cpio.display()))
         .status()
         .unwrap();
     assert!(status.success());
 
-    let env = TestEnv::new(&format!(
-        "initramfs = \"{}\"\nboot_timeout_secs = 4\naccel = \"tcg\"",
-        cpio.display()
-    ));
+    let env = TestEnv::new(&format!("initramfs = \"{}\"\nboot_timeout_secs = 4\naccel = \"tcg\"", cpio.display()));
     let started = Instant::now();
     let out = env.run(&["--", "true"]);
     assert_eq!(out.status.code(), Some(125));
@@ -306,15 +238,7 @@ fn interrupt_after(env: &TestEnv, wait_for_guest: bool) -> std::process::Output 
     let rootfs = env.rootfs_copy();
     let child = env
         .runv()
-        .args([
-            "run",
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            "touch /started; exec sleep 100",
-        ])
+        .args(["run", "--rootfs", rootfs.to_str().unwrap(), "--", "sh", "-c", "touch /started; exec sleep 100"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -329,21 +253,13 @@ fn interrupt_after(env: &TestEnv, wait_for_guest: bool) -> std::process::Output 
     } else {
         // Mid-boot: the sandbox directory exists, the agent is not up yet.
         let sandboxes = env.runtime_dir.join("sandboxes");
-        let started = || {
-            std::fs::read_dir(&sandboxes)
-                .map(|mut d| d.next().is_some())
-                .unwrap_or(false)
-        };
+        let started = || std::fs::read_dir(&sandboxes).map(|mut d| d.next().is_some()).unwrap_or(false);
         while !started() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(started(), "no sandbox directory appeared");
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -370,16 +286,9 @@ fn ctrl_c_while_booting_tears_everything_down() {
 fn killed_runv_leaves_no_helper_running() {
     require_e2e!("killed_runv_leaves_no_helper_running");
     let env = TestEnv::new("");
-    let mut child = env
-        .runv()
-        .args(["run", "--", "sleep", "100"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = env.runv().args(["run", "--", "sleep", "100"]).stdin(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while common::processes_mentioning(&env.dir.path().to_string_lossy()).len() < 4
-        && Instant::now() < deadline
-    {
+    while common::processes_mentioning(&env.dir.path().to_string_lossy()).len() < 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     child.kill().unwrap();

@@ -28,18 +28,14 @@ const MOUNTS: &[Mount] = &[
         source: "proc",
         target: "/proc",
         fstype: "proc",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC),
         data: None,
     },
     Mount {
         source: "sysfs",
         target: "/sys",
         fstype: "sysfs",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC),
         data: None,
     },
     Mount {
@@ -74,12 +70,35 @@ const MOUNTS: &[Mount] = &[
         source: "cgroup2",
         target: "/sys/fs/cgroup",
         fstype: "cgroup2",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC),
         data: None,
     },
 ];
+
+/// Set in the environment of the agent once it runs from the tmpfs root.
+const SWITCHED_ENV: &str = "RUNV_AGENT_SWITCHED_ROOT";
+
+/// Moves the agent from the initramfs onto a tmpfs root and re-executes it
+/// there, as switch_root does. The initramfs cannot be pivot_root'ed away
+/// from, and containers need pivot_root. Returns only when already switched.
+pub fn switch_root_to_tmpfs() -> Result<()> {
+    if std::env::var_os(SWITCHED_ENV).is_some() {
+        return Ok(());
+    }
+    let new_root = "/newroot";
+    fs::create_dir_all(new_root).context("creating /newroot")?;
+    mount(Some("tmpfs"), new_root, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
+        .context("mounting the tmpfs root")?;
+    fs::copy("/init", "/newroot/init").context("copying the agent to the tmpfs root")?;
+    // Free the initramfs copy once this process image is replaced.
+    let _ = fs::remove_file("/init");
+    std::env::set_current_dir(new_root).context("entering /newroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the tmpfs root onto /")?;
+    nix::unistd::chroot(".").context("chroot into the tmpfs root")?;
+    std::env::set_current_dir("/").context("entering /")?;
+    let err = std::os::unix::process::CommandExt::exec(std::process::Command::new("/init").env(SWITCHED_ENV, "1"));
+    Err(err).context("re-executing the agent from the tmpfs root")
+}
 
 /// Mounts the basics and points stdio at the console.
 pub fn setup() -> Result<()> {
@@ -90,42 +109,28 @@ pub fn setup() -> Result<()> {
     }
     // The initramfs has no /dev/console node, so the kernel started us
     // without stdio; take the console now that devtmpfs is there.
-    let console = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/console")
-        .context("opening /dev/console")?;
+    let console = fs::OpenOptions::new().read(true).write(true).open("/dev/console").context("opening /dev/console")?;
     for fd in 0..3 {
         // SAFETY: plain dup2 onto the standard descriptors.
         if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("redirecting stdio to the console");
+            return Err(std::io::Error::last_os_error()).context("redirecting stdio to the console");
         }
     }
     let _ = fs::remove_file("/dev/ptmx");
     std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx").context("linking /dev/ptmx")?;
-    std::env::set_var(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
+    std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     Ok(())
 }
 
 /// Connects to the host's readiness port and says so.
 pub fn notify_host_ready() -> Result<()> {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
-    let fd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("creating a vsock socket")?;
+    let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .context("creating a vsock socket")?;
     let addr = VsockAddr::new(guest::HOST_CID, guest::AGENT_READY_VSOCK_PORT);
     connect(fd.as_raw_fd(), &addr).context("connecting to the host")?;
     let mut stream = std::fs::File::from(fd);
-    std::io::Write::write_all(&mut stream, guest::AGENT_READY_MESSAGE)
-        .context("writing the ready message")?;
+    std::io::Write::write_all(&mut stream, guest::AGENT_READY_MESSAGE).context("writing the ready message")?;
     Ok(())
 }
 

@@ -34,10 +34,13 @@ Options:
 ";
 
 fn main() -> ExitCode {
+    // Subcommands run as helpers, or as a container's init (then PID 1 of
+    // the container's namespace, which is not the guest's init).
     let all: Vec<String> = std::env::args().collect();
     match all.get(1).map(String::as_str) {
         Some(container::helper::SUBCOMMAND) => return container::helper::main(&all[2..]),
         Some(container::pause::SUBCOMMAND) => return container::pause::main(&all[2..]),
+        Some(container::init::SUBCOMMAND) => return container::init::main(&all[2..]),
         _ => {}
     }
     let pid1 = std::process::id() == 1;
@@ -75,7 +78,7 @@ fn main() -> ExitCode {
     }
 
     if pid1 {
-        if let Err(e) = init::setup() {
+        if let Err(e) = init::switch_root_to_tmpfs().and_then(|()| init::setup()) {
             eprintln!("runv-agent: guest setup failed: {e:#}");
             init::power_off();
         }
@@ -85,11 +88,7 @@ fn main() -> ExitCode {
         }
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runv-agent: cannot start the async runtime: {e}");
@@ -100,6 +99,10 @@ fn main() -> ExitCode {
         allow_dirs.push(guest::SHARED_MOUNT_POINT.into());
     }
     allow_dirs.push(state_dir.join("sandbox"));
+    // Containers may bind-mount the agent itself as their init.
+    if let Ok(exe) = std::env::current_exe() {
+        allow_dirs.push(exe);
+    }
     let paths = container::Paths {
         state: state_dir.join("containers"),
         bundles: state_dir.join("bundles"),
@@ -141,10 +144,7 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
         .with_context(|| format!("binding {listen}"))?
         .register_service(runv_proto::agent_ttrpc::create_agent(service));
     server.start().await.context("starting the ttrpc server")?;
-    eprintln!(
-        "runv-agent {} serving on {listen}",
-        env!("CARGO_PKG_VERSION")
-    );
+    eprintln!("runv-agent {} serving on {listen}", env!("CARGO_PKG_VERSION"));
     if pid1 {
         // Tell the host we serve; it connects to us only then.
         std::thread::spawn(|| {

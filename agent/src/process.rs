@@ -31,14 +31,8 @@ pub struct ExitStatus {
 impl ExitStatus {
     fn from_wait(status: WaitStatus) -> Option<Self> {
         match status {
-            WaitStatus::Exited(_, code) => Some(Self {
-                status: code,
-                signal: 0,
-            }),
-            WaitStatus::Signaled(_, sig, _) => Some(Self {
-                status: 128 + sig as i32,
-                signal: sig as u32,
-            }),
+            WaitStatus::Exited(_, code) => Some(Self { status: code, signal: 0 }),
+            WaitStatus::Signaled(_, sig, _) => Some(Self { status: 128 + sig as i32, signal: sig as u32 }),
             _ => None,
         }
     }
@@ -74,11 +68,7 @@ impl Process {
     /// `max` bytes, or an empty vector at end of stream. Once the process
     /// has exited the stream is only drained, so a grandchild that keeps it
     /// open cannot hold the caller forever.
-    pub async fn read_output(
-        &self,
-        which: &tokio::sync::Mutex<Option<FdStream>>,
-        max: usize,
-    ) -> io::Result<Vec<u8>> {
+    pub async fn read_output(&self, which: &tokio::sync::Mutex<Option<FdStream>>, max: usize) -> io::Result<Vec<u8>> {
         let guard = which.lock().await;
         let Some(stream) = guard.as_ref() else {
             return Ok(Vec::new());
@@ -103,22 +93,15 @@ impl Process {
         if self.exit_status().is_some() {
             bail!("process {} has already exited", self.pid);
         }
-        let sig =
-            Signal::try_from(signal).with_context(|| format!("invalid signal number {signal}"))?;
-        nix::sys::signal::kill(Pid::from_raw(self.pid), sig)
-            .with_context(|| format!("signalling process {}", self.pid))
+        let sig = Signal::try_from(signal).with_context(|| format!("invalid signal number {signal}"))?;
+        nix::sys::signal::kill(Pid::from_raw(self.pid), sig).with_context(|| format!("signalling process {}", self.pid))
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
         let Some(tty) = &self.tty else {
             bail!("process {} has no terminal", self.pid);
         };
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
+        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: TIOCSWINSZ reads a winsize we own.
         if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
             return Err(io::Error::last_os_error()).context("setting the terminal size");
@@ -150,20 +133,8 @@ impl ProcessIo {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
-        let ours = Self {
-            stdin: Some(in_w),
-            stdout: Some(out_r),
-            stderr: Some(err_r),
-            tty: None,
-        };
-        Ok((
-            ours,
-            ChildIo {
-                stdin: in_r,
-                stdout: out_w,
-                stderr: err_w,
-            },
-        ))
+        let ours = Self { stdin: Some(in_w), stdout: Some(out_r), stderr: Some(err_r), tty: None };
+        Ok((ours, ChildIo { stdin: in_r, stdout: out_w, stderr: err_w }))
     }
 
     /// A terminal: stdin and stdout both go through the pty master.
@@ -203,11 +174,9 @@ impl ProcessTable {
         // On a host the agent is no PID 1; become the reaper of our subtree.
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        let table = Self {
-            children: Arc::default(),
-        };
-        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
-            .context("listening for SIGCHLD")?;
+        let table = Self { children: Arc::default() };
+        let mut sigchld =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).context("listening for SIGCHLD")?;
         let reaper = table.clone();
         tokio::spawn(async move {
             loop {
@@ -231,8 +200,7 @@ impl ProcessTable {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(status) => {
-                    let (Some(pid), Some(exit)) = (status.pid(), ExitStatus::from_wait(status))
-                    else {
+                    let (Some(pid), Some(exit)) = (status.pid(), ExitStatus::from_wait(status)) else {
                         continue;
                     };
                     let pid = pid.as_raw();
@@ -276,17 +244,15 @@ impl ProcessTable {
     /// Spawns `cmd` and watches it; its exit status comes from the reaper.
     pub fn spawn_command(&self, cmd: &mut Command, io: ProcessIo) -> io::Result<Arc<Process>> {
         let child = cmd.spawn()?;
-        self.register(child.id() as i32, io)
-            .map_err(io::Error::other)
+        self.register(child.id() as i32, io).map_err(io::Error::other)
     }
 
     /// Starts a process as the request describes.
     pub fn spawn(&self, req: &RunProcessRequest) -> Result<Arc<Process>, SpawnError> {
-        self.try_spawn(req)
-            .map_err(|e| match e.downcast::<SpawnError>() {
-                Ok(spawn) => spawn,
-                Err(other) => SpawnError::Invalid(format!("{other:#}")),
-            })
+        self.try_spawn(req).map_err(|e| match e.downcast::<SpawnError>() {
+            Ok(spawn) => spawn,
+            Err(other) => SpawnError::Invalid(format!("{other:#}")),
+        })
     }
 
     fn try_spawn(&self, req: &RunProcessRequest) -> Result<Arc<Process>> {
@@ -304,10 +270,7 @@ impl ProcessTable {
         if !std::path::Path::new(root).is_dir() {
             bail!("root '{root}' is not a directory in the guest");
         }
-        if !std::path::Path::new(root)
-            .join(cwd.trim_start_matches('/'))
-            .is_dir()
-        {
+        if !std::path::Path::new(root).join(cwd.trim_start_matches('/')).is_dir() {
             bail!("cwd '{cwd}' is not a directory in root '{root}'");
         }
         let setup = ChildSetup::new(root, cwd, req.terminal)?;
@@ -344,9 +307,7 @@ impl ProcessTable {
             ProcessIo::terminal(pty.master)?
         } else {
             let (ours, child) = ProcessIo::pipes()?;
-            cmd.stdin(Stdio::from(child.stdin))
-                .stdout(Stdio::from(child.stdout))
-                .stderr(Stdio::from(child.stderr));
+            cmd.stdin(Stdio::from(child.stdin)).stdout(Stdio::from(child.stdout)).stderr(Stdio::from(child.stderr));
             ours
         };
 
@@ -355,8 +316,7 @@ impl ProcessTable {
         unsafe {
             cmd.pre_exec(move || setup.enter());
         }
-        self.spawn_command(&mut cmd, io)
-            .map_err(|e| spawn_error(&req.args[0], e))
+        self.spawn_command(&mut cmd, io).map_err(|e| spawn_error(&req.args[0], e))
     }
 
     /// Kills every process the agent watches.
@@ -379,9 +339,7 @@ pub enum SpawnError {
 impl std::fmt::Display for SpawnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SpawnError::NotFound(m) | SpawnError::PermissionDenied(m) | SpawnError::Invalid(m) => {
-                f.write_str(m)
-            }
+            SpawnError::NotFound(m) | SpawnError::PermissionDenied(m) | SpawnError::Invalid(m) => f.write_str(m),
         }
     }
 }
@@ -390,9 +348,7 @@ impl std::error::Error for SpawnError {}
 
 fn spawn_error(program: &str, e: io::Error) -> anyhow::Error {
     let err = match e.kind() {
-        io::ErrorKind::NotFound => {
-            SpawnError::NotFound(format!("executable file not found: '{program}'"))
-        }
+        io::ErrorKind::NotFound => SpawnError::NotFound(format!("executable file not found: '{program}'")),
         io::ErrorKind::PermissionDenied => {
             SpawnError::PermissionDenied(format!("permission denied executing '{program}'"))
         }
@@ -443,37 +399,17 @@ impl ChildSetup {
         if root != "/" {
             let base = std::path::Path::new(root);
             for (source, target, fstype, flags) in [
-                (
-                    "proc",
-                    "proc",
-                    "proc",
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                ),
-                (
-                    "sysfs",
-                    "sys",
-                    "sysfs",
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
-                ),
+                ("proc", "proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+                ("sysfs", "sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY),
                 ("/dev", "dev", "", libc::MS_BIND | libc::MS_REC),
             ] {
                 let path = base.join(target);
                 if path.is_dir() {
-                    mounts.push((
-                        cstr(source)?,
-                        cstr(path.to_str().unwrap_or_default())?,
-                        cstr(fstype)?,
-                        flags,
-                    ));
+                    mounts.push((cstr(source)?, cstr(path.to_str().unwrap_or_default())?, cstr(fstype)?, flags));
                 }
             }
         }
-        Ok(Self {
-            root: cstr(root)?,
-            cwd: cstr(cwd)?,
-            terminal,
-            mounts,
-        })
+        Ok(Self { root: cstr(root)?, cwd: cstr(cwd)?, terminal, mounts })
     }
 
     fn enter(&self) -> io::Result<()> {
@@ -493,18 +429,8 @@ impl ChildSetup {
                     std::ptr::null(),
                 ))?;
                 for (source, target, fstype, flags) in &self.mounts {
-                    let fstype = if fstype.is_empty() {
-                        std::ptr::null()
-                    } else {
-                        fstype.as_ptr()
-                    };
-                    check(libc::mount(
-                        source.as_ptr(),
-                        target.as_ptr(),
-                        fstype,
-                        *flags,
-                        std::ptr::null(),
-                    ))?;
+                    let fstype = if fstype.is_empty() { std::ptr::null() } else { fstype.as_ptr() };
+                    check(libc::mount(source.as_ptr(), target.as_ptr(), fstype, *flags, std::ptr::null()))?;
                 }
             }
             check(libc::chroot(self.root.as_ptr()))?;

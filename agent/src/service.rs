@@ -27,21 +27,10 @@ pub struct AgentService {
 
 impl AgentService {
     pub fn new(table: ProcessTable, containers: Containers, in_guest: bool) -> Self {
-        Self {
-            table,
-            containers,
-            processes: Mutex::default(),
-            shutdown: Arc::default(),
-            in_guest,
-        }
+        Self { table, containers, processes: Mutex::default(), shutdown: Arc::default(), in_guest }
     }
 
-    async fn insert_process(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        process: Arc<Process>,
-    ) -> ttrpc::Result<()> {
+    async fn insert_process(&self, container_id: &str, exec_id: &str, process: Arc<Process>) -> ttrpc::Result<()> {
         let mut processes = self.processes.lock().await;
         let key = (container_id.to_string(), exec_id.to_string());
         if processes.contains_key(&key) {
@@ -55,12 +44,7 @@ impl AgentService {
     }
 
     async fn check_exec_free(&self, container_id: &str, exec_id: &str) -> ttrpc::Result<()> {
-        if self
-            .processes
-            .lock()
-            .await
-            .contains_key(&(container_id.to_string(), exec_id.to_string()))
-        {
+        if self.processes.lock().await.contains_key(&(container_id.to_string(), exec_id.to_string())) {
             return Err(status(
                 Code::ALREADY_EXISTS,
                 format!("process '{exec_id}' already exists in container '{container_id}'"),
@@ -79,12 +63,7 @@ impl AgentService {
             .await
             .get(&(container_id.to_owned(), exec_id.to_owned()))
             .cloned()
-            .ok_or_else(|| {
-                status(
-                    Code::NOT_FOUND,
-                    format!("no process '{exec_id}' in container '{container_id}'"),
-                )
-            })
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("no process '{exec_id}' in container '{container_id}'")))
     }
 
     async fn read(
@@ -96,21 +75,13 @@ impl AgentService {
     ) -> ttrpc::Result<ReadStreamResponse> {
         let process = self.process(container_id, exec_id).await?;
         let max = len.clamp(1, guest::MAX_READ_CHUNK) as usize;
-        let which = if stderr {
-            &process.stderr
-        } else {
-            &process.stdout
-        };
+        let which = if stderr { &process.stderr } else { &process.stdout };
         let data = process
             .read_output(which, max)
             .await
             .map_err(|e| status(Code::INTERNAL, format!("reading process output: {e}")))?;
         let eof = data.is_empty();
-        Ok(ReadStreamResponse {
-            data,
-            eof,
-            ..Default::default()
-        })
+        Ok(ReadStreamResponse { data, eof, ..Default::default() })
     }
 }
 
@@ -138,15 +109,8 @@ fn mem_field(meminfo: &str, key: &str) -> u64 {
 
 #[async_trait]
 impl Agent for AgentService {
-    async fn health(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: HealthRequest,
-    ) -> ttrpc::Result<HealthResponse> {
-        Ok(HealthResponse {
-            status: "SERVING".into(),
-            ..Default::default()
-        })
+    async fn health(&self, _ctx: &TtrpcContext, _req: HealthRequest) -> ttrpc::Result<HealthResponse> {
+        Ok(HealthResponse { status: "SERVING".into(), ..Default::default() })
     }
 
     async fn guest_details(
@@ -154,8 +118,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         _req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetailsResponse> {
-        let uname = nix::sys::utsname::uname()
-            .map_err(|e| status(Code::INTERNAL, format!("uname: {e}")))?;
+        let uname = nix::sys::utsname::uname().map_err(|e| status(Code::INTERNAL, format!("uname: {e}")))?;
         let meminfo = std::fs::read_to_string("/proc/meminfo")
             .map_err(|e| status(Code::INTERNAL, format!("reading /proc/meminfo: {e}")))?;
         let memory = MemoryInfo {
@@ -174,21 +137,14 @@ impl Agent for AgentService {
         })
     }
 
-    async fn mount_shared(
-        &self,
-        _ctx: &TtrpcContext,
-        req: MountSharedRequest,
-    ) -> ttrpc::Result<Empty> {
+    async fn mount_shared(&self, _ctx: &TtrpcContext, req: MountSharedRequest) -> ttrpc::Result<Empty> {
         if req.tag.is_empty() {
             return Err(status(Code::INVALID_ARGUMENT, "mount_shared: tag is empty"));
         }
         if !req.mount_point.starts_with('/') || req.mount_point.split('/').any(|c| c == "..") {
             return Err(status(
                 Code::INVALID_ARGUMENT,
-                format!(
-                    "mount_shared: mount point '{}' must be an absolute path without '..'",
-                    req.mount_point
-                ),
+                format!("mount_shared: mount point '{}' must be an absolute path without '..'", req.mount_point),
             ));
         }
         std::fs::create_dir_all(&req.mount_point)
@@ -197,35 +153,16 @@ impl Agent for AgentService {
         if req.read_only {
             flags |= nix::mount::MsFlags::MS_RDONLY;
         }
-        nix::mount::mount(
-            Some(req.tag.as_str()),
-            req.mount_point.as_str(),
-            Some("virtiofs"),
-            flags,
-            None::<&str>,
-        )
-        .map_err(|e| {
-            status(
-                Code::INTERNAL,
-                format!(
-                    "mounting virtio-fs '{}' on {}: {e}",
-                    req.tag, req.mount_point
-                ),
-            )
-        })?;
+        nix::mount::mount(Some(req.tag.as_str()), req.mount_point.as_str(), Some("virtiofs"), flags, None::<&str>)
+            .map_err(|e| {
+                status(Code::INTERNAL, format!("mounting virtio-fs '{}' on {}: {e}", req.tag, req.mount_point))
+            })?;
         Ok(Empty::new())
     }
 
-    async fn run_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: RunProcessRequest,
-    ) -> ttrpc::Result<RunProcessResponse> {
+    async fn run_process(&self, _ctx: &TtrpcContext, req: RunProcessRequest) -> ttrpc::Result<RunProcessResponse> {
         if req.exec_id.is_empty() {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "run_process: exec_id is empty",
-            ));
+            return Err(status(Code::INVALID_ARGUMENT, "run_process: exec_id is empty"));
         }
         if !req.container_id.is_empty() {
             return Err(status(
@@ -236,10 +173,7 @@ impl Agent for AgentService {
         let key = (req.container_id.clone(), req.exec_id.clone());
         let mut processes = self.processes.lock().await;
         if processes.contains_key(&key) {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("process '{}' already exists", req.exec_id),
-            ));
+            return Err(status(Code::ALREADY_EXISTS, format!("process '{}' already exists", req.exec_id)));
         }
         let process = self.table.spawn(&req).map_err(|e| {
             let code = match e {
@@ -251,37 +185,21 @@ impl Agent for AgentService {
         })?;
         let pid = process.pid as u32;
         processes.insert(key, process);
-        Ok(RunProcessResponse {
-            pid,
-            ..Default::default()
-        })
+        Ok(RunProcessResponse { pid, ..Default::default() })
     }
 
-    async fn write_stdin(
-        &self,
-        _ctx: &TtrpcContext,
-        req: WriteStdinRequest,
-    ) -> ttrpc::Result<WriteStdinResponse> {
+    async fn write_stdin(&self, _ctx: &TtrpcContext, req: WriteStdinRequest) -> ttrpc::Result<WriteStdinResponse> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         let stdin = process.stdin.lock().await;
         let Some(stdin) = stdin.as_ref() else {
             return Err(status(Code::FAILED_PRECONDITION, "stdin is closed"));
         };
-        let len = stdin
-            .write_all(&req.data)
-            .await
-            .map_err(|e| status(Code::INTERNAL, format!("writing stdin: {e}")))?;
-        Ok(WriteStdinResponse {
-            len: len as u32,
-            ..Default::default()
-        })
+        let len =
+            stdin.write_all(&req.data).await.map_err(|e| status(Code::INTERNAL, format!("writing stdin: {e}")))?;
+        Ok(WriteStdinResponse { len: len as u32, ..Default::default() })
     }
 
-    async fn close_stdin(
-        &self,
-        _ctx: &TtrpcContext,
-        req: CloseStdinRequest,
-    ) -> ttrpc::Result<Empty> {
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         let mut stdin = process.stdin.lock().await;
         if process.tty.is_some() {
@@ -295,109 +213,54 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn read_stdout(
-        &self,
-        _ctx: &TtrpcContext,
-        req: ReadStreamRequest,
-    ) -> ttrpc::Result<ReadStreamResponse> {
-        self.read(&req.container_id, &req.exec_id, req.len, false)
-            .await
+    async fn read_stdout(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        self.read(&req.container_id, &req.exec_id, req.len, false).await
     }
 
-    async fn read_stderr(
-        &self,
-        _ctx: &TtrpcContext,
-        req: ReadStreamRequest,
-    ) -> ttrpc::Result<ReadStreamResponse> {
-        self.read(&req.container_id, &req.exec_id, req.len, true)
-            .await
+    async fn read_stderr(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        self.read(&req.container_id, &req.exec_id, req.len, true).await
     }
 
-    async fn signal_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: SignalProcessRequest,
-    ) -> ttrpc::Result<Empty> {
+    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
-        process
-            .signal(req.signal as i32)
-            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
+        process.signal(req.signal as i32).map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
         Ok(Empty::new())
     }
 
-    async fn wait_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: WaitProcessRequest,
-    ) -> ttrpc::Result<WaitProcessResponse> {
+    async fn wait_process(&self, _ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         let exit = process.wait().await;
-        Ok(WaitProcessResponse {
-            status: exit.status,
-            signal: exit.signal,
-            ..Default::default()
-        })
+        Ok(WaitProcessResponse { status: exit.status, signal: exit.signal, ..Default::default() })
     }
 
-    async fn tty_win_resize(
-        &self,
-        _ctx: &TtrpcContext,
-        req: TtyWinResizeRequest,
-    ) -> ttrpc::Result<Empty> {
+    async fn tty_win_resize(&self, _ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
-        let rows = u16::try_from(req.rows).map_err(|_| {
-            status(
-                Code::INVALID_ARGUMENT,
-                format!("rows {} out of range", req.rows),
-            )
-        })?;
-        let cols = u16::try_from(req.cols).map_err(|_| {
-            status(
-                Code::INVALID_ARGUMENT,
-                format!("cols {} out of range", req.cols),
-            )
-        })?;
-        process
-            .resize(rows, cols)
-            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
+        let rows = u16::try_from(req.rows)
+            .map_err(|_| status(Code::INVALID_ARGUMENT, format!("rows {} out of range", req.rows)))?;
+        let cols = u16::try_from(req.cols)
+            .map_err(|_| status(Code::INVALID_ARGUMENT, format!("cols {} out of range", req.cols)))?;
+        process.resize(rows, cols).map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
         Ok(Empty::new())
     }
 
-    async fn remove_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: RemoveProcessRequest,
-    ) -> ttrpc::Result<Empty> {
+    async fn remove_process(&self, _ctx: &TtrpcContext, req: RemoveProcessRequest) -> ttrpc::Result<Empty> {
         let key = (req.container_id.clone(), req.exec_id.clone());
         let mut processes = self.processes.lock().await;
         let Some(process) = processes.get(&key) else {
             return Err(status(
                 Code::NOT_FOUND,
-                format!(
-                    "no process '{}' in container '{}'",
-                    req.exec_id, req.container_id
-                ),
+                format!("no process '{}' in container '{}'", req.exec_id, req.container_id),
             ));
         };
         if process.exit_status().is_none() {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("process '{}' is still running", req.exec_id),
-            ));
+            return Err(status(Code::FAILED_PRECONDITION, format!("process '{}' is still running", req.exec_id)));
         }
         processes.remove(&key);
         Ok(Empty::new())
     }
 
-    async fn create_sandbox(
-        &self,
-        _ctx: &TtrpcContext,
-        req: CreateSandboxRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.containers
-            .create_sandbox(&req, self.in_guest)
-            .await
-            .map_err(container_status)?;
+    async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        self.containers.create_sandbox(&req, self.in_guest).await.map_err(container_status)?;
         Ok(Empty::new())
     }
 
@@ -407,92 +270,41 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         self.check_exec_free(&req.container_id, "").await?;
-        let started = self
-            .containers
-            .create(&req.container_id, &req.oci_spec)
-            .await
-            .map_err(container_status)?;
+        let started = self.containers.create(&req.container_id, &req.oci_spec).await.map_err(container_status)?;
         let pid = started.process.pid as u32;
-        self.insert_process(&req.container_id, "", started.process)
-            .await?;
-        Ok(CreateContainerResponse {
-            pid,
-            ..Default::default()
-        })
+        self.insert_process(&req.container_id, "", started.process).await?;
+        Ok(CreateContainerResponse { pid, ..Default::default() })
     }
 
-    async fn start_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: ContainerRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.containers
-            .start(&req.container_id)
-            .await
-            .map_err(container_status)?;
+    async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.start(&req.container_id).await.map_err(container_status)?;
         Ok(Empty::new())
     }
 
-    async fn exec_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: ExecProcessRequest,
-    ) -> ttrpc::Result<ExecProcessResponse> {
+    async fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
         if req.exec_id.is_empty() {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "exec_process: exec_id is empty",
-            ));
+            return Err(status(Code::INVALID_ARGUMENT, "exec_process: exec_id is empty"));
         }
-        self.check_exec_free(&req.container_id, &req.exec_id)
-            .await?;
-        let started = self
-            .containers
-            .exec(&req.container_id, &req.exec_id, &req.process)
-            .await
-            .map_err(container_status)?;
+        self.check_exec_free(&req.container_id, &req.exec_id).await?;
+        let started =
+            self.containers.exec(&req.container_id, &req.exec_id, &req.process).await.map_err(container_status)?;
         let pid = started.process.pid as u32;
-        self.insert_process(&req.container_id, &req.exec_id, started.process)
-            .await?;
-        Ok(ExecProcessResponse {
-            pid,
-            ..Default::default()
-        })
+        self.insert_process(&req.container_id, &req.exec_id, started.process).await?;
+        Ok(ExecProcessResponse { pid, ..Default::default() })
     }
 
-    async fn pause_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: ContainerRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.containers
-            .pause(&req.container_id)
-            .await
-            .map_err(container_status)?;
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id).await.map_err(container_status)?;
         Ok(Empty::new())
     }
 
-    async fn resume_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: ContainerRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.containers
-            .resume(&req.container_id)
-            .await
-            .map_err(container_status)?;
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.resume(&req.container_id).await.map_err(container_status)?;
         Ok(Empty::new())
     }
 
-    async fn update_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: UpdateContainerRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.containers
-            .update(&req.container_id, &req.resources)
-            .await
-            .map_err(container_status)?;
+    async fn update_container(&self, _ctx: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.update(&req.container_id, &req.resources).await.map_err(container_status)?;
         Ok(Empty::new())
     }
 
@@ -501,11 +313,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<StatsContainerResponse> {
-        let u = self
-            .containers
-            .usage(&req.container_id)
-            .await
-            .map_err(container_status)?;
+        let u = self.containers.usage(&req.container_id).await.map_err(container_status)?;
         Ok(StatsContainerResponse {
             cpu_usage_ns: u.cpu_usage_ns,
             cpu_user_ns: u.cpu_user_ns,
@@ -522,48 +330,20 @@ impl Agent for AgentService {
         })
     }
 
-    async fn list_processes(
-        &self,
-        _ctx: &TtrpcContext,
-        req: ContainerRequest,
-    ) -> ttrpc::Result<ListProcessesResponse> {
-        let pids = self
-            .containers
-            .pids(&req.container_id)
-            .await
-            .map_err(container_status)?;
-        Ok(ListProcessesResponse {
-            pids: pids.into_iter().map(|p| p as u32).collect(),
-            ..Default::default()
-        })
+    async fn list_processes(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self.containers.pids(&req.container_id).await.map_err(container_status)?;
+        Ok(ListProcessesResponse { pids: pids.into_iter().map(|p| p as u32).collect(), ..Default::default() })
     }
 
-    async fn remove_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: RemoveContainerRequest,
-    ) -> ttrpc::Result<Empty> {
-        self.containers
-            .remove(&req.container_id, req.force)
-            .await
-            .map_err(container_status)?;
-        self.processes
-            .lock()
-            .await
-            .retain(|(cid, _), _| *cid != req.container_id);
+    async fn remove_container(&self, _ctx: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.remove(&req.container_id, req.force).await.map_err(container_status)?;
+        self.processes.lock().await.retain(|(cid, _), _| *cid != req.container_id);
         Ok(Empty::new())
     }
 
-    async fn get_oom_event(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: GetOomEventRequest,
-    ) -> ttrpc::Result<OomEvent> {
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: GetOomEventRequest) -> ttrpc::Result<OomEvent> {
         match self.containers.next_oom().await {
-            Some(container_id) => Ok(OomEvent {
-                container_id,
-                ..Default::default()
-            }),
+            Some(container_id) => Ok(OomEvent { container_id, ..Default::default() }),
             None => Err(status(Code::UNAVAILABLE, "the OOM watcher has stopped")),
         }
     }

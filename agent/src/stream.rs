@@ -17,9 +17,7 @@ impl FdStream {
         set_nonblocking(&fd)?;
         // SAFETY: the OwnedFd moves into the AsyncFd, which is the only
         // owner; it is neither closed nor replaced while registered.
-        let fd = unsafe {
-            AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)?
-        };
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)? };
         Ok(Self { fd })
     }
 

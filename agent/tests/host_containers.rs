@@ -19,10 +19,7 @@ struct Agent {
 
 impl Agent {
     fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("runv-agent-test-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("runv-agent-test-").tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         std::fs::create_dir_all(dir.path().join("shared")).unwrap();
         // Its own process group, so that dropping it also ends the helpers
@@ -46,9 +43,7 @@ impl Agent {
     }
 
     async fn client(&self) -> AgentClient {
-        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display()))
-            .await
-            .unwrap();
+        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display())).await.unwrap();
         AgentClient::new(c)
     }
 
@@ -63,10 +58,7 @@ impl Agent {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-        for applet in [
-            "sh", "cat", "echo", "ls", "sleep", "hostname", "head", "tr", "stty", "ps", "tty",
-            "true",
-        ] {
+        for applet in ["sh", "cat", "echo", "ls", "sleep", "hostname", "head", "tr", "stty", "ps", "tty", "true"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
         root
@@ -141,46 +133,23 @@ fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
 }
 
 async fn create(c: &AgentClient, id: &str, spec: Vec<u8>) -> u32 {
-    c.create_container(
-        ctx(),
-        &CreateContainerRequest {
-            container_id: id.into(),
-            oci_spec: spec,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("create {id}: {e:?}"))
-    .pid
+    c.create_container(ctx(), &CreateContainerRequest { container_id: id.into(), oci_spec: spec, ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("create {id}: {e:?}"))
+        .pid
 }
 
 async fn start(c: &AgentClient, id: &str) {
-    c.start_container(
-        ctx(),
-        &ContainerRequest {
-            container_id: id.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("start {id}: {e:?}"));
+    c.start_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("start {id}: {e:?}"));
 }
 
 async fn read_all(c: &AgentClient, id: &str, exec: &str, stderr: bool) -> String {
     let mut all = Vec::new();
     loop {
-        let req = ReadStreamRequest {
-            container_id: id.into(),
-            exec_id: exec.into(),
-            len: 4096,
-            ..Default::default()
-        };
-        let resp = if stderr {
-            c.read_stderr(ctx(), &req).await
-        } else {
-            c.read_stdout(ctx(), &req).await
-        }
-        .unwrap();
+        let req = ReadStreamRequest { container_id: id.into(), exec_id: exec.into(), len: 4096, ..Default::default() };
+        let resp = if stderr { c.read_stderr(ctx(), &req).await } else { c.read_stdout(ctx(), &req).await }.unwrap();
         if resp.eof {
             return String::from_utf8_lossy(&all).into_owned();
         }
@@ -189,29 +158,15 @@ async fn read_all(c: &AgentClient, id: &str, exec: &str, stderr: bool) -> String
 }
 
 async fn wait(c: &AgentClient, id: &str, exec: &str) -> WaitProcessResponse {
-    c.wait_process(
-        ctx(),
-        &WaitProcessRequest {
-            container_id: id.into(),
-            exec_id: exec.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
+    c.wait_process(ctx(), &WaitProcessRequest { container_id: id.into(), exec_id: exec.into(), ..Default::default() })
+        .await
+        .unwrap()
 }
 
 async fn remove(c: &AgentClient, id: &str) {
-    c.remove_container(
-        ctx(),
-        &RemoveContainerRequest {
-            container_id: id.into(),
-            force: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("remove {id}: {e:?}"));
+    c.remove_container(ctx(), &RemoveContainerRequest { container_id: id.into(), force: true, ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("remove {id}: {e:?}"));
 }
 
 fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (ttrpc::Code, String) {
@@ -231,21 +186,11 @@ fn assert_nothing_left(agent: &Agent, id: &str) {
     ] {
         assert!(!Path::new(&dir).exists(), "cgroup {dir} left behind");
     }
-    assert!(
-        !agent.dir.path().join("state/containers").join(id).exists(),
-        "engine state left behind"
-    );
-    assert!(
-        !agent.dir.path().join("state/bundles").join(id).exists(),
-        "bundle left behind"
-    );
+    assert!(!agent.dir.path().join("state/containers").join(id).exists(), "engine state left behind");
+    assert!(!agent.dir.path().join("state/bundles").join(id).exists(), "bundle left behind");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let rootfs = agent.shared().join(id);
-    assert!(
-        !mounts.contains(&*rootfs.to_string_lossy()),
-        "a mount of {} is left",
-        rootfs.display()
-    );
+    assert!(!mounts.contains(&*rootfs.to_string_lossy()), "a mount of {} is left", rootfs.display());
 }
 
 #[tokio::test]
@@ -261,10 +206,7 @@ async fn a_container_is_isolated_and_reports_output_and_exit_code() {
     let pid = create(&c, "iso", spec(&root, &["sh", "-c", script], json!({}))).await;
     assert!(pid > 1);
     start(&c, "iso").await;
-    let (out, err) = tokio::join!(
-        read_all(&c, "iso", "", false),
-        read_all(&c, "iso", "", true)
-    );
+    let (out, err) = tokio::join!(read_all(&c, "iso", "", false), read_all(&c, "iso", "", true));
     assert_eq!(out, "pid=1\nbox\nbin\ndev\netc\nproc\nsys\ntmp\ninside\n");
     assert_eq!(err, "oops\n");
     assert_eq!(wait(&c, "iso", "").await.status, 3);
@@ -285,14 +227,7 @@ async fn exec_joins_a_running_container_and_signals_reach_it() {
     create(&c, "ex", spec(&root, &["sh", "-c", init], json!({}))).await;
     start(&c, "ex").await;
     let first = c
-        .read_stdout(
-            ctx(),
-            &ReadStreamRequest {
-                container_id: "ex".into(),
-                len: 64,
-                ..Default::default()
-            },
-        )
+        .read_stdout(ctx(), &ReadStreamRequest { container_id: "ex".into(), len: 64, ..Default::default() })
         .await
         .unwrap();
     assert_eq!(first.data, b"ready\n");
@@ -309,28 +244,13 @@ async fn exec_joins_a_running_container_and_signals_reach_it() {
     assert!(out.starts_with("box\nsh -c trap"), "exec output: {out:?}");
     assert_eq!(wait(&c, "ex", "e1").await.status, 0);
 
-    let pids = c
-        .list_processes(
-            ctx(),
-            &ContainerRequest {
-                container_id: "ex".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let pids =
+        c.list_processes(ctx(), &ContainerRequest { container_id: "ex".into(), ..Default::default() }).await.unwrap();
     assert!(!pids.pids.is_empty());
 
-    c.signal_process(
-        ctx(),
-        &SignalProcessRequest {
-            container_id: "ex".into(),
-            signal: 15,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    c.signal_process(ctx(), &SignalProcessRequest { container_id: "ex".into(), signal: 15, ..Default::default() })
+        .await
+        .unwrap();
     let rest = read_all(&c, "ex", "", false).await;
     assert!(rest.contains("got-term"), "{rest:?}");
     assert_eq!(wait(&c, "ex", "").await.status, 7);
@@ -347,8 +267,7 @@ async fn a_memory_limit_is_enforced_and_the_oom_kill_is_reported() {
     let c = agent.client().await;
     let root = agent.rootfs("oom");
     let hog = "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived";
-    let limits =
-        json!({ "linux": { "resources": { "memory": { "limit": 16777216, "swap": 16777216 } } } });
+    let limits = json!({ "linux": { "resources": { "memory": { "limit": 16777216, "swap": 16777216 } } } });
     create(&c, "oom", spec(&root, &["sh", "-c", hog], limits)).await;
     let oom = tokio::spawn({
         let c = c.clone();
@@ -363,23 +282,12 @@ async fn a_memory_limit_is_enforced_and_the_oom_kill_is_reported() {
     start(&c, "oom").await;
     let out = read_all(&c, "oom", "", false).await;
     let w = wait(&c, "oom", "").await;
-    assert!(
-        !out.contains("survived"),
-        "the allocation was not stopped: {out:?}"
-    );
+    assert!(!out.contains("survived"), "the allocation was not stopped: {out:?}");
     assert_ne!(w.status, 0);
     let event = oom.await.unwrap().unwrap();
     assert_eq!(event.container_id, "oom");
-    let stats = c
-        .stats_container(
-            ctx(),
-            &ContainerRequest {
-                container_id: "oom".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let stats =
+        c.stats_container(ctx(), &ContainerRequest { container_id: "oom".into(), ..Default::default() }).await.unwrap();
     assert_eq!(stats.memory_limit_bytes, 16 << 20);
     assert!(stats.oom_kills >= 1, "{stats:?}");
     remove(&c, "oom").await;
@@ -394,39 +302,23 @@ async fn a_terminal_container_follows_resizes() {
     let agent = Agent::start();
     let c = agent.client().await;
     let root = agent.rootfs("tty");
-    let s = spec(
-        &root,
-        &["sh", "-c", "read go; tty; stty size"],
-        json!({ "process": { "terminal": true } }),
-    );
+    let s = spec(&root, &["sh", "-c", "read go; tty; stty size"], json!({ "process": { "terminal": true } }));
     create(&c, "tty", s).await;
     start(&c, "tty").await;
     c.tty_win_resize(
         ctx(),
-        &TtyWinResizeRequest {
-            container_id: "tty".into(),
-            rows: 40,
-            cols: 120,
-            ..Default::default()
-        },
+        &TtyWinResizeRequest { container_id: "tty".into(), rows: 40, cols: 120, ..Default::default() },
     )
     .await
     .unwrap();
     c.write_stdin(
         ctx(),
-        &WriteStdinRequest {
-            container_id: "tty".into(),
-            data: b"go\n".to_vec(),
-            ..Default::default()
-        },
+        &WriteStdinRequest { container_id: "tty".into(), data: b"go\n".to_vec(), ..Default::default() },
     )
     .await
     .unwrap();
     let out = read_all(&c, "tty", "", false).await;
-    assert!(
-        out.contains("/dev/pts/0") && out.contains("40 120"),
-        "output: {out:?}"
-    );
+    assert!(out.contains("/dev/pts/0") && out.contains("40 120"), "output: {out:?}");
     assert_eq!(wait(&c, "tty", "").await.status, 0);
     remove(&c, "tty").await;
     assert_nothing_left(&agent, "tty");
@@ -440,35 +332,19 @@ async fn pause_resume_and_update_act_on_the_cgroup() {
     let agent = Agent::start();
     let c = agent.client().await;
     let root = agent.rootfs("pr");
-    create(
-        &c,
-        "pr",
-        spec(&root, &["sh", "-c", "while :; do :; done"], json!({})),
-    )
-    .await;
+    create(&c, "pr", spec(&root, &["sh", "-c", "while :; do :; done"], json!({}))).await;
     start(&c, "pr").await;
-    let req = ContainerRequest {
-        container_id: "pr".into(),
-        ..Default::default()
-    };
+    let req = ContainerRequest { container_id: "pr".into(), ..Default::default() };
     let cpu = || async { c.stats_container(ctx(), &req).await.unwrap().cpu_usage_ns };
     c.pause_container(ctx(), &req).await.unwrap();
     let a = cpu().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let b = cpu().await;
-    assert!(
-        b - a < 20_000_000,
-        "a paused container used {} ns of CPU in 300 ms",
-        b - a
-    );
+    assert!(b - a < 20_000_000, "a paused container used {} ns of CPU in 300 ms", b - a);
     c.resume_container(ctx(), &req).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let d = cpu().await;
-    assert!(
-        d - b > 20_000_000,
-        "a resumed container used only {} ns of CPU in 300 ms",
-        d - b
-    );
+    assert!(d - b > 20_000_000, "a resumed container used only {} ns of CPU in 300 ms", d - b);
 
     let resources = json!({ "memory": { "limit": 33554432 } });
     c.update_container(
@@ -503,8 +379,7 @@ async fn containers_join_the_pause_process_namespaces() {
         ..Default::default()
     };
     c.create_sandbox(ctx(), &sandbox).await.unwrap();
-    let resolv =
-        std::fs::read_to_string(agent.dir.path().join("state/sandbox/resolv.conf")).unwrap();
+    let resolv = std::fs::read_to_string(agent.dir.path().join("state/sandbox/resolv.conf")).unwrap();
     assert_eq!(resolv, "nameserver 10.0.0.10\nsearch svc.cluster.local\n");
     let root = agent.rootfs("member");
     let extra = json!({
@@ -515,28 +390,13 @@ async fn containers_join_the_pause_process_namespaces() {
             { "destination": "/etc/resolv.conf", "type": "bind", "source": agent.dir.path().join("state/sandbox/resolv.conf"), "options": ["rbind", "ro"] }
         ]
     });
-    create(
-        &c,
-        "member",
-        spec(
-            &root,
-            &["sh", "-c", "hostname; echo $$; cat /etc/resolv.conf"],
-            extra,
-        ),
-    )
-    .await;
+    create(&c, "member", spec(&root, &["sh", "-c", "hostname; echo $$; cat /etc/resolv.conf"], extra)).await;
     start(&c, "member").await;
     let out = read_all(&c, "member", "", false).await;
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "podhost");
-    assert_ne!(
-        lines[1], "1",
-        "the container should not be PID 1 of the pod namespace"
-    );
-    assert_eq!(
-        &lines[2..],
-        ["nameserver 10.0.0.10", "search svc.cluster.local"]
-    );
+    assert_ne!(lines[1], "1", "the container should not be PID 1 of the pod namespace");
+    assert_eq!(&lines[2..], ["nameserver 10.0.0.10", "search svc.cluster.local"]);
     assert_eq!(wait(&c, "member", "").await.status, 0);
     remove(&c, "member").await;
     assert_nothing_left(&agent, "member");
@@ -551,26 +411,13 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     let c = agent.client().await;
     let root = agent.rootfs("ok");
     std::fs::create_dir_all(agent.dir.path().join("secret")).unwrap();
-    std::os::unix::fs::symlink(
-        agent.dir.path().join("secret"),
-        agent.shared().join("escape"),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink(agent.dir.path().join("secret"), agent.shared().join("escape")).unwrap();
 
     let cases: Vec<(&str, Vec<u8>, ttrpc::Code, &str)> = vec![
-        (
-            "bad1",
-            b"{not json".to_vec(),
-            ttrpc::Code::INVALID_ARGUMENT,
-            "malformed OCI spec",
-        ),
+        ("bad1", b"{not json".to_vec(), ttrpc::Code::INVALID_ARGUMENT, "malformed OCI spec"),
         (
             "bad2",
-            spec(
-                &agent.shared().join("ok/../../secret"),
-                &["true"],
-                json!({}),
-            ),
+            spec(&agent.shared().join("ok/../../secret"), &["true"], json!({})),
             ttrpc::Code::INVALID_ARGUMENT,
             "outside the shared directory",
         ),
@@ -582,50 +429,25 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
         ),
         (
             "bad4",
-            spec(
-                &root,
-                &["true"],
-                json!({ "linux": { "resources": { "memory": { "limit": 12 } } } }),
-            ),
+            spec(&root, &["true"], json!({ "linux": { "resources": { "memory": { "limit": 12 } } } })),
             ttrpc::Code::INVALID_ARGUMENT,
             "below the minimum",
         ),
-        (
-            "../x",
-            spec(&root, &["true"], json!({})),
-            ttrpc::Code::INVALID_ARGUMENT,
-            "may only contain",
-        ),
-        (
-            "bad5",
-            spec(&root, &["/bin/no-such-binary"], json!({})),
-            ttrpc::Code::FAILED_PRECONDITION,
-            "",
-        ),
+        ("../x", spec(&root, &["true"], json!({})), ttrpc::Code::INVALID_ARGUMENT, "may only contain"),
+        ("bad5", spec(&root, &["/bin/no-such-binary"], json!({})), ttrpc::Code::FAILED_PRECONDITION, ""),
     ];
     for (id, s, code, text) in cases {
         let r = c
             .create_container(
                 ctx(),
-                &CreateContainerRequest {
-                    container_id: id.into(),
-                    oci_spec: s,
-                    ..Default::default()
-                },
+                &CreateContainerRequest { container_id: id.into(), oci_spec: s, ..Default::default() },
             )
             .await;
         if code == ttrpc::Code::FAILED_PRECONDITION {
             // A missing binary shows when the container starts (or is created).
             if r.is_ok() {
-                let started = c
-                    .start_container(
-                        ctx(),
-                        &ContainerRequest {
-                            container_id: id.into(),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
+                let started =
+                    c.start_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() }).await;
                 if started.is_ok() {
                     assert_eq!(wait(&c, id, "").await.status, 127);
                 }
@@ -641,27 +463,15 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
         (
             "start",
             code_of(
-                c.start_container(
-                    ctx(),
-                    &ContainerRequest {
-                        container_id: "nobody".into(),
-                        ..Default::default()
-                    },
-                )
-                .await,
+                c.start_container(ctx(), &ContainerRequest { container_id: "nobody".into(), ..Default::default() })
+                    .await,
             ),
         ),
         (
             "stats",
             code_of(
-                c.stats_container(
-                    ctx(),
-                    &ContainerRequest {
-                        container_id: "nobody".into(),
-                        ..Default::default()
-                    },
-                )
-                .await,
+                c.stats_container(ctx(), &ContainerRequest { container_id: "nobody".into(), ..Default::default() })
+                    .await,
             ),
         ),
         (
@@ -669,10 +479,7 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
             code_of(
                 c.remove_container(
                     ctx(),
-                    &RemoveContainerRequest {
-                        container_id: "nobody".into(),
-                        ..Default::default()
-                    },
+                    &RemoveContainerRequest { container_id: "nobody".into(), ..Default::default() },
                 )
                 .await,
             ),
@@ -680,10 +487,7 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     ] {
         assert_eq!(r.0, ttrpc::Code::NOT_FOUND, "{name}: {}", r.1);
     }
-    assert_eq!(
-        c.health(ctx(), &HealthRequest::new()).await.unwrap().status,
-        "SERVING"
-    );
+    assert_eq!(c.health(ctx(), &HealthRequest::new()).await.unwrap().status, "SERVING");
     for id in ["bad1", "bad2", "bad3", "bad4", "bad5"] {
         assert_nothing_left(&agent, id);
     }

@@ -24,6 +24,13 @@ pub const SHARED_FS_TAG: &str = "runv";
 /// Where the agent mounts the shared directory in the guest.
 pub const SHARED_MOUNT_POINT: &str = "/run/runv/shared";
 
+/// The agent binary in the guest; containers may bind-mount it and run it
+/// as their init (`<path> init -- CMD...`).
+pub const AGENT_BINARY: &str = "/init";
+
+/// Where `runv run` mounts the agent as its container's init.
+pub const CONTAINER_INIT_PATH: &str = "/dev/runv-init";
+
 /// The agent's own state in the guest: container state and bundles.
 pub const AGENT_STATE_DIR: &str = "/run/runv";
 

@@ -24,13 +24,7 @@ pub struct Qemu {
 
 impl Qemu {
     pub fn new(qemu: &Path, vhost_vsock: &Path, accel: &'static str) -> Self {
-        Self {
-            qemu: qemu.to_path_buf(),
-            vhost_vsock: vhost_vsock.to_path_buf(),
-            accel,
-            vsock: None,
-            vm: None,
-        }
+        Self { qemu: qemu.to_path_buf(), vhost_vsock: vhost_vsock.to_path_buf(), accel, vsock: None, vm: None }
     }
 
     /// The QEMU command line for `vm`; `vsock_socket` is the vhost-user
@@ -46,37 +40,22 @@ impl Qemu {
             .args(["-cpu", if self.accel == "kvm" { "host" } else { "max" }])
             .args(["-smp", &vm.vcpus.to_string()])
             .args(["-m", &mem])
-            .args([
-                "-object",
-                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-            ])
+            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
             .args(["-global", "virtio-mmio.force-legacy=false"])
             .args(["-kernel"])
             .arg(&vm.kernel)
             .args(["-initrd"])
             .arg(&vm.initramfs)
             .args(["-append", &vm.cmdline])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .args(["-serial", &format!("file:{}", vm.console_log.display())]);
         if let Some(sock) = vsock_socket {
-            cmd.args([
-                "-chardev",
-                &format!("socket,id=vsock,path={}", sock.display()),
-            ])
-            .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+            cmd.args(["-chardev", &format!("socket,id=vsock,path={}", sock.display())])
+                .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
         }
         if let Some(sock) = &vm.shared_fs_socket {
             cmd.args(["-chardev", &format!("socket,id=fs,path={}", sock.display())])
-                .args([
-                    "-device",
-                    &format!("vhost-user-fs-device,chardev=fs,tag={}", vm.shared_fs_tag),
-                ]);
+                .args(["-device", &format!("vhost-user-fs-device,chardev=fs,tag={}", vm.shared_fs_tag)]);
         }
         cmd
     }
@@ -87,11 +66,7 @@ impl Qemu {
         cmd.arg(format!("--guest-cid={}", guest::GUEST_CID))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--uds-path={}", vm.vsock_socket.display()));
-        let mut helper = HelperProcess::spawn(
-            "vhost-device-vsock",
-            cmd,
-            &vm.work_dir.join("vhost-vsock.log"),
-        )?;
+        let mut helper = HelperProcess::spawn("vhost-device-vsock", cmd, &vm.work_dir.join("vhost-vsock.log"))?;
         let ready = wait_for_path(&mut helper, &socket, HELPER_SOCKET_TIMEOUT).await;
         self.vsock = Some(helper);
         ready.map_err(HypervisorError::Start)?;
@@ -109,11 +84,7 @@ impl Hypervisor for Qemu {
         let result = async {
             let vsock_socket = self.start_vsock(vm).await?;
             let cmd = self.command(vm, Some(&vsock_socket));
-            self.vm = Some(HelperProcess::spawn(
-                "qemu",
-                cmd,
-                &vm.work_dir.join("qemu.log"),
-            )?);
+            self.vm = Some(HelperProcess::spawn("qemu", cmd, &vm.work_dir.join("qemu.log"))?);
             Ok(())
         }
         .await;
@@ -145,10 +116,7 @@ impl Hypervisor for Qemu {
     }
 
     fn diagnostics(&self) -> String {
-        self.vm
-            .as_ref()
-            .map(|vm| vm.log_tail(3))
-            .unwrap_or_default()
+        self.vm.as_ref().map(|vm| vm.log_tail(3)).unwrap_or_default()
     }
 }
 
@@ -172,18 +140,12 @@ mod tests {
     }
 
     fn args(cmd: &Command) -> Vec<String> {
-        cmd.get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
+        cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
     }
 
     #[test]
     fn the_command_line_has_what_vhost_user_on_microvm_needs() {
-        let q = Qemu::new(
-            Path::new("qemu-system-x86_64"),
-            Path::new("vhost-device-vsock"),
-            "tcg",
-        );
+        let q = Qemu::new(Path::new("qemu-system-x86_64"), Path::new("vhost-device-vsock"), "tcg");
         let a = args(&q.command(&vm(), Some(Path::new("/w/vhost-vsock.sock"))));
         let joined = a.join(" ");
         for needle in [
@@ -206,18 +168,11 @@ mod tests {
 
     #[test]
     fn kvm_uses_the_host_cpu_and_no_devices_are_added_unasked() {
-        let q = Qemu::new(
-            Path::new("qemu-system-x86_64"),
-            Path::new("vhost-device-vsock"),
-            "kvm",
-        );
+        let q = Qemu::new(Path::new("qemu-system-x86_64"), Path::new("vhost-device-vsock"), "kvm");
         let mut plain = vm();
         plain.shared_fs_socket = None;
         let joined = args(&q.command(&plain, None)).join(" ");
-        assert!(
-            joined.contains("-accel kvm") && joined.contains("-cpu host"),
-            "{joined}"
-        );
+        assert!(joined.contains("-accel kvm") && joined.contains("-cpu host"), "{joined}");
         assert!(!joined.contains("vhost-user"), "{joined}");
     }
 }

@@ -29,14 +29,8 @@ pub enum AgentError {
 impl AgentError {
     fn from_rpc(call: &'static str, e: ttrpc::Error) -> Self {
         match e {
-            ttrpc::Error::RpcStatus(s) => AgentError::Status {
-                code: s.code(),
-                message: s.message().to_string(),
-            },
-            other => AgentError::Transport {
-                call,
-                message: other.to_string(),
-            },
+            ttrpc::Error::RpcStatus(s) => AgentError::Status { code: s.code(), message: s.message().to_string() },
+            other => AgentError::Transport { call, message: other.to_string() },
         }
     }
 
@@ -50,29 +44,17 @@ impl AgentError {
 
 /// Opens a stream to `port` in the guest through the hybrid vsock socket.
 pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
-    let err = |message: String| AgentError::Connect {
-        path: uds.display().to_string(),
-        message,
-    };
+    let err = |message: String| AgentError::Connect { path: uds.display().to_string(), message };
     let handshake = async {
-        let mut stream = UnixStream::connect(uds)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        stream
-            .write_all(format!("CONNECT {port}\n").as_bytes())
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let mut stream = UnixStream::connect(uds).await.map_err(|e| err(e.to_string()))?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| err(e.to_string()))?;
         // Read the reply a byte at a time: whatever follows the newline
         // already belongs to the guest's stream.
         let mut line = Vec::with_capacity(16);
         loop {
             let mut byte = [0u8; 1];
             match stream.read(&mut byte).await {
-                Ok(0) => {
-                    return Err(err(
-                        "closed during the handshake (nothing listens on the port yet)".into(),
-                    ))
-                }
+                Ok(0) => return Err(err("closed during the handshake (nothing listens on the port yet)".into())),
                 Ok(_) if byte[0] == b'\n' => break,
                 Ok(_) if line.len() < 64 => line.push(byte[0]),
                 Ok(_) => return Err(err("handshake reply too long".into())),
@@ -85,9 +67,7 @@ pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<UnixStream, A
         }
         Ok(stream)
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| err("no handshake reply".into()))?
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.map_err(|_| err("no handshake reply".into()))?
 }
 
 #[derive(Clone)]
@@ -99,6 +79,11 @@ fn short() -> Context {
     context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
 }
 
+/// For calls that start processes in the guest (slow under emulation).
+fn long() -> Context {
+    context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+}
+
 /// For calls that block until something happens in the guest.
 fn unbounded() -> Context {
     context::Context::default()
@@ -107,30 +92,20 @@ fn unbounded() -> Context {
 impl AgentClient {
     pub fn new(stream: UnixStream) -> Self {
         let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
-        Self {
-            inner: agent_ttrpc::AgentClient::new(client),
-        }
+        Self { inner: agent_ttrpc::AgentClient::new(client) }
     }
 
     /// Connects to a ttrpc address directly (an agent running on the host).
     pub async fn connect(address: &str) -> Result<Self, AgentError> {
         let client = ttrpc::r#async::Client::connect(address)
             .await
-            .map_err(|e| AgentError::Connect {
-                path: address.into(),
-                message: e.to_string(),
-            })?;
-        Ok(Self {
-            inner: agent_ttrpc::AgentClient::new(client),
-        })
+            .map_err(|e| AgentError::Connect { path: address.into(), message: e.to_string() })?;
+        Ok(Self { inner: agent_ttrpc::AgentClient::new(client) })
     }
 
     pub async fn health(&self, timeout: Duration) -> Result<HealthResponse, AgentError> {
         let ctx = context::with_timeout(timeout.as_nanos() as i64);
-        self.inner
-            .health(ctx, &HealthRequest::new())
-            .await
-            .map_err(|e| AgentError::from_rpc("health", e))
+        self.inner.health(ctx, &HealthRequest::new()).await.map_err(|e| AgentError::from_rpc("health", e))
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse, AgentError> {
@@ -140,63 +115,33 @@ impl AgentClient {
             .map_err(|e| AgentError::from_rpc("guest_details", e))
     }
 
-    pub async fn mount_shared(
-        &self,
-        tag: &str,
-        mount_point: &str,
-        read_only: bool,
-    ) -> Result<(), AgentError> {
-        let req = MountSharedRequest {
-            tag: tag.into(),
-            mount_point: mount_point.into(),
-            read_only,
-            ..Default::default()
-        };
-        self.inner
-            .mount_shared(short(), &req)
-            .await
-            .map_err(|e| AgentError::from_rpc("mount_shared", e))?;
+    pub async fn mount_shared(&self, tag: &str, mount_point: &str, read_only: bool) -> Result<(), AgentError> {
+        let req =
+            MountSharedRequest { tag: tag.into(), mount_point: mount_point.into(), read_only, ..Default::default() };
+        self.inner.mount_shared(short(), &req).await.map_err(|e| AgentError::from_rpc("mount_shared", e))?;
         Ok(())
     }
 
     pub async fn run_process(&self, req: &RunProcessRequest) -> Result<u32, AgentError> {
-        let resp = self
-            .inner
-            .run_process(short(), req)
-            .await
-            .map_err(|e| AgentError::from_rpc("run_process", e))?;
+        let resp = self.inner.run_process(short(), req).await.map_err(|e| AgentError::from_rpc("run_process", e))?;
         Ok(resp.pid)
     }
 
-    pub async fn write_stdin(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        data: Vec<u8>,
-    ) -> Result<(), AgentError> {
+    pub async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<(), AgentError> {
         let req = WriteStdinRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
             data,
             ..Default::default()
         };
-        self.inner
-            .write_stdin(unbounded(), &req)
-            .await
-            .map_err(|e| AgentError::from_rpc("write_stdin", e))?;
+        self.inner.write_stdin(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("write_stdin", e))?;
         Ok(())
     }
 
     pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
-        let req = CloseStdinRequest {
-            container_id: container_id.into(),
-            exec_id: exec_id.into(),
-            ..Default::default()
-        };
-        self.inner
-            .close_stdin(short(), &req)
-            .await
-            .map_err(|e| AgentError::from_rpc("close_stdin", e))?;
+        let req =
+            CloseStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.inner.close_stdin(short(), &req).await.map_err(|e| AgentError::from_rpc("close_stdin", e))?;
         Ok(())
     }
 
@@ -214,61 +159,31 @@ impl AgentClient {
             ..Default::default()
         };
         let resp = if stderr {
-            self.inner
-                .read_stderr(unbounded(), &req)
-                .await
-                .map_err(|e| AgentError::from_rpc("read_stderr", e))?
+            self.inner.read_stderr(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("read_stderr", e))?
         } else {
-            self.inner
-                .read_stdout(unbounded(), &req)
-                .await
-                .map_err(|e| AgentError::from_rpc("read_stdout", e))?
+            self.inner.read_stdout(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("read_stdout", e))?
         };
         Ok(if resp.eof { None } else { Some(resp.data) })
     }
 
-    pub async fn signal_process(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        signal: i32,
-    ) -> Result<(), AgentError> {
+    pub async fn signal_process(&self, container_id: &str, exec_id: &str, signal: i32) -> Result<(), AgentError> {
         let req = SignalProcessRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
             signal: signal as u32,
             ..Default::default()
         };
-        self.inner
-            .signal_process(short(), &req)
-            .await
-            .map_err(|e| AgentError::from_rpc("signal_process", e))?;
+        self.inner.signal_process(short(), &req).await.map_err(|e| AgentError::from_rpc("signal_process", e))?;
         Ok(())
     }
 
-    pub async fn wait_process(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-    ) -> Result<WaitProcessResponse, AgentError> {
-        let req = WaitProcessRequest {
-            container_id: container_id.into(),
-            exec_id: exec_id.into(),
-            ..Default::default()
-        };
-        self.inner
-            .wait_process(unbounded(), &req)
-            .await
-            .map_err(|e| AgentError::from_rpc("wait_process", e))
+    pub async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<WaitProcessResponse, AgentError> {
+        let req =
+            WaitProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.inner.wait_process(unbounded(), &req).await.map_err(|e| AgentError::from_rpc("wait_process", e))
     }
 
-    pub async fn resize(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        rows: u16,
-        cols: u16,
-    ) -> Result<(), AgentError> {
+    pub async fn resize(&self, container_id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), AgentError> {
         let req = TtyWinResizeRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
@@ -276,35 +191,52 @@ impl AgentClient {
             cols: cols.into(),
             ..Default::default()
         };
-        self.inner
-            .tty_win_resize(short(), &req)
-            .await
-            .map_err(|e| AgentError::from_rpc("tty_win_resize", e))?;
+        self.inner.tty_win_resize(short(), &req).await.map_err(|e| AgentError::from_rpc("tty_win_resize", e))?;
         Ok(())
     }
 
-    pub async fn remove_process(
+    pub async fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req =
+            RemoveProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.inner.remove_process(short(), &req).await.map_err(|e| AgentError::from_rpc("remove_process", e))?;
+        Ok(())
+    }
+
+    pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<(), AgentError> {
+        self.inner.create_sandbox(short(), req).await.map_err(|e| AgentError::from_rpc("create_sandbox", e))?;
+        Ok(())
+    }
+
+    /// Creates a container from an OCI spec; returns its init's guest pid.
+    pub async fn create_container(
         &self,
         container_id: &str,
-        exec_id: &str,
-    ) -> Result<(), AgentError> {
-        let req = RemoveProcessRequest {
-            container_id: container_id.into(),
-            exec_id: exec_id.into(),
-            ..Default::default()
-        };
-        self.inner
-            .remove_process(short(), &req)
-            .await
-            .map_err(|e| AgentError::from_rpc("remove_process", e))?;
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<u32, AgentError> {
+        let oci_spec = serde_json::to_vec(spec).map_err(|e| AgentError::Transport {
+            call: "create_container",
+            message: format!("encoding the spec: {e}"),
+        })?;
+        let req = CreateContainerRequest { container_id: container_id.into(), oci_spec, ..Default::default() };
+        let resp =
+            self.inner.create_container(long(), &req).await.map_err(|e| AgentError::from_rpc("create_container", e))?;
+        Ok(resp.pid)
+    }
+
+    pub async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.inner.start_container(long(), &req).await.map_err(|e| AgentError::from_rpc("start_container", e))?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, container_id: &str, force: bool) -> Result<(), AgentError> {
+        let req = RemoveContainerRequest { container_id: container_id.into(), force, ..Default::default() };
+        self.inner.remove_container(long(), &req).await.map_err(|e| AgentError::from_rpc("remove_container", e))?;
         Ok(())
     }
 
     pub async fn shutdown(&self) -> Result<(), AgentError> {
-        self.inner
-            .shutdown(short(), &ShutdownRequest::new())
-            .await
-            .map_err(|e| AgentError::from_rpc("shutdown", e))?;
+        self.inner.shutdown(short(), &ShutdownRequest::new()).await.map_err(|e| AgentError::from_rpc("shutdown", e))?;
         Ok(())
     }
 }
@@ -317,10 +249,7 @@ mod tests {
 
     /// A hybrid-vsock host socket that answers the handshake with `reply`
     /// and then writes `after` on the stream.
-    async fn fake_vsock(
-        reply: &'static [u8],
-        after: &'static [u8],
-    ) -> (tempfile::TempDir, std::path::PathBuf) {
+    async fn fake_vsock(reply: &'static [u8], after: &'static [u8]) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vsock.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -349,32 +278,20 @@ mod tests {
     #[tokio::test]
     async fn a_refused_handshake_names_the_reply() {
         let (_dir, path) = fake_vsock(b"NO\n", b"").await;
-        let err = connect_hybrid_vsock(&path, 1024)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = connect_hybrid_vsock(&path, 1024).await.unwrap_err().to_string();
         assert!(err.contains("unexpected handshake reply 'NO'"), "{err}");
     }
 
     #[tokio::test]
     async fn a_closed_handshake_is_an_error() {
         let (_dir, path) = fake_vsock(b"", b"").await;
-        let err = connect_hybrid_vsock(&path, 1024)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("closed during the handshake") || err.contains("no handshake reply"),
-            "{err}"
-        );
+        let err = connect_hybrid_vsock(&path, 1024).await.unwrap_err().to_string();
+        assert!(err.contains("closed during the handshake") || err.contains("no handshake reply"), "{err}");
     }
 
     #[tokio::test]
     async fn a_missing_socket_names_its_path() {
-        let err = connect_hybrid_vsock(Path::new("/nonexistent/vsock.sock"), 1024)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = connect_hybrid_vsock(Path::new("/nonexistent/vsock.sock"), 1024).await.unwrap_err().to_string();
         assert!(err.contains("/nonexistent/vsock.sock"), "{err}");
     }
 }

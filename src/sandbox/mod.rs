@@ -36,39 +36,22 @@ pub struct SandboxSpec {
 pub enum SandboxError {
     #[error("guest kernel {0} not found (set `kernel` in the config, or run scripts/install.sh)")]
     KernelMissing(PathBuf),
-    #[error(
-        "guest initramfs {0} not found (set `initramfs` in the config, or run scripts/install.sh)"
-    )]
+    #[error("guest initramfs {0} not found (set `initramfs` in the config, or run scripts/install.sh)")]
     InitramfsMissing(PathBuf),
     #[error("shared directory {0} does not exist or is not a directory")]
     SharedDirMissing(PathBuf),
     #[error("{0}")]
     Unsupported(String),
     #[error("creating sandbox directory {path}: {source}")]
-    WorkDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    WorkDir { path: PathBuf, source: std::io::Error },
     #[error("starting virtiofsd: {0}")]
     Virtiofsd(String),
     #[error("starting the VM: {0}")]
     Hypervisor(#[from] HypervisorError),
-    #[error(
-        "the guest agent did not answer within {timeout:?} ({what}); last console lines: {console}"
-    )]
-    BootTimeout {
-        timeout: Duration,
-        what: String,
-        console: String,
-    },
-    #[error(
-        "the VM exited while booting ({exit:?}); last console lines: {console}; {diagnostics}"
-    )]
-    VmExited {
-        exit: VmExit,
-        console: String,
-        diagnostics: String,
-    },
+    #[error("the guest agent did not answer within {timeout:?} ({what}); last console lines: {console}")]
+    BootTimeout { timeout: Duration, what: String, console: String },
+    #[error("the VM exited while booting ({exit:?}); last console lines: {console}; {diagnostics}")]
+    VmExited { exit: VmExit, console: String, diagnostics: String },
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
 }
@@ -98,31 +81,17 @@ impl Sandbox {
         let hypervisor = select_hypervisor(config)?;
         let id = new_sandbox_id();
         let dir = config.runtime_dir.join("sandboxes").join(&id);
-        create_private_dir(&dir).map_err(|source| SandboxError::WorkDir {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut sandbox = Sandbox {
-            id,
-            console_log: dir.join("console.log"),
-            dir,
-            hypervisor,
-            virtiofsd: None,
-            agent: None,
-        };
+        create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
+        let mut sandbox =
+            Sandbox { id, console_log: dir.join("console.log"), dir, hypervisor, virtiofsd: None, agent: None };
         sandbox.boot(config, spec).await?;
         Ok(sandbox)
     }
 
     async fn boot(&mut self, config: &Config, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let virtiofsd = Virtiofsd::start(
-            &config.virtiofsd,
-            &spec.shared_dir,
-            spec.read_only,
-            &self.dir,
-        )
-        .await
-        .map_err(SandboxError::Virtiofsd)?;
+        let virtiofsd = Virtiofsd::start(&config.virtiofsd, &spec.shared_dir, spec.read_only, &self.dir)
+            .await
+            .map_err(SandboxError::Virtiofsd)?;
         let mut cmdline = guest::KERNEL_CMDLINE_BASE.to_string();
         if !config.kernel_params.trim().is_empty() {
             cmdline.push(' ');
@@ -130,17 +99,9 @@ impl Sandbox {
         }
         let vsock_socket = self.dir.join("vsock.sock");
         // Listen for the agent's readiness call before the guest can make it.
-        let ready_path = PathBuf::from(format!(
-            "{}_{}",
-            vsock_socket.display(),
-            guest::AGENT_READY_VSOCK_PORT
-        ));
-        let ready = tokio::net::UnixListener::bind(&ready_path).map_err(|source| {
-            SandboxError::WorkDir {
-                path: ready_path.clone(),
-                source,
-            }
-        })?;
+        let ready_path = PathBuf::from(format!("{}_{}", vsock_socket.display(), guest::AGENT_READY_VSOCK_PORT));
+        let ready = tokio::net::UnixListener::bind(&ready_path)
+            .map_err(|source| SandboxError::WorkDir { path: ready_path.clone(), source })?;
         let vm = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -156,20 +117,8 @@ impl Sandbox {
         self.virtiofsd = Some(virtiofsd);
         tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
         self.hypervisor.start(&vm).await?;
-        let agent = self
-            .wait_for_agent(
-                &ready,
-                &vsock_socket,
-                Duration::from_secs(config.boot_timeout_secs),
-            )
-            .await?;
-        agent
-            .mount_shared(
-                guest::SHARED_FS_TAG,
-                guest::SHARED_MOUNT_POINT,
-                spec.read_only,
-            )
-            .await?;
+        let agent = self.wait_for_agent(&ready, &vsock_socket, Duration::from_secs(config.boot_timeout_secs)).await?;
+        agent.mount_shared(guest::SHARED_FS_TAG, guest::SHARED_MOUNT_POINT, spec.read_only).await?;
         self.agent = Some(agent);
         Ok(())
     }
@@ -203,9 +152,7 @@ impl Sandbox {
             }
             if !announced {
                 // Poll the VM's state every few milliseconds while waiting.
-                if let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_millis(20), ready.accept()).await
-                {
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(20), ready.accept()).await {
                     announced = true;
                     tracing::debug!(sandbox = %self.id, elapsed = ?started.elapsed(), "agent announced itself");
                 }
@@ -267,11 +214,7 @@ impl Sandbox {
             },
             None => false,
         };
-        let grace = if acknowledged {
-            Duration::ZERO
-        } else {
-            UNACKNOWLEDGED_SHUTDOWN_GRACE
-        };
+        let grace = if acknowledged { Duration::ZERO } else { UNACKNOWLEDGED_SHUTDOWN_GRACE };
         let exit = self.hypervisor.stop(grace).await;
         if let Some(mut fs) = self.virtiofsd.take() {
             fs.stop().await;
@@ -286,10 +229,7 @@ impl Drop for Sandbox {
         // Dropping the helpers kills them; the directory goes with them.
         self.virtiofsd.take();
         if std::env::var_os("RUNV_KEEP_SANDBOX_DIR").is_some() {
-            eprintln!(
-                "runv: kept sandbox directory {} (RUNV_KEEP_SANDBOX_DIR)",
-                self.dir.display()
-            );
+            eprintln!("runv: kept sandbox directory {} (RUNV_KEEP_SANDBOX_DIR)", self.dir.display());
             return;
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -303,7 +243,8 @@ impl Drop for Sandbox {
 fn select_hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>, SandboxError> {
     match config.hypervisor {
         HypervisorKind::Builtin => Err(SandboxError::Unsupported(
-            "hypervisor = \"builtin\": the built-in VMM is not available in this build; use \"qemu\" or \"auto\"".into(),
+            "hypervisor = \"builtin\": the built-in VMM is not available in this build; use \"qemu\" or \"auto\""
+                .into(),
         )),
         HypervisorKind::Auto | HypervisorKind::Qemu => {
             let (accel, warning) = hypervisor::choose_accel(config.accel, || crate::check::kvm_boots_guest(config));

@@ -14,12 +14,7 @@ pub struct Virtiofsd {
 
 impl Virtiofsd {
     /// Starts virtiofsd on `shared_dir` and waits for its socket.
-    pub async fn start(
-        program: &Path,
-        shared_dir: &Path,
-        read_only: bool,
-        work_dir: &Path,
-    ) -> Result<Self, String> {
+    pub async fn start(program: &Path, shared_dir: &Path, read_only: bool, work_dir: &Path) -> Result<Self, String> {
         let socket = work_dir.join("virtiofsd.sock");
         let mut cmd = Command::new(program);
         cmd.arg(format!("--socket-path={}", socket.display()))
@@ -31,8 +26,8 @@ impl Virtiofsd {
         if read_only {
             cmd.arg("--readonly");
         }
-        let mut process = HelperProcess::spawn("virtiofsd", cmd, &work_dir.join("virtiofsd.log"))
-            .map_err(|e| e.to_string())?;
+        let mut process =
+            HelperProcess::spawn("virtiofsd", cmd, &work_dir.join("virtiofsd.log")).map_err(|e| e.to_string())?;
         wait_for_path(&mut process, &socket, Duration::from_secs(10)).await?;
         Ok(Self { process, socket })
     }
@@ -43,12 +38,7 @@ impl Virtiofsd {
 
     /// virtiofsd exits by itself once the VM has gone; kill it if not.
     pub async fn stop(&mut self) {
-        if self
-            .process
-            .wait_timeout(Duration::from_millis(500))
-            .await
-            .is_none()
-        {
+        if self.process.wait_timeout(Duration::from_millis(500)).await.is_none() {
             self.process.terminate(Duration::from_millis(500)).await;
         }
     }

@@ -33,32 +33,18 @@ pub fn e2e_ready(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    eprintln!(
-        "SKIP {test}: needs {} (run scripts/install.sh as root)",
-        missing.join(", ")
-    );
+    eprintln!("SKIP {test}: needs {} (run scripts/install.sh as root)", missing.join(", "));
     false
 }
 
 impl TestEnv {
     /// A runtime directory of its own and a config with `extra` appended.
     pub fn new(extra: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("runv-test-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("runv-test-").tempdir().expect("tempdir");
         let runtime_dir = dir.path().join("run");
         let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!("runtime_dir = \"{}\"\n{extra}\n", runtime_dir.display()),
-        )
-        .expect("config");
-        Self {
-            dir,
-            config,
-            runtime_dir,
-        }
+        std::fs::write(&config, format!("runtime_dir = \"{}\"\n{extra}\n", runtime_dir.display())).expect("config");
+        Self { dir, config, runtime_dir }
     }
 
     pub fn runv(&self) -> Command {
@@ -69,12 +55,7 @@ impl TestEnv {
 
     /// `runv run ARGS`, stdin from /dev/null.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.runv()
-            .arg("run")
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("spawning runv")
+        self.runv().arg("run").args(args).stdin(std::process::Stdio::null()).output().expect("spawning runv")
     }
 
     /// Everything a sandbox of this test left behind: sandbox directories,
@@ -112,12 +93,7 @@ impl TestEnv {
     /// A writable copy of the default rootfs inside the test directory.
     pub fn rootfs_copy(&self) -> PathBuf {
         let dst = self.dir.path().join("rootfs");
-        let ok = Command::new("cp")
-            .arg("-a")
-            .arg(Path::new(SHARE_DIR).join("rootfs"))
-            .arg(&dst)
-            .status()
-            .expect("cp");
+        let ok = Command::new("cp").arg("-a").arg(Path::new(SHARE_DIR).join("rootfs")).arg(&dst).status().expect("cp");
         assert!(ok.success(), "copying the rootfs");
         dst
     }

@@ -47,40 +47,21 @@ impl Cgroup {
             container_name: container_id.to_string(),
         })
         .with_context(|| format!("opening cgroup {}", path.display()))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            manager,
-        })
+        Ok(Self { path: path.to_path_buf(), manager })
     }
 
     pub fn update(&self, resources: &LinuxResources) -> Result<()> {
-        let opt = ControllerOpt {
-            resources,
-            disable_oom_killer: false,
-            oom_score_adj: None,
-            freezer_state: None,
-        };
-        self.manager
-            .apply(&opt)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("applying resources")
+        let opt = ControllerOpt { resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None };
+        self.manager.apply(&opt).map_err(|e| anyhow::anyhow!("{e}")).context("applying resources")
     }
 
     pub fn pids(&self) -> Result<Vec<i32>> {
-        let pids = self
-            .manager
-            .get_all_pids()
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("listing processes")?;
+        let pids = self.manager.get_all_pids().map_err(|e| anyhow::anyhow!("{e}")).context("listing processes")?;
         Ok(pids.into_iter().map(|p| p.as_raw()).collect())
     }
 
     pub fn usage(&self) -> Result<Usage> {
-        let s = self
-            .manager
-            .stats()
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("reading cgroup stats")?;
+        let s = self.manager.stats().map_err(|e| anyhow::anyhow!("{e}")).context("reading cgroup stats")?;
         let inactive_file = s
             .memory
             .stats
@@ -116,10 +97,7 @@ impl Cgroup {
         let rel = self.path.strip_prefix("/").unwrap_or(&self.path);
         let candidates = [
             Path::new(CGROUP_ROOT).join(rel).join("memory.events"),
-            Path::new(CGROUP_ROOT)
-                .join("memory")
-                .join(rel)
-                .join("memory.oom_control"),
+            Path::new(CGROUP_ROOT).join("memory").join(rel).join("memory.oom_control"),
         ];
         for file in candidates {
             if let Ok(text) = std::fs::read_to_string(&file) {

@@ -34,11 +34,7 @@ fn parse(args: &[String]) -> Result<Args> {
     let mut it = args.iter();
     a.op = it.next().context("missing operation")?.clone();
     while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{flag} needs a value"))
-        };
+        let mut value = || it.next().cloned().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--root" => a.root = value()?.into(),
             "--id" => a.id = value()?,
@@ -54,6 +50,16 @@ fn parse(args: &[String]) -> Result<Args> {
 }
 
 pub fn main(args: &[String]) -> ExitCode {
+    // The engine explains failures in its log; keep its errors (or more,
+    // with RUNV_AGENT_LOG=debug) on stderr, which becomes the reply.
+    let filter = std::env::var("RUNV_AGENT_LOG").unwrap_or_else(|_| "error".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .with_ansi(false)
+        .init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -71,13 +77,8 @@ fn builder(a: &Args) -> Result<ContainerBuilder> {
     if a.stdio {
         // SAFETY: the agent passed these three descriptors, and nothing
         // else in this process owns them.
-        let (stdin, stdout, stderr) = unsafe {
-            (
-                OwnedFd::from_raw_fd(3),
-                OwnedFd::from_raw_fd(4),
-                OwnedFd::from_raw_fd(5),
-            )
-        };
+        let (stdin, stdout, stderr) =
+            unsafe { (OwnedFd::from_raw_fd(3), OwnedFd::from_raw_fd(4), OwnedFd::from_raw_fd(5)) };
         b = b.with_stdin(stdin).with_stdout(stdout).with_stderr(stderr);
     }
     Ok(b)
@@ -114,9 +115,7 @@ fn run(args: &[String]) -> Result<()> {
         "start" => load(&a)?.start().context("starting the container")?,
         "pause" => load(&a)?.pause().context("pausing the container")?,
         "resume" => load(&a)?.resume().context("resuming the container")?,
-        "delete" => load(&a)?
-            .delete(a.force)
-            .context("deleting the container")?,
+        "delete" => load(&a)?.delete(a.force).context("deleting the container")?,
         other => bail!("unknown operation '{other}'"),
     }
     Ok(())

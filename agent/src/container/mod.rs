@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod helper;
+pub mod init;
 pub mod pause;
 pub mod spec;
 
@@ -68,9 +69,7 @@ pub enum ContainerError {
 impl std::fmt::Display for ContainerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NotFound(m) | Self::AlreadyExists(m) | Self::Invalid(m) | Self::Failed(m) => {
-                f.write_str(m)
-            }
+            Self::NotFound(m) | Self::AlreadyExists(m) | Self::Invalid(m) | Self::Failed(m) => f.write_str(m),
         }
     }
 }
@@ -111,155 +110,83 @@ impl Containers {
                 }
             }
         });
-        Ok(Self {
-            table,
-            paths,
-            containers,
-            oom_rx: Mutex::new(oom_rx),
-            pause: Mutex::default(),
-        })
+        Ok(Self { table, paths, containers, oom_rx: Mutex::new(oom_rx), pause: Mutex::default() })
     }
 
     /// Pod-level setup: hostname, hosts and resolv.conf files, and the
     /// pause process whose namespaces containers join ("pause:pid" paths).
-    pub async fn create_sandbox(
-        &self,
-        req: &runv_proto::agent::CreateSandboxRequest,
-        in_guest: bool,
-    ) -> CResult<()> {
+    pub async fn create_sandbox(&self, req: &runv_proto::agent::CreateSandboxRequest, in_guest: bool) -> CResult<()> {
         if !req.sandbox_id.is_empty() {
             spec::check_id("sandbox id", &req.sandbox_id).map_err(invalid)?;
         }
-        let hostname = if req.hostname.is_empty() {
-            "runv"
-        } else {
-            req.hostname.as_str()
-        };
-        if hostname.len() > 64
-            || !hostname
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        {
-            return Err(ContainerError::Invalid(format!(
-                "hostname '{hostname}' is not a valid host name"
-            )));
+        let hostname = if req.hostname.is_empty() { "runv" } else { req.hostname.as_str() };
+        if hostname.len() > 64 || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+            return Err(ContainerError::Invalid(format!("hostname '{hostname}' is not a valid host name")));
         }
         let mut resolv = String::new();
         for server in &req.dns_servers {
             if server.parse::<std::net::IpAddr>().is_err() {
-                return Err(ContainerError::Invalid(format!(
-                    "DNS server '{server}' is not an IP address"
-                )));
+                return Err(ContainerError::Invalid(format!("DNS server '{server}' is not an IP address")));
             }
             resolv.push_str(&format!("nameserver {server}\n"));
         }
         for (key, words) in [("search", &req.dns_searches), ("options", &req.dns_options)] {
-            if words
-                .iter()
-                .any(|w| w.is_empty() || w.contains(char::is_whitespace))
-            {
-                return Err(ContainerError::Invalid(format!(
-                    "DNS {key} entries must be single words"
-                )));
+            if words.iter().any(|w| w.is_empty() || w.contains(char::is_whitespace)) {
+                return Err(ContainerError::Invalid(format!("DNS {key} entries must be single words")));
             }
             if !words.is_empty() {
                 resolv.push_str(&format!("{key} {}\n", words.join(" ")));
             }
         }
         let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n");
-        for (name, text) in [
-            ("hostname", format!("{hostname}\n")),
-            ("hosts", hosts),
-            ("resolv.conf", resolv),
-        ] {
+        for (name, text) in [("hostname", format!("{hostname}\n")), ("hosts", hosts), ("resolv.conf", resolv)] {
             let path = self.paths.sandbox.join(name);
-            std::fs::write(&path, text)
-                .with_context(|| format!("writing {}", path.display()))
-                .map_err(failed)?;
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display())).map_err(failed)?;
         }
         if in_guest {
-            nix::unistd::sethostname(hostname)
-                .context("setting the guest hostname")
-                .map_err(failed)?;
+            nix::unistd::sethostname(hostname).context("setting the guest hostname").map_err(failed)?;
         }
         if req.pause {
             let mut pause = self.pause.lock().await;
             if pause.as_ref().is_some_and(|p| p.exit_status().is_none()) {
-                return Err(ContainerError::AlreadyExists(
-                    "the sandbox already has a pause process".into(),
-                ));
+                return Err(ContainerError::AlreadyExists("the sandbox already has a pause process".into()));
             }
             let args = [pause::SUBCOMMAND, "--hostname", hostname];
             let out = self.agent_subcommand(&args, None).await.map_err(failed)?;
             let pid = parse_pid(&out).map_err(failed)?;
-            *pause = Some(
-                self.table
-                    .register(pid, ProcessIo::default())
-                    .map_err(failed)?,
-            );
+            *pause = Some(self.table.register(pid, ProcessIo::default()).map_err(failed)?);
         }
         Ok(())
     }
 
     /// The pause process's pid, while it runs.
     async fn pause_pid(&self) -> Option<i32> {
-        self.pause
-            .lock()
-            .await
-            .as_ref()
-            .filter(|p| p.exit_status().is_none())
-            .map(|p| p.pid)
+        self.pause.lock().await.as_ref().filter(|p| p.exit_status().is_none()).map(|p| p.pid)
     }
 
     /// Creates a container (its init waits to be started) from spec JSON.
     pub async fn create(&self, id: &str, spec_json: &[u8]) -> CResult<Started> {
         spec::check_id("container id", id).map_err(invalid)?;
         if self.containers.lock().await.contains_key(id) {
-            return Err(ContainerError::AlreadyExists(format!(
-                "container '{id}' already exists"
-            )));
+            return Err(ContainerError::AlreadyExists(format!("container '{id}' already exists")));
         }
         let pause_pid = self.pause_pid().await;
         let spec = spec::prepare(id, spec_json, &self.paths.allowed, pause_pid).map_err(invalid)?;
-        let terminal = spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false);
-        let cgroup_path = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.cgroups_path().clone())
-            .unwrap_or_default();
+        let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let cgroup_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()).unwrap_or_default();
         let bundle = self.paths.bundles.join(id);
         let _ = std::fs::remove_dir_all(&bundle);
-        std::fs::create_dir_all(&bundle)
-            .with_context(|| format!("creating {}", bundle.display()))
-            .map_err(failed)?;
+        std::fs::create_dir_all(&bundle).with_context(|| format!("creating {}", bundle.display())).map_err(failed)?;
         let result = async {
-            spec.save(bundle.join("config.json"))
-                .context("writing config.json")?;
+            spec.save(bundle.join("config.json")).context("writing config.json")?;
             let bundle_arg = bundle.to_string_lossy().into_owned();
             let (pid, io) = self
-                .run_with_stdio(
-                    id,
-                    "create",
-                    &["--bundle", &bundle_arg],
-                    terminal,
-                    &bundle.join("init.console"),
-                )
+                .run_with_stdio(id, "create", &["--bundle", &bundle_arg], terminal, &bundle.join("init.console"))
                 .await?;
             let process = self.table.register(pid, io)?;
             let cgroup = Cgroup::open(&cgroup_path, id)?;
             let oom_seen = cgroup.oom_kills();
-            self.containers.lock().await.insert(
-                id.to_string(),
-                Container {
-                    bundle: bundle.clone(),
-                    cgroup,
-                    oom_seen,
-                },
-            );
+            self.containers.lock().await.insert(id.to_string(), Container { bundle: bundle.clone(), cgroup, oom_seen });
             Ok(Started { process })
         }
         .await
@@ -280,18 +207,14 @@ impl Containers {
     pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8]) -> CResult<Started> {
         spec::check_id("exec id", exec_id).map_err(invalid)?;
         let bundle = self.known(id).await?;
-        let process: OciProcess = serde_json::from_slice(process_json)
-            .context("malformed OCI process")
-            .map_err(invalid)?;
+        let process: OciProcess =
+            serde_json::from_slice(process_json).context("malformed OCI process").map_err(invalid)?;
         spec::check_process(&process).map_err(invalid)?;
         let terminal = process.terminal().unwrap_or(false);
         let file = bundle.join(format!("exec-{exec_id}.json"));
-        std::fs::write(
-            &file,
-            serde_json::to_vec(&process).map_err(|e| failed(e.into()))?,
-        )
-        .with_context(|| format!("writing {}", file.display()))
-        .map_err(failed)?;
+        std::fs::write(&file, serde_json::to_vec(&process).map_err(|e| failed(e.into()))?)
+            .with_context(|| format!("writing {}", file.display()))
+            .map_err(failed)?;
         let file_arg = file.to_string_lossy().into_owned();
         let result = self
             .run_with_stdio(
@@ -304,9 +227,7 @@ impl Containers {
             .await;
         let _ = std::fs::remove_file(&file);
         let (pid, io) = result.map_err(failed)?;
-        Ok(Started {
-            process: self.table.register(pid, io).map_err(failed)?,
-        })
+        Ok(Started { process: self.table.register(pid, io).map_err(failed)? })
     }
 
     pub async fn pause(&self, id: &str) -> CResult<()> {
@@ -320,9 +241,8 @@ impl Containers {
     }
 
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> CResult<()> {
-        let resources: LinuxResources = serde_json::from_slice(resources_json)
-            .context("malformed OCI resources")
-            .map_err(invalid)?;
+        let resources: LinuxResources =
+            serde_json::from_slice(resources_json).context("malformed OCI resources").map_err(invalid)?;
         spec::check_resources(&resources).map_err(invalid)?;
         let map = self.containers.lock().await;
         let c = map.get(id).ok_or_else(|| not_found(id))?;
@@ -331,20 +251,12 @@ impl Containers {
 
     pub async fn usage(&self, id: &str) -> CResult<cgroup::Usage> {
         let map = self.containers.lock().await;
-        map.get(id)
-            .ok_or_else(|| not_found(id))?
-            .cgroup
-            .usage()
-            .map_err(failed)
+        map.get(id).ok_or_else(|| not_found(id))?.cgroup.usage().map_err(failed)
     }
 
     pub async fn pids(&self, id: &str) -> CResult<Vec<i32>> {
         let map = self.containers.lock().await;
-        map.get(id)
-            .ok_or_else(|| not_found(id))?
-            .cgroup
-            .pids()
-            .map_err(failed)
+        map.get(id).ok_or_else(|| not_found(id))?.cgroup.pids().map_err(failed)
     }
 
     /// Removes a container: with `force`, kills what still runs first.
@@ -353,10 +265,7 @@ impl Containers {
         if force {
             if let Ok(pids) = self.pids(id).await {
                 for pid in pids {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 }
             }
         }
@@ -412,15 +321,21 @@ impl Containers {
             let (ours, child) = ProcessIo::pipes()?;
             let mut all = args.to_vec();
             all.push("--stdio");
-            let out = self
-                .helper_output(
-                    op,
-                    id,
-                    &all,
-                    Some([child.stdin, child.stdout, child.stderr]),
-                )
-                .await?;
-            Ok((parse_pid(&out)?, ours))
+            let out = self.helper_output(op, id, &all, Some([child.stdin, child.stdout, child.stderr])).await;
+            match out {
+                Ok(out) => Ok((parse_pid(&out)?, ours)),
+                Err(e) => {
+                    // The container's own setup logs its failure on the
+                    // container's stderr: make it part of the error.
+                    let said = ours.stderr.as_ref().map(drain).unwrap_or_default();
+                    let said = said.trim();
+                    if said.is_empty() {
+                        Err(e)
+                    } else {
+                        Err(e.context(said.to_string()))
+                    }
+                }
+            }
         }
     }
 
@@ -430,13 +345,7 @@ impl Containers {
 
     /// Runs `runv-agent container-helper OP` and returns its stdout; its
     /// stderr becomes the error.
-    async fn helper_output(
-        &self,
-        op: &str,
-        id: &str,
-        args: &[&str],
-        stdio: Option<[OwnedFd; 3]>,
-    ) -> Result<String> {
+    async fn helper_output(&self, op: &str, id: &str, args: &[&str], stdio: Option<[OwnedFd; 3]>) -> Result<String> {
         let state = self.paths.state.to_string_lossy().into_owned();
         let mut all = vec![helper::SUBCOMMAND, op, "--root", &state, "--id", id];
         all.extend(args);
@@ -446,28 +355,18 @@ impl Containers {
     /// Runs this binary with `args` (a helper subcommand) and returns its
     /// stdout; its stderr becomes the error. `stdio` goes to fds 3, 4, 5.
     async fn agent_subcommand(&self, args: &[&str], stdio: Option<[OwnedFd; 3]>) -> Result<String> {
-        let op = args
-            .get(1)
-            .or(args.first())
-            .copied()
-            .unwrap_or("helper")
-            .to_string();
+        let op = args.get(1).or(args.first()).copied().unwrap_or("helper").to_string();
         let op = op.as_str();
         let exe = std::env::current_exe().context("locating the agent binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(args);
         let (out_r, out_w) = os_pipe()?;
         let (err_r, err_w) = os_pipe()?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out_w))
-            .stderr(Stdio::from(err_w));
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
         if let Some(fds) = stdio {
             // Move the descriptors above the target numbers first, so that
             // placing one on 3, 4 or 5 cannot clobber another.
-            let high: Vec<OwnedFd> = fds
-                .iter()
-                .map(|fd| dup_above(fd, 10))
-                .collect::<Result<_>>()?;
+            let high: Vec<OwnedFd> = fds.iter().map(|fd| dup_above(fd, 10)).collect::<Result<_>>()?;
             drop(fds);
             let raw: Vec<RawFd> = high.iter().map(|fd| fd.as_raw_fd()).collect();
             // SAFETY: dup2 is async-signal-safe; the descriptors stay open
@@ -482,26 +381,16 @@ impl Containers {
                     Ok(())
                 });
             }
-            let process = self.table.spawn_command(
-                &mut cmd,
-                ProcessIo {
-                    stdout: Some(out_r),
-                    stderr: Some(err_r),
-                    ..Default::default()
-                },
-            );
+            let process = self
+                .table
+                .spawn_command(&mut cmd, ProcessIo { stdout: Some(out_r), stderr: Some(err_r), ..Default::default() });
             drop(cmd);
             drop(high);
             return finish_helper(process?, op).await;
         }
-        let process = self.table.spawn_command(
-            &mut cmd,
-            ProcessIo {
-                stdout: Some(out_r),
-                stderr: Some(err_r),
-                ..Default::default()
-            },
-        )?;
+        let process = self
+            .table
+            .spawn_command(&mut cmd, ProcessIo { stdout: Some(out_r), stderr: Some(err_r), ..Default::default() })?;
         drop(cmd);
         finish_helper(process, op).await
     }
@@ -515,22 +404,14 @@ async fn finish_helper(process: Arc<Process>, op: &str) -> Result<String> {
         let err = err.trim();
         bail!(
             "{}",
-            if err.is_empty() {
-                format!("container {op} failed (status {})", exit.status)
-            } else {
-                err.to_string()
-            }
+            if err.is_empty() { format!("container {op} failed (status {})", exit.status) } else { err.to_string() }
         );
     }
     Ok(out)
 }
 
 async fn read_to_end(process: &Process, stderr: bool) -> String {
-    let which = if stderr {
-        &process.stderr
-    } else {
-        &process.stdout
-    };
+    let which = if stderr { &process.stderr } else { &process.stdout };
     let mut all = Vec::new();
     while let Ok(chunk) = process.read_output(which, 64 * 1024).await {
         if chunk.is_empty() {
@@ -541,17 +422,31 @@ async fn read_to_end(process: &Process, stderr: bool) -> String {
     String::from_utf8_lossy(&all).into_owned()
 }
 
+/// What a pipe holds right now, without waiting.
+fn drain(fd: &OwnedFd) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    // SAFETY: fcntl and read on a descriptor we own, into a buffer we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        loop {
+            let n = libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 || all.len() > 64 * 1024 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n as usize]);
+        }
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 fn not_found(id: &str) -> ContainerError {
     ContainerError::NotFound(format!("no container '{id}'"))
 }
 
 fn parse_pid(out: &str) -> Result<i32> {
-    out.trim().parse().with_context(|| {
-        format!(
-            "the container engine printed '{}' instead of a pid",
-            out.trim()
-        )
-    })
+    out.trim().parse().with_context(|| format!("the container engine printed '{}' instead of a pid", out.trim()))
 }
 
 fn os_pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -583,10 +478,7 @@ fn receive_pty_master(listener: &std::os::unix::net::UnixListener) -> Result<Own
     let stream = loop {
         match listener.accept() {
             Ok((s, _)) => break s,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => return Err(e).context("waiting for the container's terminal"),
@@ -596,13 +488,8 @@ fn receive_pty_master(listener: &std::os::unix::net::UnixListener) -> Result<Own
     let mut buf = [0u8; 4096];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .context("receiving the terminal")?;
+    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .context("receiving the terminal")?;
     for c in msg.cmsgs().context("reading the terminal message")? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(&fd) = fds.first() {

@@ -22,10 +22,7 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     // SAFETY: unshare with constant flags in this single-threaded helper.
     if unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } < 0 {
-        eprintln!(
-            "creating the pod namespaces: {}",
-            std::io::Error::last_os_error()
-        );
+        eprintln!("creating the pod namespaces: {}", std::io::Error::last_os_error());
         return ExitCode::FAILURE;
     }
     if let Some(h) = hostname {
@@ -37,10 +34,7 @@ pub fn main(args: &[String]) -> ExitCode {
     // SAFETY: this process is single-threaded; the child only makes system calls.
     match unsafe { libc::fork() } {
         -1 => {
-            eprintln!(
-                "starting the pause process: {}",
-                std::io::Error::last_os_error()
-            );
+            eprintln!("starting the pause process: {}", std::io::Error::last_os_error());
             ExitCode::FAILURE
         }
         0 => unsafe {

@@ -26,36 +26,23 @@ impl AllowedRoots {
         if !path.is_absolute() {
             bail!("{what} '{}' is not an absolute path", path.display());
         }
-        let real = path
-            .canonicalize()
-            .with_context(|| format!("{what} '{}'", path.display()))?;
+        let real = path.canonicalize().with_context(|| format!("{what} '{}'", path.display()))?;
         for root in &self.0 {
             let root = root.canonicalize().unwrap_or_else(|_| root.clone());
             if real.starts_with(&root) {
                 return Ok(real);
             }
         }
-        bail!(
-            "{what} '{}' resolves to '{}', outside the shared directory",
-            path.display(),
-            real.display()
-        )
+        bail!("{what} '{}' resolves to '{}', outside the shared directory", path.display(), real.display())
     }
 }
 
 /// Container and exec ids: what the engine and file names can carry.
 pub fn check_id(what: &str, id: &str) -> Result<()> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        bail!(
-            "{what} must be 1 to {MAX_ID_LEN} characters, got {}",
-            id.len()
-        );
+        bail!("{what} must be 1 to {MAX_ID_LEN} characters, got {}", id.len());
     }
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        || id.starts_with('.')
-    {
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || id.starts_with('.') {
         bail!("{what} '{id}' may only contain letters, digits, '-', '_' and '.'");
     }
     Ok(())
@@ -67,12 +54,7 @@ pub fn check_id(what: &str, id: &str) -> Result<()> {
 /// namespaces.
 pub const PAUSE_NS_PREFIX: &str = "pause:";
 
-pub fn prepare(
-    container_id: &str,
-    json: &[u8],
-    allowed: &AllowedRoots,
-    pause_pid: Option<i32>,
-) -> Result<Spec> {
+pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pid: Option<i32>) -> Result<Spec> {
     let mut spec: Spec = serde_json::from_slice(json).context("malformed OCI spec")?;
     let Some(root) = spec.root().clone() else {
         bail!("the spec has no root");
@@ -96,28 +78,16 @@ pub fn prepare(
     }
 
     for m in spec.mounts().iter().flatten() {
-        let is_bind = m.typ().as_deref() == Some("bind")
-            || m.options()
-                .iter()
-                .flatten()
-                .any(|o| o == "bind" || o == "rbind");
+        let is_bind =
+            m.typ().as_deref() == Some("bind") || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
         if is_bind {
             let Some(source) = m.source() else {
-                bail!(
-                    "bind mount on '{}' has no source",
-                    m.destination().display()
-                );
+                bail!("bind mount on '{}' has no source", m.destination().display());
             };
-            allowed.resolve(
-                &format!("mount source for '{}'", m.destination().display()),
-                source,
-            )?;
+            allowed.resolve(&format!("mount source for '{}'", m.destination().display()), source)?;
         }
         if !m.destination().is_absolute() {
-            bail!(
-                "mount destination '{}' is not an absolute path",
-                m.destination().display()
-            );
+            bail!("mount destination '{}' is not an absolute path", m.destination().display());
         }
     }
 
@@ -158,10 +128,7 @@ pub fn check_process(process: &Process) -> Result<()> {
         bail!("process.args is empty");
     }
     if !process.cwd().is_absolute() {
-        bail!(
-            "process.cwd '{}' is not an absolute path",
-            process.cwd().display()
-        );
+        bail!("process.cwd '{}' is not an absolute path", process.cwd().display());
     }
     for kv in process.env().iter().flatten() {
         if !kv.contains('=') {
@@ -173,11 +140,7 @@ pub fn check_process(process: &Process) -> Result<()> {
 
 pub fn check_resources(r: &LinuxResources) -> Result<()> {
     if let Some(mem) = r.memory() {
-        for (key, value) in [
-            ("limit", mem.limit()),
-            ("reservation", mem.reservation()),
-            ("swap", mem.swap()),
-        ] {
+        for (key, value) in [("limit", mem.limit()), ("reservation", mem.reservation()), ("swap", mem.swap())] {
             match value {
                 None | Some(-1) => {}
                 Some(v) if v < 0 => bail!("memory.{key} {v} is negative"),
@@ -240,20 +203,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("c1/rootfs");
         std::fs::create_dir_all(&rootfs).unwrap();
-        let spec = prepare_t(
-            "c1",
-            &spec_json(&dir.path().join("c1/./rootfs"), ""),
-            &allowed(dir.path()),
-        )
-        .unwrap();
-        assert_eq!(
-            spec.root().as_ref().unwrap().path(),
-            &rootfs.canonicalize().unwrap()
-        );
-        assert_eq!(
-            spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
-            Some(Path::new("/runv/c1"))
-        );
+        let spec = prepare_t("c1", &spec_json(&dir.path().join("c1/./rootfs"), ""), &allowed(dir.path())).unwrap();
+        assert_eq!(spec.root().as_ref().unwrap().path(), &rootfs.canonicalize().unwrap());
+        assert_eq!(spec.linux().as_ref().unwrap().cgroups_path().as_deref(), Some(Path::new("/runv/c1")));
     }
 
     #[test]
@@ -270,43 +222,19 @@ mod tests {
         std::fs::create_dir_all(shared.join("c1")).unwrap();
         std::fs::create_dir_all(dir.path().join("secret")).unwrap();
         // By `..`.
-        let e = prepare_t(
-            "c1",
-            &spec_json(&shared.join("c1/../../secret"), ""),
-            &allowed(&shared),
-        )
-        .unwrap_err();
-        assert!(
-            format!("{e:#}").contains("outside the shared directory"),
-            "{e:#}"
-        );
+        let e = prepare_t("c1", &spec_json(&shared.join("c1/../../secret"), ""), &allowed(&shared)).unwrap_err();
+        assert!(format!("{e:#}").contains("outside the shared directory"), "{e:#}");
         // By a symlink.
         std::os::unix::fs::symlink(dir.path().join("secret"), shared.join("link")).unwrap();
-        let e = prepare_t(
-            "c1",
-            &spec_json(&shared.join("link"), ""),
-            &allowed(&shared),
-        )
-        .unwrap_err();
-        assert!(
-            format!("{e:#}").contains("outside the shared directory"),
-            "{e:#}"
-        );
+        let e = prepare_t("c1", &spec_json(&shared.join("link"), ""), &allowed(&shared)).unwrap_err();
+        assert!(format!("{e:#}").contains("outside the shared directory"), "{e:#}");
         // A bind mount source by symlink.
         let extra = format!(
             r#","mounts":[{{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}}]"#,
             shared.join("link").display()
         );
-        let e = prepare_t(
-            "c1",
-            &spec_json(&shared.join("c1"), &extra),
-            &allowed(&shared),
-        )
-        .unwrap_err();
-        assert!(
-            format!("{e:#}").contains("mount source for '/data'"),
-            "{e:#}"
-        );
+        let e = prepare_t("c1", &spec_json(&shared.join("c1"), &extra), &allowed(&shared)).unwrap_err();
+        assert!(format!("{e:#}").contains("mount source for '/data'"), "{e:#}");
     }
 
     #[test]
@@ -316,20 +244,12 @@ mod tests {
         for (resources, needle) in [
             (r#"{"memory":{"limit":1000}}"#, "below the minimum"),
             (r#"{"memory":{"limit":-5}}"#, "negative"),
-            (
-                r#"{"memory":{"limit":9223372036854775807}}"#,
-                "absurdly large",
-            ),
+            (r#"{"memory":{"limit":9223372036854775807}}"#, "absurdly large"),
             (r#"{"cpu":{"shares":0}}"#, "cpu.shares"),
             (r#"{"pids":{"limit":-7}}"#, "pids.limit"),
         ] {
             let extra = format!(r#","linux":{{"resources":{resources}}}"#);
-            let e = prepare_t(
-                "c1",
-                &spec_json(&dir.path().join("r"), &extra),
-                &allowed(dir.path()),
-            )
-            .unwrap_err();
+            let e = prepare_t("c1", &spec_json(&dir.path().join("r"), &extra), &allowed(dir.path())).unwrap_err();
             assert!(format!("{e:#}").contains(needle), "{resources}: {e:#}");
         }
     }
