@@ -185,11 +185,12 @@ async fn run_command(
         .await
         .map_err(|e| RunError::runv(format!("preparing the sandbox: {e}")))?;
     agent.create_container(CONTAINER_ID, &spec).await.map_err(cannot_run)?;
+    tracing::debug!("container created");
     if let Err(e) = agent.start_container(CONTAINER_ID).await {
-        let _ = agent.remove_container(CONTAINER_ID, true).await;
         return Err(cannot_run(e));
     }
 
+    tracing::debug!("container started");
     let _raw = if opts.tty && stdin_is_tty { RawTerminal::enter() } else { None };
     let stdout = tokio::spawn(pump_output(agent.clone(), false));
     let stderr = (!opts.tty).then(|| tokio::spawn(pump_output(agent.clone(), true)));
@@ -224,8 +225,8 @@ async fn run_command(
             Err(_) => tracing::warn!("output stream did not end"),
         }
     }
+    tracing::debug!(status = exit.status, "command exited");
     stdin.abort();
-    let _ = agent.remove_container(CONTAINER_ID, true).await;
     Ok(exit.status)
 }
 

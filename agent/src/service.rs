@@ -349,8 +349,13 @@ impl Agent for AgentService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
-        for id in self.containers.ids().await {
-            let _ = self.containers.remove(&id, true).await;
+        if self.in_guest {
+            // The VM goes away with everything in it; only stop the work.
+            self.containers.kill_all().await;
+        } else {
+            for id in self.containers.ids().await {
+                let _ = self.containers.remove(&id, true).await;
+            }
         }
         self.table.kill_all();
         if self.in_guest {

@@ -215,10 +215,12 @@ impl Sandbox {
             None => false,
         };
         let grace = if acknowledged { Duration::ZERO } else { UNACKNOWLEDGED_SHUTDOWN_GRACE };
+        tracing::debug!(sandbox = %self.id, acknowledged, "stopping the VM");
         let exit = self.hypervisor.stop(grace).await;
         if let Some(mut fs) = self.virtiofsd.take() {
             fs.stop().await;
         }
+        tracing::debug!(sandbox = %self.id, ?exit, "sandbox stopped");
         exit
         // Drop removes the directory.
     }

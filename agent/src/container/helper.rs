@@ -112,9 +112,6 @@ fn run(args: &[String]) -> Result<()> {
                 .context("starting the process")?;
             println!("{pid}");
         }
-        "start" => load(&a)?.start().context("starting the container")?,
-        "pause" => load(&a)?.pause().context("pausing the container")?,
-        "resume" => load(&a)?.resume().context("resuming the container")?,
         "delete" => load(&a)?.delete(a.force).context("deleting the container")?,
         other => bail!("unknown operation '{other}'"),
     }

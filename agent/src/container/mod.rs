@@ -200,7 +200,38 @@ impl Containers {
 
     pub async fn start(&self, id: &str) -> CResult<()> {
         self.known(id).await?;
-        self.helper("start", id, &[]).await.map_err(failed)
+        self.in_process(id, "starting", |c| c.start()).await
+    }
+
+    /// Runs an engine call that forks nothing (the agent strips hooks from
+    /// specs) in this process, off the async threads.
+    async fn in_process(
+        &self,
+        id: &str,
+        what: &'static str,
+        op: impl FnOnce(&mut libcontainer::container::Container) -> Result<(), libcontainer::error::LibcontainerError>
+            + Send
+            + 'static,
+    ) -> CResult<()> {
+        let dir = self.paths.state.join(id);
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut c =
+                libcontainer::container::Container::load(dir).with_context(|| format!("loading container '{id}'"))?;
+            op(&mut c).with_context(|| format!("{what} container '{id}'"))
+        })
+        .await
+        .map_err(|e| failed(e.into()))?
+        .map_err(failed)
+    }
+
+    /// SIGKILLs every process of every container (the guest is going away).
+    pub async fn kill_all(&self) {
+        for c in self.containers.lock().await.values() {
+            for pid in c.cgroup.pids().unwrap_or_default() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
 
     /// Runs an extra process (OCI Process JSON) in a running container.
@@ -232,12 +263,12 @@ impl Containers {
 
     pub async fn pause(&self, id: &str) -> CResult<()> {
         self.known(id).await?;
-        self.helper("pause", id, &[]).await.map_err(failed)
+        self.in_process(id, "pausing", |c| c.pause()).await
     }
 
     pub async fn resume(&self, id: &str) -> CResult<()> {
         self.known(id).await?;
-        self.helper("resume", id, &[]).await.map_err(failed)
+        self.in_process(id, "resuming", |c| c.resume()).await
     }
 
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> CResult<()> {

@@ -91,6 +91,10 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
         }
     }
 
+    // OCI hooks are host programs; the runtime runs none inside the guest
+    // (as Kata), and the engine must not fork them under the agent.
+    spec.set_hooks(None);
+
     let mut linux = spec.linux().clone().unwrap_or_default();
     if let Some(resources) = linux.resources() {
         check_resources(resources)?;
