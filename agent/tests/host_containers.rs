@@ -24,7 +24,10 @@ impl Agent {
         std::fs::create_dir_all(dir.path().join("shared")).unwrap();
         // Its own process group, so that dropping it also ends the helpers
         // and pause process it started.
-        let child = Command::new(env!("CARGO_BIN_EXE_runv-agent"))
+        // In a private mount namespace (unshare execs the agent, keeping
+        // the pid), so nothing it mounts can touch the host's mounts.
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", env!("CARGO_BIN_EXE_runv-agent")])
             .process_group(0)
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))
@@ -188,7 +191,7 @@ fn assert_nothing_left(agent: &Agent, id: &str) {
     }
     assert!(!agent.dir.path().join("state/containers").join(id).exists(), "engine state left behind");
     assert!(!agent.dir.path().join("state/bundles").join(id).exists(), "bundle left behind");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.child.id())).unwrap();
     let rootfs = agent.shared().join(id);
     assert!(!mounts.contains(&*rootfs.to_string_lossy()), "a mount of {} is left", rootfs.display());
 }
@@ -491,4 +494,46 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     for id in ["bad1", "bad2", "bad3", "bad4", "bad5"] {
         assert_nothing_left(&agent, id);
     }
+}
+
+#[tokio::test]
+async fn user_rlimits_no_new_privileges_seccomp_and_read_only_root_apply() {
+    if !root_or_skip() {
+        return;
+    }
+    let agent = Agent::start();
+    let c = agent.client().await;
+    let root = agent.rootfs("sec");
+    for applet in ["id", "grep", "mkdir", "touch"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let script = "id -u; id -g; ulimit -n; grep NoNewPrivs /proc/self/status; grep CapEff /proc/self/status; \
+                  mkdir /tmp/d 2>&1 || echo mkdir-denied; touch /x 2>&1 || echo root-read-only";
+    let extra = json!({
+        "root": { "readonly": true },
+        "process": {
+            "user": { "uid": 1000, "gid": 1000 },
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 321, "soft": 321 }],
+            "capabilities": { "bounding": [], "effective": [], "permitted": [] }
+        },
+        "linux": {
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }]
+            }
+        }
+    });
+    create(&c, "sec", spec(&root, &["sh", "-c", script], extra)).await;
+    start(&c, "sec").await;
+    let out = read_all(&c, "sec", "", false).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..3], ["1000", "1000", "321"], "output: {out}");
+    assert_eq!(lines[3].split_whitespace().collect::<Vec<_>>(), ["NoNewPrivs:", "1"], "output: {out}");
+    assert_eq!(lines[4], "CapEff:\t0000000000000000", "output: {out}");
+    assert!(out.contains("Operation not permitted") && out.contains("mkdir-denied"), "seccomp did not deny mkdir: {out}");
+    assert!(out.contains("root-read-only"), "the root was writable: {out}");
+    assert_eq!(wait(&c, "sec", "").await.status, 0);
+    remove(&c, "sec").await;
+    assert_nothing_left(&agent, "sec");
 }
