@@ -4,11 +4,7 @@
 //! It also runs on a host as an ordinary process (`--listen unix:///path`),
 //! which is how its tests run without a VM.
 
-mod container;
-mod init;
-mod process;
-mod service;
-mod stream;
+use runv_agent::{container, init, process, service};
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -531,7 +531,10 @@ async fn user_rlimits_no_new_privileges_seccomp_and_read_only_root_apply() {
     assert_eq!(&lines[..3], ["1000", "1000", "321"], "output: {out}");
     assert_eq!(lines[3].split_whitespace().collect::<Vec<_>>(), ["NoNewPrivs:", "1"], "output: {out}");
     assert_eq!(lines[4], "CapEff:\t0000000000000000", "output: {out}");
-    assert!(out.contains("Operation not permitted") && out.contains("mkdir-denied"), "seccomp did not deny mkdir: {out}");
+    assert!(
+        out.contains("Operation not permitted") && out.contains("mkdir-denied"),
+        "seccomp did not deny mkdir: {out}"
+    );
     assert!(out.contains("root-read-only"), "the root was writable: {out}");
     assert_eq!(wait(&c, "sec", "").await.status, 0);
     remove(&c, "sec").await;
