@@ -41,8 +41,8 @@ impl ExitStatus {
 pub struct Process {
     pub pid: i32,
     pub stdin: tokio::sync::Mutex<Option<FdStream>>,
-    pub stdout: tokio::sync::Mutex<Option<FdStream>>,
-    pub stderr: tokio::sync::Mutex<Option<FdStream>>,
+    stdout: Option<Arc<OutputBuffer>>,
+    stderr: Option<Arc<OutputBuffer>>,
     /// The pty master, kept for window resizes.
     pub tty: Option<OwnedFd>,
     exit_tx: watch::Sender<Option<ExitStatus>>,
@@ -64,28 +64,12 @@ impl Process {
         }
     }
 
-    /// Long-poll read of one output stream: waits for data, returns at most
-    /// `max` bytes, or an empty vector at end of stream. Once the process
-    /// has exited the stream is only drained, so a grandchild that keeps it
-    /// open cannot hold the caller forever.
-    pub async fn read_output(&self, which: &tokio::sync::Mutex<Option<FdStream>>, max: usize) -> io::Result<Vec<u8>> {
-        let guard = which.lock().await;
-        let Some(stream) = guard.as_ref() else {
-            return Ok(Vec::new());
-        };
-        let mut exit_rx = self.exit_tx.subscribe();
-        loop {
-            let exited = exit_rx.borrow_and_update().is_some();
-            if let Some(data) = stream.try_read(max)? {
-                return Ok(data);
-            }
-            if exited {
-                return Ok(Vec::new());
-            }
-            tokio::select! {
-                r = stream.readable() => r?,
-                _ = exit_rx.changed() => {}
-            }
+    /// Long-poll read of stdout (or stderr): waits for data, returns at
+    /// most `max` bytes, or an empty vector at end of stream.
+    pub async fn read_output(&self, stderr: bool, max: usize) -> Vec<u8> {
+        match if stderr { &self.stderr } else { &self.stdout } {
+            Some(buffer) => buffer.read(max).await,
+            None => Vec::new(),
         }
     }
 
@@ -107,6 +91,97 @@ impl Process {
             return Err(io::Error::last_os_error()).context("setting the terminal size");
         }
         Ok(())
+    }
+}
+
+/// How much of a process's stdout (and of its stderr) the agent holds for
+/// a reader that is slow to come: the process writes on without waiting
+/// for the host's round trips; only a reader that stops altogether makes
+/// it wait once this is full.
+pub const OUTPUT_BUFFER_BYTES: usize = 1 << 20;
+
+/// One output stream, drained continuously into a bounded buffer by its
+/// own task and read from the buffer by the long-poll calls.
+pub struct OutputBuffer {
+    state: Mutex<OutputState>,
+    data_ready: tokio::sync::Notify,
+    space_ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OutputState {
+    data: std::collections::VecDeque<u8>,
+    eof: bool,
+}
+
+impl OutputBuffer {
+    /// Starts draining `fd`. Once the process has exited the stream is only
+    /// drained of what is there, so a grandchild that keeps it open cannot
+    /// hold readers forever.
+    fn pump(fd: OwnedFd, mut exit_rx: watch::Receiver<Option<ExitStatus>>) -> io::Result<Arc<Self>> {
+        let stream = FdStream::new(fd)?;
+        let buffer =
+            Arc::new(Self { state: Mutex::default(), data_ready: Default::default(), space_ready: Default::default() });
+        let b = buffer.clone();
+        tokio::spawn(async move {
+            loop {
+                let space = OUTPUT_BUFFER_BYTES.saturating_sub(b.lock().data.len());
+                if space == 0 {
+                    let notified = b.space_ready.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if b.lock().data.len() >= OUTPUT_BUFFER_BYTES {
+                        notified.await;
+                    }
+                    continue;
+                }
+                let exited = exit_rx.borrow_and_update().is_some();
+                match stream.try_read(space.min(64 * 1024)) {
+                    Ok(Some(data)) if data.is_empty() => break,
+                    Ok(Some(data)) => {
+                        b.lock().data.extend(data);
+                        b.data_ready.notify_waiters();
+                    }
+                    Ok(None) if exited => break,
+                    Ok(None) => {
+                        tokio::select! {
+                            r = stream.readable() => if r.is_err() { break },
+                            _ = exit_rx.changed() => {}
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            b.lock().eof = true;
+            b.data_ready.notify_waiters();
+        });
+        Ok(buffer)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutputState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn read(&self, max: usize) -> Vec<u8> {
+        loop {
+            let notified = self.data_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if !state.data.is_empty() {
+                    let n = max.min(state.data.len());
+                    let chunk: Vec<u8> = state.data.drain(..n).collect();
+                    drop(state);
+                    self.space_ready.notify_waiters();
+                    return chunk;
+                }
+                if state.eof {
+                    return Vec::new();
+                }
+            }
+            notified.await;
+        }
     }
 }
 
@@ -226,8 +301,8 @@ impl ProcessTable {
         let process = Arc::new(Process {
             pid,
             stdin: tokio::sync::Mutex::new(io.stdin.map(FdStream::new).transpose()?),
-            stdout: tokio::sync::Mutex::new(io.stdout.map(FdStream::new).transpose()?),
-            stderr: tokio::sync::Mutex::new(io.stderr.map(FdStream::new).transpose()?),
+            stdout: io.stdout.map(|fd| OutputBuffer::pump(fd, exit_tx.subscribe())).transpose()?,
+            stderr: io.stderr.map(|fd| OutputBuffer::pump(fd, exit_tx.subscribe())).transpose()?,
             tty: io.tty,
             exit_tx,
         });

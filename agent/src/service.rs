@@ -75,11 +75,7 @@ impl AgentService {
     ) -> ttrpc::Result<ReadStreamResponse> {
         let process = self.process(container_id, exec_id).await?;
         let max = len.clamp(1, guest::MAX_READ_CHUNK) as usize;
-        let which = if stderr { &process.stderr } else { &process.stdout };
-        let data = process
-            .read_output(which, max)
-            .await
-            .map_err(|e| status(Code::INTERNAL, format!("reading process output: {e}")))?;
+        let data = process.read_output(stderr, max).await;
         let eof = data.is_empty();
         Ok(ReadStreamResponse { data, eof, ..Default::default() })
     }

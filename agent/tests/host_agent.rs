@@ -331,3 +331,21 @@ async fn shutdown_stops_every_process_and_the_host_agent_exits() {
         "process {pid} survived the shutdown"
     );
 }
+
+#[tokio::test]
+async fn a_process_writes_on_while_nobody_reads_and_nothing_is_lost() {
+    if !is_root() {
+        return;
+    }
+    let agent = HostAgent::start();
+    let c = agent.client().await;
+    // 512 KiB, eight times a pipe's capacity, written before anyone reads.
+    c.run_process(ctx(), &run_req("big", &["sh", "-c", "head -c 524288 /dev/zero; echo done >&2"])).await.unwrap();
+    let w = tokio::time::timeout(Duration::from_secs(10), wait(&c, "big")).await;
+    assert_eq!(w.expect("the writer blocked on an unread stdout").status, 0);
+    assert_eq!(c.health(ctx(), &HealthRequest::new()).await.unwrap().status, "SERVING");
+    let out = read_all(&c, "big", false).await;
+    assert_eq!(out.len(), 524288);
+    assert!(out.iter().all(|b| *b == 0));
+    assert_eq!(read_all(&c, "big", true).await, b"done\n");
+}

@@ -442,9 +442,9 @@ async fn finish_helper(process: Arc<Process>, op: &str) -> Result<String> {
 }
 
 async fn read_to_end(process: &Process, stderr: bool) -> String {
-    let which = if stderr { &process.stderr } else { &process.stdout };
     let mut all = Vec::new();
-    while let Ok(chunk) = process.read_output(which, 64 * 1024).await {
+    loop {
+        let chunk = process.read_output(stderr, 64 * 1024).await;
         if chunk.is_empty() {
             break;
         }
