@@ -16,11 +16,31 @@ pub struct SpawnError {
     source: std::io::Error,
 }
 
+/// How a helper ended. The status is unknown when another reaper in this
+/// process (the containerd shim's) collected it first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelperExit(pub Option<ExitStatus>);
+
+impl HelperExit {
+    pub fn success(&self) -> bool {
+        self.0.is_some_and(|s| s.success())
+    }
+}
+
+impl std::fmt::Display for HelperExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(status) => write!(f, "{status}"),
+            None => f.write_str("status collected by another reaper"),
+        }
+    }
+}
+
 pub struct HelperProcess {
     name: &'static str,
     child: Option<Child>,
     log: PathBuf,
-    status: Option<ExitStatus>,
+    exit: Option<HelperExit>,
 }
 
 impl HelperProcess {
@@ -43,7 +63,7 @@ impl HelperProcess {
             });
         }
         let child = cmd.spawn().map_err(err)?;
-        Ok(Self { name, child: Some(child), log: log.to_path_buf(), status: None })
+        Ok(Self { name, child: Some(child), log: log.to_path_buf(), exit: None })
     }
 
     pub fn name(&self) -> &'static str {
@@ -54,18 +74,23 @@ impl HelperProcess {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The exit status, if the process has ended.
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
+    /// How the process ended, if it has.
+    pub fn try_wait(&mut self) -> Option<HelperExit> {
+        if self.exit.is_none() {
             if let Some(child) = self.child.as_mut() {
-                self.status = child.try_wait().ok().flatten();
+                self.exit = match child.try_wait() {
+                    Ok(status) => status.map(|s| HelperExit(Some(s))),
+                    // Reaped by someone else: it has ended all the same.
+                    Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Some(HelperExit(None)),
+                    Err(_) => None,
+                };
             }
         }
-        self.status
+        self.exit
     }
 
     /// Waits up to `timeout` for the process to end on its own.
-    pub async fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub async fn wait_timeout(&mut self, timeout: Duration) -> Option<HelperExit> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_wait() {
@@ -79,7 +104,7 @@ impl HelperProcess {
     }
 
     /// Asks politely (SIGTERM), then kills after `grace`.
-    pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+    pub async fn terminate(&mut self, grace: Duration) -> Option<HelperExit> {
         if self.try_wait().is_none() {
             if let Some(pid) = self.pid() {
                 // SAFETY: signalling our own, not yet reaped child.
@@ -89,7 +114,7 @@ impl HelperProcess {
                 self.kill();
             }
         }
-        self.status
+        self.exit
     }
 
     /// SIGKILL and reap; idempotent.
@@ -99,7 +124,7 @@ impl HelperProcess {
         }
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
-            self.status = child.wait().ok();
+            self.exit = Some(HelperExit(child.wait().ok()));
         }
     }
 

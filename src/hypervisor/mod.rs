@@ -4,12 +4,12 @@
 mod qemu;
 
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use qemu::Qemu;
 
 use crate::config::Accel;
+use crate::helper::HelperExit;
 
 /// What a backend needs to start one sandbox's VM.
 #[derive(Clone, Debug)]
@@ -68,11 +68,11 @@ pub trait Hypervisor: Send {
     fn diagnostics(&self) -> String;
 }
 
-fn exit_from_status(status: ExitStatus) -> VmExit {
-    if status.success() {
+fn exit_from_status(exit: HelperExit) -> VmExit {
+    if exit.success() {
         VmExit::GuestShutdown
     } else {
-        VmExit::Failed(status.to_string())
+        VmExit::Failed(exit.to_string())
     }
 }
 
