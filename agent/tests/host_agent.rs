@@ -1,68 +1,15 @@
 //! The agent run on the host as an ordinary process on a Unix socket,
 //! driven over ttrpc exactly as the host side drives it in a guest.
 
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{ctx, root_or_skip as is_root, HostAgent};
 use runv_proto::agent::*;
 use runv_proto::agent_ttrpc::AgentClient;
-use ttrpc::context;
 
-struct HostAgent {
-    child: Child,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl HostAgent {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        // Its own process group, so that dropping it also ends the helpers
-        // and pause process it started.
-        let child = Command::new(env!("CARGO_BIN_EXE_runv-agent"))
-            .process_group(0)
-            .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(socket.exists(), "the agent did not create its socket");
-        Self { child, _dir: dir, socket }
-    }
-
-    async fn client(&self) -> AgentClient {
-        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display())).await.unwrap();
-        AgentClient::new(c)
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        // SAFETY: signalling the process group we created.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-fn ctx() -> context::Context {
-    context::with_timeout(Duration::from_secs(20).as_nanos() as i64)
-}
-
-fn is_root() -> bool {
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIP: the host agent tests need root (chroot, mount namespaces)");
-    }
-    root
-}
-
-fn code_of(e: ttrpc::Error) -> ttrpc::Code {
+fn err_code(e: ttrpc::Error) -> ttrpc::Code {
     match e {
         ttrpc::Error::RpcStatus(s) => s.code(),
         other => panic!("expected a status, got {other:?}"),
@@ -125,7 +72,7 @@ async fn a_process_streams_stdout_and_stderr_and_reports_its_exit_code() {
     c.remove_process(ctx(), &RemoveProcessRequest { exec_id: "p1".into(), ..Default::default() }).await.unwrap();
     let gone =
         c.wait_process(ctx(), &WaitProcessRequest { exec_id: "p1".into(), ..Default::default() }).await.unwrap_err();
-    assert_eq!(code_of(gone), ttrpc::Code::NOT_FOUND);
+    assert_eq!(err_code(gone), ttrpc::Code::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -168,7 +115,7 @@ async fn signals_end_a_process_with_128_plus_the_signal() {
         .signal_process(ctx(), &SignalProcessRequest { exec_id: "sleep".into(), signal: 15, ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(code_of(again), ttrpc::Code::FAILED_PRECONDITION);
+    assert_eq!(err_code(again), ttrpc::Code::FAILED_PRECONDITION);
 }
 
 #[tokio::test]
@@ -221,7 +168,7 @@ async fn a_process_in_a_root_directory_sees_only_that_root() {
     assert_eq!(out, "bin\nmarker\nproc\ninside\nproc\n");
     assert_eq!(wait(&c, "ls").await.status, 0);
     // The proc mount lived in the process's own mount namespace only.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.child.id())).unwrap();
     assert!(!mounts.contains(&*root.path().to_string_lossy()), "a mount leaked: {mounts}");
 }
 
@@ -268,15 +215,15 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving() {
     }
     c.run_process(ctx(), &run_req("dup", &["sleep", "5"])).await.unwrap();
     let dup = c.run_process(ctx(), &run_req("dup", &["true"])).await.unwrap_err();
-    assert_eq!(code_of(dup), ttrpc::Code::ALREADY_EXISTS);
+    assert_eq!(err_code(dup), ttrpc::Code::ALREADY_EXISTS);
     let unknown =
         c.read_stdout(ctx(), &ReadStreamRequest { exec_id: "nobody".into(), ..Default::default() }).await.unwrap_err();
-    assert_eq!(code_of(unknown), ttrpc::Code::NOT_FOUND);
+    assert_eq!(err_code(unknown), ttrpc::Code::NOT_FOUND);
     let bad_signal = c
         .signal_process(ctx(), &SignalProcessRequest { exec_id: "dup".into(), signal: 9999, ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(code_of(bad_signal), ttrpc::Code::FAILED_PRECONDITION);
+    assert_eq!(err_code(bad_signal), ttrpc::Code::FAILED_PRECONDITION);
     let mount = c
         .mount_shared(
             ctx(),
@@ -284,7 +231,7 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving() {
         )
         .await
         .unwrap_err();
-    assert_eq!(code_of(mount), ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(err_code(mount), ttrpc::Code::INVALID_ARGUMENT);
     assert_eq!(c.health(ctx(), &HealthRequest::new()).await.unwrap().status, "SERVING");
 }
 

@@ -1,92 +1,28 @@
 //! Containers through the agent running on the host (root, cgroups of the
 //! host), driven over ttrpc as the host side drives the guest's agent.
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{code_of, ctx, root_or_skip, HostAgent};
 use runv_proto::agent::*;
 use runv_proto::agent_ttrpc::AgentClient;
 use serde_json::json;
 use ttrpc::context;
 
-struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Agent {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("runv-agent-test-").tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        std::fs::create_dir_all(dir.path().join("shared")).unwrap();
-        // Its own process group, so that dropping it also ends the helpers
-        // and pause process it started.
-        // In a private mount namespace (unshare execs the agent, keeping
-        // the pid), so nothing it mounts can touch the host's mounts.
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", env!("CARGO_BIN_EXE_runv-agent")])
-            .process_group(0)
-            .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--allow-dir")
-            .arg(dir.path().join("shared"))
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(socket.exists(), "the agent did not create its socket");
-        Self { child, dir, socket }
+/// A busybox rootfs for container `id` in the agent's shared directory.
+fn rootfs(agent: &HostAgent, id: &str) -> PathBuf {
+    let root = agent.shared().join(id).join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
     }
-
-    async fn client(&self) -> AgentClient {
-        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display())).await.unwrap();
-        AgentClient::new(c)
-    }
-
-    fn shared(&self) -> PathBuf {
-        self.dir.path().join("shared")
-    }
-
-    /// A busybox rootfs for container `id` in the shared directory.
-    fn rootfs(&self, id: &str) -> PathBuf {
-        let root = self.shared().join(id).join("rootfs");
-        for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-        for applet in ["sh", "cat", "echo", "ls", "sleep", "hostname", "head", "tr", "stty", "ps", "tty", "true"] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-        root
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: signalling the process group we created.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-fn root_or_skip() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIP: container tests need root");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "echo", "ls", "sleep", "hostname", "head", "tr", "stty", "ps", "tty", "true"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     root
-}
-
-fn ctx() -> context::Context {
-    context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
 }
 
 fn spec(root: &Path, args: &[&str], extra: serde_json::Value) -> Vec<u8> {
@@ -172,16 +108,9 @@ async fn remove(c: &AgentClient, id: &str) {
         .unwrap_or_else(|e| panic!("remove {id}: {e:?}"));
 }
 
-fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (ttrpc::Code, String) {
-    match r {
-        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
-        other => panic!("expected an error status, got {other:?}"),
-    }
-}
-
 /// Nothing of container `id` may remain: no cgroup, no state, no bundle,
 /// no mount of its rootfs.
-fn assert_nothing_left(agent: &Agent, id: &str) {
+fn assert_nothing_left(agent: &HostAgent, id: &str) {
     for dir in [
         format!("/sys/fs/cgroup/memory/runv/{id}"),
         format!("/sys/fs/cgroup/pids/runv/{id}"),
@@ -201,9 +130,9 @@ async fn a_container_is_isolated_and_reports_output_and_exit_code() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = agent.rootfs("iso");
+    let root = rootfs(&agent, "iso");
     std::fs::write(root.join("etc/marker"), "inside\n").unwrap();
     let script = "echo pid=$$; hostname; ls /; cat /etc/marker; echo oops >&2; exit 3";
     let pid = create(&c, "iso", spec(&root, &["sh", "-c", script], json!({}))).await;
@@ -223,9 +152,9 @@ async fn exec_joins_a_running_container_and_signals_reach_it() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = agent.rootfs("ex");
+    let root = rootfs(&agent, "ex");
     let init = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done";
     create(&c, "ex", spec(&root, &["sh", "-c", init], json!({}))).await;
     start(&c, "ex").await;
@@ -266,9 +195,9 @@ async fn a_memory_limit_is_enforced_and_the_oom_kill_is_reported() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = agent.rootfs("oom");
+    let root = rootfs(&agent, "oom");
     let hog = "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived";
     let limits = json!({ "linux": { "resources": { "memory": { "limit": 16777216, "swap": 16777216 } } } });
     create(&c, "oom", spec(&root, &["sh", "-c", hog], limits)).await;
@@ -302,9 +231,9 @@ async fn a_terminal_container_follows_resizes() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = agent.rootfs("tty");
+    let root = rootfs(&agent, "tty");
     let s = spec(&root, &["sh", "-c", "read go; tty; stty size"], json!({ "process": { "terminal": true } }));
     create(&c, "tty", s).await;
     start(&c, "tty").await;
@@ -332,9 +261,9 @@ async fn pause_resume_and_update_act_on_the_cgroup() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = agent.rootfs("pr");
+    let root = rootfs(&agent, "pr");
     create(&c, "pr", spec(&root, &["sh", "-c", "while :; do :; done"], json!({}))).await;
     start(&c, "pr").await;
     let req = ContainerRequest { container_id: "pr".into(), ..Default::default() };
@@ -371,7 +300,7 @@ async fn containers_join_the_pause_process_namespaces() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
     let sandbox = CreateSandboxRequest {
         sandbox_id: "pod1".into(),
@@ -384,7 +313,7 @@ async fn containers_join_the_pause_process_namespaces() {
     c.create_sandbox(ctx(), &sandbox).await.unwrap();
     let resolv = std::fs::read_to_string(agent.dir.path().join("state/sandbox/resolv.conf")).unwrap();
     assert_eq!(resolv, "nameserver 10.0.0.10\nsearch svc.cluster.local\n");
-    let root = agent.rootfs("member");
+    let root = rootfs(&agent, "member");
     let extra = json!({
         "hostname": null,
         "linux": { "namespaces": [ { "type": "pid", "path": "pause:pid" }, { "type": "uts", "path": "pause:uts" }, { "type": "ipc", "path": "pause:ipc" }, { "type": "mount" } ] },
@@ -410,9 +339,9 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = agent.rootfs("ok");
+    let root = rootfs(&agent, "ok");
     std::fs::create_dir_all(agent.dir.path().join("secret")).unwrap();
     std::os::unix::fs::symlink(agent.dir.path().join("secret"), agent.shared().join("escape")).unwrap();
 
@@ -501,9 +430,9 @@ async fn user_rlimits_no_new_privileges_seccomp_and_read_only_root_apply() {
     if !root_or_skip() {
         return;
     }
-    let agent = Agent::start();
+    let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = agent.rootfs("sec");
+    let root = rootfs(&agent, "sec");
     for applet in ["id", "grep", "mkdir", "touch"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
