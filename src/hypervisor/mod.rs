@@ -66,6 +66,11 @@ pub trait Hypervisor: Send {
     async fn stop(&mut self, grace: Duration) -> VmExit;
     /// The last lines the VM process printed, for error messages.
     fn diagnostics(&self) -> String;
+    /// Host pids of the VM process and its helpers, for cleanup by a
+    /// process that outlives this one (the shim's `delete`).
+    fn pids(&self) -> Vec<u32>;
+    /// Host pid of the VM process.
+    fn vm_pid(&self) -> Option<u32>;
 }
 
 fn exit_from_status(exit: HelperExit) -> VmExit {

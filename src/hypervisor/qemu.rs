@@ -115,6 +115,14 @@ impl Hypervisor for Qemu {
         exit
     }
 
+    fn pids(&self) -> Vec<u32> {
+        self.vm.iter().chain(self.vsock.iter()).filter_map(HelperProcess::pid).collect()
+    }
+
+    fn vm_pid(&self) -> Option<u32> {
+        self.vm.as_ref().and_then(HelperProcess::pid)
+    }
+
     fn diagnostics(&self) -> String {
         self.vm.as_ref().map(|vm| vm.log_tail(3)).unwrap_or_default()
     }

@@ -235,6 +235,68 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Starts an extra process (an OCI Process) in a running container.
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process: &oci_spec::runtime::Process,
+    ) -> Result<u32, AgentError> {
+        let process = serde_json::to_vec(process).map_err(|e| AgentError::Transport {
+            call: "exec_process",
+            message: format!("encoding the process: {e}"),
+        })?;
+        let req = ExecProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            process,
+            ..Default::default()
+        };
+        let resp = self.inner.exec_process(long(), &req).await.map_err(|e| AgentError::from_rpc("exec_process", e))?;
+        Ok(resp.pid)
+    }
+
+    pub async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.inner.pause_container(long(), &req).await.map_err(|e| AgentError::from_rpc("pause_container", e))?;
+        Ok(())
+    }
+
+    pub async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.inner.resume_container(long(), &req).await.map_err(|e| AgentError::from_rpc("resume_container", e))?;
+        Ok(())
+    }
+
+    /// New resources, as the JSON of an OCI LinuxResources.
+    pub async fn update_container(&self, container_id: &str, resources_json: Vec<u8>) -> Result<(), AgentError> {
+        let req = UpdateContainerRequest { container_id: container_id.into(), resources: resources_json, ..Default::default() };
+        self.inner.update_container(long(), &req).await.map_err(|e| AgentError::from_rpc("update_container", e))?;
+        Ok(())
+    }
+
+    pub async fn stats_container(&self, container_id: &str) -> Result<StatsContainerResponse, AgentError> {
+        let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
+        self.inner.stats_container(short(), &req).await.map_err(|e| AgentError::from_rpc("stats_container", e))
+    }
+
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
+        let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
+        let resp =
+            self.inner.list_processes(short(), &req).await.map_err(|e| AgentError::from_rpc("list_processes", e))?;
+        Ok(resp.pids)
+    }
+
+    /// Waits for the next OOM kill in any container; returns its id.
+    pub async fn next_oom_event(&self) -> Result<String, AgentError> {
+        let resp = self
+            .inner
+            .get_oom_event(unbounded(), &GetOomEventRequest::new())
+            .await
+            .map_err(|e| AgentError::from_rpc("get_oom_event", e))?;
+        Ok(resp.container_id)
+    }
+
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         self.inner.shutdown(short(), &ShutdownRequest::new()).await.map_err(|e| AgentError::from_rpc("shutdown", e))?;
         Ok(())

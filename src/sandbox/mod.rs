@@ -183,6 +183,17 @@ impl Sandbox {
         &self.dir
     }
 
+    /// Host pids of every process the sandbox runs (VM, helpers).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = self.hypervisor.pids();
+        pids.extend(self.virtiofsd.as_ref().and_then(Virtiofsd::pid));
+        pids
+    }
+
+    pub fn vm_pid(&self) -> Option<u32> {
+        self.hypervisor.vm_pid()
+    }
+
     pub fn describe_hypervisor(&self) -> String {
         self.hypervisor.describe()
     }

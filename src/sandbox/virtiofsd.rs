@@ -32,6 +32,10 @@ impl Virtiofsd {
         Ok(Self { process, socket })
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

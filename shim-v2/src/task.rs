@@ -1,0 +1,624 @@
+//! The shim v2 task service: containerd's calls mapped onto one sandbox
+//! (microVM) and the guest agent's container calls.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim_protos::api;
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
+    TaskStart,
+};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::MessageDyn;
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::topics;
+use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim_protos::ttrpc::{self, Code};
+use runv::config::Config;
+use runv::sandbox::{AgentClient, Sandbox, SandboxSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::rootfs::{guest_spec, unmount_below, SharedDir};
+
+type TtrpcResult<T> = Result<T, ttrpc::Error>;
+
+/// Reads `RUNV_CONFIG`, else /etc/runv/config.toml, else the defaults.
+pub fn load_config() -> anyhow::Result<Config> {
+    let path = std::env::var_os("RUNV_CONFIG").map(PathBuf::from);
+    Ok(Config::load(path.as_deref())?)
+}
+
+/// The shim's own state directory for a sandbox: the shared directory and
+/// the pids of what it runs, for `delete` after a crash.
+fn shim_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
+    config.runtime_dir.join("shim").join(namespace).join(id)
+}
+
+/// Kills what a dead shim left running for `id` and removes its mounts and
+/// files.
+pub fn cleanup_leftovers(config: &Config, namespace: &str, id: &str) {
+    let dir = shim_dir(config, namespace, id);
+    if let Ok(text) = std::fs::read_to_string(dir.join("pids")) {
+        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: signalling a pid we recorded; at worst it is gone.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string(dir.join("sandbox-dir")) {
+        let _ = std::fs::remove_dir_all(text.trim());
+    }
+    unmount_below(&dir);
+    let _ = nix::mount::umount2(&dir.join("shared"), nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn agent_error(what: &str, e: runv::sandbox::AgentError) -> ttrpc::Error {
+    let code = e.code().unwrap_or(Code::UNAVAILABLE);
+    status(code, format!("{what}: {e}"))
+}
+
+type Exit = (u32, Timestamp);
+
+/// One process of a container: the init (exec id "") or an exec.
+struct ProcessEntry {
+    status: api::Status,
+    terminal: bool,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    /// An exec's OCI process, kept from Exec until Start.
+    spec: Option<oci_spec::runtime::Process>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl ProcessEntry {
+    fn new(terminal: bool, stdin: &str, stdout: &str, stderr: &str) -> Self {
+        Self {
+            status: api::Status::CREATED,
+            terminal,
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            spec: None,
+            exit: watch::channel(None).0,
+        }
+    }
+}
+
+struct Container {
+    bundle: String,
+    processes: HashMap<String, ProcessEntry>,
+}
+
+#[derive(Default)]
+struct State {
+    config: Option<Config>,
+    sandbox: Option<Sandbox>,
+    shared: Option<SharedDir>,
+    containers: HashMap<String, Container>,
+}
+
+#[derive(Clone)]
+pub struct TaskService {
+    namespace: String,
+    id: String,
+    publisher: Arc<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+    state: Arc<Mutex<State>>,
+}
+
+impl TaskService {
+    pub fn new(namespace: String, id: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
+        Self { namespace, id, publisher: Arc::new(publisher), exit, state: Arc::default() }
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let ctx = ttrpc::context::Context::default();
+        if let Err(e) = self.publisher.publish(ctx, topic, &self.namespace, event).await {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    /// Boots the sandbox's VM on first use.
+    async fn ensure_sandbox(&self, state: &mut State, hostname: Option<&str>) -> TtrpcResult<AgentClient> {
+        if let Some(sandbox) = &state.sandbox {
+            return Ok(sandbox.agent().clone());
+        }
+        let config = load_config().map_err(|e| status(Code::FAILED_PRECONDITION, format!("runv config: {e}")))?;
+        let dir = shim_dir(&config, &self.namespace, &self.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", dir.display())))?;
+        let shared = SharedDir::create(&dir.join("shared")).map_err(|e| status(Code::INTERNAL, format!("{e:#}")))?;
+        let spec = SandboxSpec {
+            shared_dir: shared.path().to_path_buf(),
+            read_only: false,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+        };
+        let sandbox = match Sandbox::start(&config, &spec).await {
+            Ok(s) => s,
+            Err(e) => {
+                shared.destroy();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(status(Code::FAILED_PRECONDITION, format!("starting the sandbox VM: {e}")));
+            }
+        };
+        let pids: Vec<String> = sandbox.pids().iter().map(u32::to_string).collect();
+        let _ = std::fs::write(dir.join("pids"), pids.join("\n"));
+        let _ = std::fs::write(dir.join("sandbox-dir"), sandbox.dir().to_string_lossy().as_bytes());
+        let agent = sandbox.agent().clone();
+        let req = runv_proto::agent::CreateSandboxRequest {
+            sandbox_id: self.id.clone(),
+            hostname: hostname.unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        agent.create_sandbox(&req).await.map_err(|e| agent_error("preparing the sandbox", e))?;
+        // OOM kills in the guest become containerd events.
+        let service = self.clone();
+        let oom_agent = agent.clone();
+        tokio::spawn(async move {
+            while let Ok(container_id) = oom_agent.next_oom_event().await {
+                service.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await;
+            }
+        });
+        state.config = Some(config);
+        state.sandbox = Some(sandbox);
+        state.shared = Some(shared);
+        Ok(agent)
+    }
+
+    fn vm_pid(state: &State) -> u32 {
+        state.sandbox.as_ref().and_then(Sandbox::vm_pid).unwrap_or(0)
+    }
+
+    /// Stops the VM and removes every trace of the sandbox.
+    async fn stop_sandbox(&self, state: &mut State) {
+        if let Some(sandbox) = state.sandbox.take() {
+            sandbox.shutdown().await;
+        }
+        if let Some(shared) = state.shared.take() {
+            shared.destroy();
+        }
+        if let Some(config) = &state.config {
+            cleanup_leftovers(config, &self.namespace, &self.id);
+        }
+    }
+
+    /// Copies the process's stdio between containerd's FIFOs and the agent,
+    /// then waits for it and records and publishes its exit.
+    fn run_process(&self, agent: AgentClient, container_id: &str, exec_id: &str, entry: &ProcessEntry, pid: u32) {
+        let (cid, eid) = (container_id.to_string(), exec_id.to_string());
+        let stdout = copy_out(agent.clone(), &cid, &eid, &entry.stdout, false);
+        let stderr = (!entry.terminal).then(|| copy_out(agent.clone(), &cid, &eid, &entry.stderr, true)).flatten();
+        let stdin = copy_in(agent.clone(), &cid, &eid, &entry.stdin);
+        let exit_tx = entry.exit.clone();
+        let service = self.clone();
+        tokio::spawn(async move {
+            let code = match agent.wait_process(&cid, &eid).await {
+                Ok(w) => w.status as u32,
+                // The VM or its agent went away: the process is gone too.
+                Err(_) => 255,
+            };
+            for pump in [stdout, stderr].into_iter().flatten() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+            }
+            if let Some(s) = stdin {
+                s.abort();
+            }
+            let exited_at = containerd_shim::util::timestamp().unwrap_or_default();
+            {
+                let mut state = service.state.lock().await;
+                if let Some(p) = state.containers.get_mut(&cid).and_then(|c| c.processes.get_mut(&eid)) {
+                    p.status = api::Status::STOPPED;
+                }
+            }
+            exit_tx.send_replace(Some((code, exited_at.clone())));
+            let event = TaskExit {
+                container_id: cid.clone(),
+                id: if eid.is_empty() { cid.clone() } else { eid.clone() },
+                pid,
+                exit_status: code,
+                exited_at: Some(exited_at).into(),
+                ..Default::default()
+            };
+            service.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event)).await;
+        });
+    }
+}
+
+/// Streams one output of a guest process into containerd's FIFO.
+fn copy_out(agent: AgentClient, cid: &str, eid: &str, path: &str, stderr: bool) -> Option<JoinHandle<()>> {
+    if path.is_empty() {
+        return None;
+    }
+    let (cid, eid, path) = (cid.to_string(), eid.to_string(), path.to_string());
+    Some(tokio::spawn(async move {
+        // Read-write, so that opening never waits for containerd's reader.
+        let mut out = match tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_sender(&path) {
+            Ok(o) => o,
+            Err(e) => {
+                log::warn!("opening {path}: {e}");
+                return;
+            }
+        };
+        while let Ok(Some(data)) = agent.read_output(&cid, &eid, stderr).await {
+            if out.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+/// Streams containerd's stdin FIFO into the guest process. CloseIO (not
+/// the FIFO's end) closes the guest side.
+fn copy_in(agent: AgentClient, cid: &str, eid: &str, path: &str) -> Option<JoinHandle<()>> {
+    if path.is_empty() {
+        return None;
+    }
+    let (cid, eid, path) = (cid.to_string(), eid.to_string(), path.to_string());
+    Some(tokio::spawn(async move {
+        let Ok(mut input) = tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_receiver(&path) else {
+            return;
+        };
+        let mut buf = vec![0u8; 32 * 1024];
+        while let Ok(n) = input.read(&mut buf).await {
+            if n == 0 || agent.write_stdin(&cid, &eid, buf[..n].to_vec()).await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+fn not_found(what: &str) -> ttrpc::Error {
+    status(Code::NOT_FOUND, format!("{what} not found"))
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
+        let bundle = Path::new(&req.bundle);
+        let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).map_err(|e| {
+            status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display()))
+        })?;
+        let mut state = self.state.lock().await;
+        if state.containers.contains_key(&req.id) {
+            return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
+        }
+        let agent = self.ensure_sandbox(&mut state, spec.hostname().as_deref()).await?;
+        let shared = state.shared.as_ref().expect("a started sandbox has a shared directory");
+        let prepared = shared
+            .mount_rootfs(&req.id, &req.rootfs, bundle)
+            .and_then(|()| guest_spec(spec, &req.id, shared));
+        let gspec = match prepared {
+            Ok(s) => s,
+            Err(e) => {
+                shared.remove_container(&req.id);
+                if state.containers.is_empty() {
+                    self.stop_sandbox(&mut state).await;
+                }
+                return Err(status(Code::FAILED_PRECONDITION, format!("container {}: {e:#}", req.id)));
+            }
+        };
+        if let Err(e) = agent.create_container(&req.id, &gspec).await {
+            if let Some(shared) = &state.shared {
+                shared.remove_container(&req.id);
+            }
+            if state.containers.is_empty() {
+                self.stop_sandbox(&mut state).await;
+            }
+            return Err(agent_error(&format!("creating container {}", req.id), e));
+        }
+        let pid = Self::vm_pid(&state);
+        let mut processes = HashMap::new();
+        processes.insert(String::new(), ProcessEntry::new(req.terminal, &req.stdin, &req.stdout, &req.stderr));
+        state.containers.insert(req.id.clone(), Container { bundle: req.bundle.clone(), processes });
+        drop(state);
+        let event = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            pid,
+            ..Default::default()
+        };
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event)).await;
+        Ok(api::CreateTaskResponse { pid, ..Default::default() })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let mut state = self.state.lock().await;
+        let pid = Self::vm_pid(&state);
+        let agent = state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))?;
+        let container = state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let entry = container
+            .processes
+            .get_mut(&req.exec_id)
+            .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
+        if entry.status != api::Status::CREATED {
+            return Err(status(Code::FAILED_PRECONDITION, format!("process {:?} is not in the created state", req.exec_id)));
+        }
+        if req.exec_id.is_empty() {
+            agent.start_container(&req.id).await.map_err(|e| agent_error("starting the container", e))?;
+        } else {
+            let spec = entry.spec.clone().ok_or_else(|| status(Code::INTERNAL, "exec without a process spec"))?;
+            agent
+                .exec_process(&req.id, &req.exec_id, &spec)
+                .await
+                .map_err(|e| agent_error(&format!("starting exec {}", req.exec_id), e))?;
+        }
+        entry.status = api::Status::RUNNING;
+        self.run_process(agent, &req.id, &req.exec_id, entry, pid);
+        drop(state);
+        if req.exec_id.is_empty() {
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart { container_id: req.id.clone(), pid, ..Default::default() }),
+            )
+            .await;
+        } else {
+            let event = TaskExecStarted { container_id: req.id.clone(), exec_id: req.exec_id.clone(), pid, ..Default::default() };
+            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event)).await;
+        }
+        Ok(api::StartResponse { pid, ..Default::default() })
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let spec_any = req.spec.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
+        let process: oci_spec::runtime::Process = serde_json::from_slice(&spec_any.value)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("exec {}: malformed process spec: {e}", req.exec_id)))?;
+        let mut state = self.state.lock().await;
+        let container = state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        if req.exec_id.is_empty() || container.processes.contains_key(&req.exec_id) {
+            return Err(status(Code::ALREADY_EXISTS, format!("exec id {:?} is empty or in use", req.exec_id)));
+        }
+        let mut entry = ProcessEntry::new(req.terminal, &req.stdin, &req.stdout, &req.stderr);
+        entry.spec = Some(process);
+        container.processes.insert(req.exec_id.clone(), entry);
+        drop(state);
+        let event = TaskExecAdded { container_id: req.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() };
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event)).await;
+        Ok(api::Empty::new())
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        let state = self.state.lock().await;
+        let pid = Self::vm_pid(&state);
+        let container = state.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let p = container
+            .processes
+            .get(&req.exec_id)
+            .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
+        let exit = p.exit.borrow().clone();
+        Ok(api::StateResponse {
+            id: if req.exec_id.is_empty() { req.id.clone() } else { req.exec_id.clone() },
+            bundle: container.bundle.clone(),
+            pid,
+            status: p.status.into(),
+            stdin: p.stdin.clone(),
+            stdout: p.stdout.clone(),
+            stderr: p.stderr.clone(),
+            terminal: p.terminal,
+            exit_status: exit.as_ref().map(|e| e.0).unwrap_or_default(),
+            exited_at: exit.map(|e| e.1).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let mut rx = {
+            let state = self.state.lock().await;
+            let container = state.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = container
+                .processes
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
+            p.exit.subscribe()
+        };
+        loop {
+            if let Some((code, at)) = rx.borrow_and_update().clone() {
+                return Ok(api::WaitResponse { exit_status: code, exited_at: Some(at).into(), ..Default::default() });
+            }
+            if rx.changed().await.is_err() {
+                return Err(status(Code::NOT_FOUND, "the process was deleted"));
+            }
+        }
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let agent = {
+            let state = self.state.lock().await;
+            let container = state.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = container
+                .processes
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
+            if p.status == api::Status::STOPPED {
+                return Err(status(Code::NOT_FOUND, "process already finished"));
+            }
+            state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))?
+        };
+        agent
+            .signal_process(&req.id, &req.exec_id, req.signal as i32)
+            .await
+            .map_err(|e| agent_error("signalling the process", e))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        let mut state = self.state.lock().await;
+        let pid = Self::vm_pid(&state);
+        let container = state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let p = container
+            .processes
+            .get(&req.exec_id)
+            .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
+        if p.status == api::Status::RUNNING || p.status == api::Status::PAUSED {
+            return Err(status(Code::FAILED_PRECONDITION, format!("process {:?} of {} is still running", req.exec_id, req.id)));
+        }
+        let (code, at) = p.exit.borrow().clone().unwrap_or((0, containerd_shim::util::timestamp().unwrap_or_default()));
+        if !req.exec_id.is_empty() {
+            container.processes.remove(&req.exec_id);
+            return Ok(api::DeleteResponse { pid, exit_status: code, exited_at: Some(at).into(), ..Default::default() });
+        }
+        if let Some(agent) = state.sandbox.as_ref().map(|s| s.agent().clone()) {
+            if let Err(e) = agent.remove_container(&req.id, true).await {
+                log::warn!("removing container {} in the guest: {e}", req.id);
+            }
+        }
+        if let Some(shared) = &state.shared {
+            shared.remove_container(&req.id);
+        }
+        state.containers.remove(&req.id);
+        if state.containers.is_empty() {
+            self.stop_sandbox(&mut state).await;
+        }
+        drop(state);
+        let event = TaskDelete {
+            container_id: req.id.clone(),
+            pid,
+            exit_status: code,
+            exited_at: Some(at.clone()).into(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event)).await;
+        Ok(api::DeleteResponse { pid, exit_status: code, exited_at: Some(at).into(), ..Default::default() })
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let agent = self.agent_for(&req.id).await?;
+        let pids = agent.list_processes(&req.id).await.map_err(|e| agent_error("listing processes", e))?;
+        let processes =
+            pids.into_iter().map(|pid| api::ProcessInfo { pid, ..Default::default() }).collect::<Vec<_>>();
+        Ok(api::PidsResponse { processes, ..Default::default() })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let agent = self.agent_for(&req.id).await?;
+        agent.pause_container(&req.id).await.map_err(|e| agent_error("pausing", e))?;
+        self.set_init_status(&req.id, api::Status::PAUSED).await;
+        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: req.id, ..Default::default() }))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let agent = self.agent_for(&req.id).await?;
+        agent.resume_container(&req.id).await.map_err(|e| agent_error("resuming", e))?;
+        self.set_init_status(&req.id, api::Status::RUNNING).await;
+        self.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(TaskResumed { container_id: req.id, ..Default::default() }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let resources = req.resources.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let agent = self.agent_for(&req.id).await?;
+        agent.update_container(&req.id, resources.value.clone()).await.map_err(|e| agent_error("updating", e))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        use containerd_shim_protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat};
+        let agent = self.agent_for(&req.id).await?;
+        let s = agent.stats_container(&req.id).await.map_err(|e| agent_error("reading stats", e))?;
+        let metrics = Metrics {
+            cpu: Some(CPUStat {
+                usage: Some(CPUUsage { total: s.cpu_usage_ns, user: s.cpu_user_ns, kernel: s.cpu_system_ns, ..Default::default() })
+                    .into(),
+                ..Default::default()
+            })
+            .into(),
+            memory: Some(MemoryStat {
+                usage: Some(MemoryEntry { usage: s.memory_usage_bytes, limit: s.memory_limit_bytes, ..Default::default() })
+                    .into(),
+                ..Default::default()
+            })
+            .into(),
+            pids: Some(PidsStat { current: s.pids_current, limit: s.pids_limit, ..Default::default() }).into(),
+            ..Default::default()
+        };
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        Ok(api::StatsResponse { stats: Some(any).into(), ..Default::default() })
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        let agent = self.agent_for(&req.id).await?;
+        let (rows, cols) = (req.height.min(u16::MAX as u32) as u16, req.width.min(u16::MAX as u32) as u16);
+        agent.resize(&req.id, &req.exec_id, rows, cols).await.map_err(|e| agent_error("resizing the terminal", e))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        if req.stdin {
+            let agent = self.agent_for(&req.id).await?;
+            agent.close_stdin(&req.id, &req.exec_id).await.map_err(|e| agent_error("closing stdin", e))?;
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
+        Err(status(Code::UNIMPLEMENTED, "checkpoint is not supported by runv (the container runs in a microVM)"))
+    }
+
+    async fn connect(&self, _ctx: &TtrpcContext, _req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+        let state = self.state.lock().await;
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: Self::vm_pid(&state),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let mut state = self.state.lock().await;
+        if !state.containers.is_empty() {
+            // Other containers of the pod still run in this shim's VM.
+            return Ok(api::Empty::new());
+        }
+        self.stop_sandbox(&mut state).await;
+        self.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
+
+impl TaskService {
+    async fn agent_for(&self, container_id: &str) -> TtrpcResult<AgentClient> {
+        let state = self.state.lock().await;
+        if !state.containers.contains_key(container_id) {
+            return Err(not_found(&format!("container {container_id}")));
+        }
+        state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))
+    }
+
+    async fn set_init_status(&self, container_id: &str, status: api::Status) {
+        let mut state = self.state.lock().await;
+        if let Some(p) = state.containers.get_mut(container_id).and_then(|c| c.processes.get_mut("")) {
+            p.status = status;
+        }
+    }
+}
