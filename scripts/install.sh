@@ -34,6 +34,7 @@ apt_packages=(
     cpio file               # initramfs
     libcap-ng-dev libseccomp-dev pkg-config  # virtiofsd build
     protobuf-compiler       # CRI protos
+    containerd runc         # the containerd runtime path and its tests
     xz-utils
 )
 if [ "${RUNV_SKIP_APT:-0}" != 1 ]; then

@@ -27,6 +27,7 @@ pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 struct RunvShim {
     id: String,
     namespace: String,
+    address: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -35,7 +36,12 @@ impl Shim for RunvShim {
     type T = task::TaskService;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
-        Self { id: args.id.clone(), namespace: args.namespace.clone(), exit: Arc::new(ExitSignal::default()) }
+        Self {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            address: args.address.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
     }
 
     /// `start`: runs in the bundle directory; a pod's later containers
@@ -50,6 +56,9 @@ impl Shim for RunvShim {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let config = task::load_config().map_err(|e| Error::Other(e.to_string()))?;
         task::cleanup_leftovers(&config, &self.namespace, &self.id);
+        // A shim killed outright leaves its socket behind.
+        let socket = containerd_shim::socket_address(&self.address, &self.namespace, &self.id);
+        let _ = std::fs::remove_file(socket.trim_start_matches("unix://"));
         Ok(DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
             exited_at: Some(containerd_shim::util::timestamp()?).into(),

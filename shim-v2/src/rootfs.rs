@@ -152,8 +152,8 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir) -> Result<Spec> 
     if let Some(mounts) = spec.mounts().clone() {
         let mut fixed = Vec::with_capacity(mounts.len());
         for (i, mut m) in mounts.into_iter().enumerate() {
-            let is_bind = m.typ().as_deref() == Some("bind")
-                || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
+            let is_bind =
+                m.typ().as_deref() == Some("bind") || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
             if is_bind {
                 if let Some(source) = m.source().clone() {
                     let guest_path = shared.bind_volume(id, i, &source)?;

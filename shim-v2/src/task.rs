@@ -170,7 +170,9 @@ impl TaskService {
         let oom_agent = agent.clone();
         tokio::spawn(async move {
             while let Ok(container_id) = oom_agent.next_oom_event().await {
-                service.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() })).await;
+                service
+                    .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() }))
+                    .await;
             }
         });
         state.config = Some(config);
@@ -289,18 +291,16 @@ fn not_found(what: &str) -> ttrpc::Error {
 impl Task for TaskService {
     async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
         let bundle = Path::new(&req.bundle);
-        let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).map_err(|e| {
-            status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display()))
-        })?;
+        let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display())))?;
         let mut state = self.state.lock().await;
         if state.containers.contains_key(&req.id) {
             return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
         }
         let agent = self.ensure_sandbox(&mut state, spec.hostname().as_deref()).await?;
         let shared = state.shared.as_ref().expect("a started sandbox has a shared directory");
-        let prepared = shared
-            .mount_rootfs(&req.id, &req.rootfs, bundle)
-            .and_then(|()| guest_spec(spec, &req.id, shared));
+        let prepared =
+            shared.mount_rootfs(&req.id, &req.rootfs, bundle).and_then(|()| guest_spec(spec, &req.id, shared));
         let gspec = match prepared {
             Ok(s) => s,
             Err(e) => {
@@ -354,7 +354,10 @@ impl Task for TaskService {
             .get_mut(&req.exec_id)
             .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
         if entry.status != api::Status::CREATED {
-            return Err(status(Code::FAILED_PRECONDITION, format!("process {:?} is not in the created state", req.exec_id)));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} is not in the created state", req.exec_id),
+            ));
         }
         if req.exec_id.is_empty() {
             agent.start_container(&req.id).await.map_err(|e| agent_error("starting the container", e))?;
@@ -375,16 +378,23 @@ impl Task for TaskService {
             )
             .await;
         } else {
-            let event = TaskExecStarted { container_id: req.id.clone(), exec_id: req.exec_id.clone(), pid, ..Default::default() };
+            let event = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
             self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event)).await;
         }
         Ok(api::StartResponse { pid, ..Default::default() })
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        let spec_any = req.spec.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
-        let process: oci_spec::runtime::Process = serde_json::from_slice(&spec_any.value)
-            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("exec {}: malformed process spec: {e}", req.exec_id)))?;
+        let spec_any =
+            req.spec.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
+        let process: oci_spec::runtime::Process = serde_json::from_slice(&spec_any.value).map_err(|e| {
+            status(Code::INVALID_ARGUMENT, format!("exec {}: malformed process spec: {e}", req.exec_id))
+        })?;
         let mut state = self.state.lock().await;
         let container = state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
         if req.exec_id.is_empty() || container.processes.contains_key(&req.exec_id) {
@@ -473,12 +483,20 @@ impl Task for TaskService {
             .get(&req.exec_id)
             .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
         if p.status == api::Status::RUNNING || p.status == api::Status::PAUSED {
-            return Err(status(Code::FAILED_PRECONDITION, format!("process {:?} of {} is still running", req.exec_id, req.id)));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} of {} is still running", req.exec_id, req.id),
+            ));
         }
         let (code, at) = p.exit.borrow().clone().unwrap_or((0, containerd_shim::util::timestamp().unwrap_or_default()));
         if !req.exec_id.is_empty() {
             container.processes.remove(&req.exec_id);
-            return Ok(api::DeleteResponse { pid, exit_status: code, exited_at: Some(at).into(), ..Default::default() });
+            return Ok(api::DeleteResponse {
+                pid,
+                exit_status: code,
+                exited_at: Some(at).into(),
+                ..Default::default()
+            });
         }
         if let Some(agent) = state.sandbox.as_ref().map(|s| s.agent().clone()) {
             if let Err(e) = agent.remove_container(&req.id, true).await {
@@ -507,8 +525,7 @@ impl Task for TaskService {
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let agent = self.agent_for(&req.id).await?;
         let pids = agent.list_processes(&req.id).await.map_err(|e| agent_error("listing processes", e))?;
-        let processes =
-            pids.into_iter().map(|pid| api::ProcessInfo { pid, ..Default::default() }).collect::<Vec<_>>();
+        let processes = pids.into_iter().map(|pid| api::ProcessInfo { pid, ..Default::default() }).collect::<Vec<_>>();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
 
@@ -516,8 +533,11 @@ impl Task for TaskService {
         let agent = self.agent_for(&req.id).await?;
         agent.pause_container(&req.id).await.map_err(|e| agent_error("pausing", e))?;
         self.set_init_status(&req.id, api::Status::PAUSED).await;
-        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: req.id, ..Default::default() }))
-            .await;
+        self.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(TaskPaused { container_id: req.id, ..Default::default() }),
+        )
+        .await;
         Ok(api::Empty::new())
     }
 
@@ -534,7 +554,8 @@ impl Task for TaskService {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        let resources = req.resources.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let resources =
+            req.resources.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
         let agent = self.agent_for(&req.id).await?;
         agent.update_container(&req.id, resources.value.clone()).await.map_err(|e| agent_error("updating", e))?;
         Ok(api::Empty::new())
@@ -546,14 +567,23 @@ impl Task for TaskService {
         let s = agent.stats_container(&req.id).await.map_err(|e| agent_error("reading stats", e))?;
         let metrics = Metrics {
             cpu: Some(CPUStat {
-                usage: Some(CPUUsage { total: s.cpu_usage_ns, user: s.cpu_user_ns, kernel: s.cpu_system_ns, ..Default::default() })
-                    .into(),
+                usage: Some(CPUUsage {
+                    total: s.cpu_usage_ns,
+                    user: s.cpu_user_ns,
+                    kernel: s.cpu_system_ns,
+                    ..Default::default()
+                })
+                .into(),
                 ..Default::default()
             })
             .into(),
             memory: Some(MemoryStat {
-                usage: Some(MemoryEntry { usage: s.memory_usage_bytes, limit: s.memory_limit_bytes, ..Default::default() })
-                    .into(),
+                usage: Some(MemoryEntry {
+                    usage: s.memory_usage_bytes,
+                    limit: s.memory_limit_bytes,
+                    ..Default::default()
+                })
+                .into(),
                 ..Default::default()
             })
             .into(),

@@ -270,7 +270,11 @@ impl AgentClient {
 
     /// New resources, as the JSON of an OCI LinuxResources.
     pub async fn update_container(&self, container_id: &str, resources_json: Vec<u8>) -> Result<(), AgentError> {
-        let req = UpdateContainerRequest { container_id: container_id.into(), resources: resources_json, ..Default::default() };
+        let req = UpdateContainerRequest {
+            container_id: container_id.into(),
+            resources: resources_json,
+            ..Default::default()
+        };
         self.inner.update_container(long(), &req).await.map_err(|e| AgentError::from_rpc("update_container", e))?;
         Ok(())
     }
