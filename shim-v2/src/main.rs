@@ -89,12 +89,37 @@ async fn start_action(flags: Flags) -> Result<(), Error> {
         ..Default::default()
     };
     let grouping = rootfs::sandbox_grouping(std::path::Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
-    let address = spawn(opts, &grouping, Vec::new()).await?;
+    // containerd's CRI plugin passes the runtime options on stdin; their
+    // ConfigPath names the runv config the shim daemon reads.
+    let mut options = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut options).await;
+    let config_path = config_path_from_options(&options);
+    let vars: Vec<(&str, &str)> = config_path.iter().map(|p| ("RUNV_CONFIG", p.as_str())).collect();
+    let address = spawn(opts, &grouping, vars).await?;
     use tokio::io::AsyncWriteExt;
     let mut stdout = tokio::io::stdout();
     stdout.write_all(address.as_bytes()).await.map_err(|e| Error::Other(format!("writing the address: {e}")))?;
     stdout.flush().await.map_err(|e| Error::Other(format!("writing the address: {e}")))?;
     Ok(())
+}
+
+/// `config_path` (field 2) of containerd's `runtimeoptions.v1.Options`.
+fn config_path_from_options(bytes: &[u8]) -> Option<String> {
+    let mut input = protobuf::CodedInputStream::from_bytes(bytes);
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire_type) = (tag >> 3, tag & 7);
+        match (field, wire_type) {
+            (2, 2) => return input.read_string().ok().filter(|p| !p.is_empty()),
+            (_, 2) => {
+                input.read_bytes().ok()?;
+            }
+            (_, 0) => {
+                input.read_raw_varint64().ok()?;
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// The shim daemon: serves the task API on the socket containerd gave

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use containerd_shim_protos::api::Mount as RootfsMount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use runv_proto::guest;
 
 use crate::{ANNOTATION_CONTAINER_TYPE, ANNOTATION_SANDBOX_ID};
@@ -143,8 +143,9 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
 }
 
 /// The container's spec as the guest must see it: rootfs and volumes in
-/// the shared directory, no host namespace paths, no host hooks.
-pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir) -> Result<Spec> {
+/// the shared directory, namespaces of the pod's sandbox in the guest, no
+/// host hooks.
+pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir, sandbox_guest_pid: Option<u32>) -> Result<Spec> {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(Path::new(guest::SHARED_MOUNT_POINT).join(id).join("rootfs"));
     spec.set_root(Some(root));
@@ -165,19 +166,44 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir) -> Result<Spec> 
         spec.set_mounts(Some(fixed));
     }
     if let Some(mut linux) = spec.linux().clone() {
-        // Host namespace paths mean nothing in the guest; the container
-        // gets namespaces of its own there.
+        // Host namespace paths mean nothing in the guest. A pod container's
+        // are its sandbox's: they become the sandbox container's namespaces
+        // in the guest; anything else gets namespaces of its own.
         if let Some(namespaces) = linux.namespaces().clone() {
-            let own: Vec<_> = namespaces
+            let fixed: Vec<_> = namespaces
                 .into_iter()
                 .map(|mut ns| {
-                    ns.set_path(None);
+                    let joined = ns.path().is_some().then_some(sandbox_guest_pid).flatten();
+                    ns.set_path(joined.map(|pid| PathBuf::from(format!("/proc/{pid}/ns/{}", proc_ns_name(ns.typ())))));
                     ns
                 })
                 .collect();
-            linux.set_namespaces(Some(own));
+            linux.set_namespaces(Some(fixed));
         }
         spec.set_linux(Some(linux));
     }
     Ok(spec)
+}
+
+/// The name of a namespace kind under /proc/PID/ns.
+fn proc_ns_name(kind: LinuxNamespaceType) -> &'static str {
+    match kind {
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "net",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Mount => "mnt",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Time => "time",
+    }
+}
+
+/// The sandbox a pod container belongs to, from the CRI annotations.
+pub fn sandbox_of(spec: &Spec) -> Option<String> {
+    let annotations = spec.annotations().as_ref()?;
+    if annotations.get(ANNOTATION_CONTAINER_TYPE).map(String::as_str) == Some("sandbox") {
+        return None;
+    }
+    annotations.get(ANNOTATION_SANDBOX_ID).cloned()
 }

@@ -99,6 +99,9 @@ impl ProcessEntry {
 
 struct Container {
     bundle: String,
+    /// The init's pid in the guest (a pod's containers join the sandbox
+    /// container's namespaces through it).
+    guest_pid: u32,
     processes: HashMap<String, ProcessEntry>,
 }
 
@@ -298,9 +301,12 @@ impl Task for TaskService {
             return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
         }
         let agent = self.ensure_sandbox(&mut state, spec.hostname().as_deref()).await?;
+        let sandbox_pid =
+            crate::rootfs::sandbox_of(&spec).and_then(|sandbox| state.containers.get(&sandbox)).map(|c| c.guest_pid);
         let shared = state.shared.as_ref().expect("a started sandbox has a shared directory");
-        let prepared =
-            shared.mount_rootfs(&req.id, &req.rootfs, bundle).and_then(|()| guest_spec(spec, &req.id, shared));
+        let prepared = shared
+            .mount_rootfs(&req.id, &req.rootfs, bundle)
+            .and_then(|()| guest_spec(spec, &req.id, shared, sandbox_pid));
         let gspec = match prepared {
             Ok(s) => s,
             Err(e) => {
@@ -311,19 +317,22 @@ impl Task for TaskService {
                 return Err(status(Code::FAILED_PRECONDITION, format!("container {}: {e:#}", req.id)));
             }
         };
-        if let Err(e) = agent.create_container(&req.id, &gspec).await {
-            if let Some(shared) = &state.shared {
-                shared.remove_container(&req.id);
+        let guest_pid = match agent.create_container(&req.id, &gspec).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(shared) = &state.shared {
+                    shared.remove_container(&req.id);
+                }
+                if state.containers.is_empty() {
+                    self.stop_sandbox(&mut state).await;
+                }
+                return Err(agent_error(&format!("creating container {}", req.id), e));
             }
-            if state.containers.is_empty() {
-                self.stop_sandbox(&mut state).await;
-            }
-            return Err(agent_error(&format!("creating container {}", req.id), e));
-        }
+        };
         let pid = Self::vm_pid(&state);
         let mut processes = HashMap::new();
         processes.insert(String::new(), ProcessEntry::new(req.terminal, &req.stdin, &req.stdout, &req.stderr));
-        state.containers.insert(req.id.clone(), Container { bundle: req.bundle.clone(), processes });
+        state.containers.insert(req.id.clone(), Container { bundle: req.bundle.clone(), guest_pid, processes });
         drop(state);
         let event = TaskCreate {
             container_id: req.id.clone(),

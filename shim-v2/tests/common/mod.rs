@@ -1,0 +1,200 @@
+//! A containerd of the test's own (root, state, socket) with runv as a
+//! runtime, the test images imported, and a census of what runv left.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SHARE_DIR: &str = "/usr/local/share/runv";
+pub const IMAGE: &str = "docker.io/library/runv-test:latest";
+/// The pod sandbox ("pause") image the CRI plugin is configured with.
+pub const PAUSE_IMAGE: &str = "docker.io/library/runv-pause:latest";
+
+/// containerd's CRI plugin with the `runv` runtime handler. No CNI is
+/// installed, so test pods use the host network; runc here cannot write a
+/// negative oom_score_adj, hence restrict_oom_score_adj.
+const CRI_CONFIG: &str = r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/library/runv-pause:latest"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runv]
+      runtime_type = "io.containerd.runv.v2"
+"#;
+
+pub struct Containerd {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn ready(test: &str) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    for p in ["containerd", "ctr", "qemu-system-x86_64", "virtiofsd", "vhost-device-vsock"] {
+        if runv::helper::find_program(Path::new(p)).is_none() {
+            missing.push(p.to_string());
+        }
+    }
+    for f in ["vmlinux", "initramfs.cpio", "rootfs"] {
+        if !Path::new(SHARE_DIR).join(f).exists() {
+            missing.push(format!("{SHARE_DIR}/{f}"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs {} (run scripts/install.sh as root)", missing.join(", "));
+    false
+}
+
+impl Containerd {
+    /// Starts containerd with the shim on its PATH, runv's runtime state
+    /// inside the test directory, and the test image imported.
+    pub fn start(runv_config: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("runv-ctd-").tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        std::fs::write(
+            d.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n{1}",
+                d.display(),
+                CRI_CONFIG
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.join("runv.toml"), format!("runtime_dir = \"{}/run\"\n{runv_config}\n", d.display())).unwrap();
+        let shim_dir = Path::new(env!("CARGO_BIN_EXE_containerd-shim-runv-v2")).parent().unwrap().to_path_buf();
+        let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .env("RUNV_CONFIG", d.join("runv.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let ctd = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ctd.socket().exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(ctd.socket().exists(), "containerd did not start: {}", ctd.log());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-oci-image.sh");
+        for (name, cmd) in [(IMAGE, r#"["sh"]"#), (PAUSE_IMAGE, r#"["sleep","2147483647"]"#)] {
+            let image = d.join("image.tar");
+            let made = Command::new(&script)
+                .arg(Path::new(SHARE_DIR).join("rootfs"))
+                .arg(name)
+                .arg(&image)
+                .arg(cmd)
+                .status()
+                .unwrap();
+            assert!(made.success(), "making the test image {name}");
+            for ns in ["runv-test", "k8s.io"] {
+                let out = Command::new("ctr")
+                    .arg("-a")
+                    .arg(ctd.socket())
+                    .args(["-n", ns, "images", "import", image.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "ctr images import: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        ctd
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a").arg(self.socket()).args(["-n", "runv-test"]).args(args).stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().unwrap()
+    }
+
+    /// What the test's sandboxes left: runv state, processes, mounts.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let run = self.dir.path().join("run");
+        for e in std::fs::read_dir(run.join("sandboxes")).into_iter().flatten().flatten() {
+            found.push(format!("{}", e.path().display()));
+        }
+        for ns in std::fs::read_dir(run.join("shim")).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                found.push(format!("{}", e.path().display()));
+            }
+        }
+        let needle = run.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                found.push(format!("process {}", e.file_name().to_string_lossy()));
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        found.extend(mounts.lines().filter(|l| l.contains(&needle)).map(|l| format!("mount {l}")));
+        found
+    }
+
+    pub fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.leftovers().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let left = self.leftovers();
+        assert!(left.is_empty(), "left behind: {left:#?}\ncontainerd log: {}", self.log());
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Whatever a failed test left: no shim may outlive its containerd.
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                    // SAFETY: signalling a process of this test.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        runv_unmount_below(self.dir.path());
+    }
+}
+
+fn runv_unmount_below(dir: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|p| p.starts_with(&*dir.to_string_lossy()))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
