@@ -180,6 +180,12 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir, sandbox_guest_pi
                 .collect();
             linux.set_namespaces(Some(fixed));
         }
+        // A container sharing the "host" UTS namespace shares the guest's,
+        // whose hostname the sandbox already set (a host-network pod).
+        let own_uts = linux.namespaces().iter().flatten().any(|ns| ns.typ() == LinuxNamespaceType::Uts);
+        if !own_uts {
+            spec.set_hostname(None);
+        }
         spec.set_linux(Some(linux));
     }
     Ok(spec)

@@ -1,0 +1,176 @@
+//! A pod through containerd's CRI plugin with the `runv` runtime handler,
+//! driven by a kubelet-like CRI client (k8s-cri over tonic).
+//!
+//! Run alone with `cargo test --release -p containerd-shim-runv-v2 --test cri`.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{ready, Containerd, IMAGE};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+async fn cri_client(socket: &Path) -> RuntimeServiceClient<Channel> {
+    let socket = socket.to_path_buf();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .expect("connecting to containerd's CRI service");
+    RuntimeServiceClient::new(channel)
+}
+
+fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-host"),
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                // No CNI here: the pod uses the host network (no netns).
+                namespace_options: Some(NamespaceOption { network: NamespaceMode::Node as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, args: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+        command: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// Processes on the host whose command line mentions `needle`.
+fn processes(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri() {
+    if !ready("a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    let mut cri = cri_client(&ctd.socket()).await;
+    let log_dir = ctd.dir.path().join("pod-logs");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let config = pod_config("pod1", &log_dir);
+
+    let started = Instant::now();
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: "runv".into() })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    eprintln!("RunPodSandbox took {:?}", started.elapsed());
+
+    let mut ids = Vec::new();
+    for (name, args) in [
+        ("web", vec!["sh", "-c", "echo web-started; hostname; exec sleep 1000"]),
+        ("side", vec!["sh", "-c", "echo side-started; exec sleep 1000"]),
+    ] {
+        let id = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(name, &args)),
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", ctd.log()))
+            .into_inner()
+            .container_id;
+        cri.start_container(StartContainerRequest { container_id: id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        ids.push(id);
+    }
+
+    // Both containers run in one VM behind one shim.
+    let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
+    let qemus: Vec<_> = processes(&run_dir).into_iter().filter(|c| c.contains("qemu-system")).collect();
+    assert_eq!(qemus.len(), 1, "VMs for the pod: {qemus:#?}");
+
+    for id in &ids {
+        let status = cri
+            .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(status.state, ContainerState::ContainerRunning as i32, "{id}: {status:?}");
+    }
+
+    let exec = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: ids[0].clone(),
+            cmd: vec!["sh".into(), "-c".into(), "echo exec-out; uname -r; exit 4".into()],
+            timeout: 30,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync: {e}"))
+        .into_inner();
+    let out = String::from_utf8_lossy(&exec.stdout).into_owned();
+    assert_eq!(exec.exit_code, 4, "stdout {out:?} stderr {:?}", String::from_utf8_lossy(&exec.stderr));
+    assert!(out.starts_with("exec-out\n6.1."), "exec stdout: {out:?}");
+
+    // The container's output reaches its CRI log file.
+    let log = log_dir.join("web.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("web-started") && text.contains("pod1-host") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains(" stdout F web-started"), "log: {text:?}");
+    assert!(text.contains("pod1-host"), "the pod hostname is missing: {text:?}");
+
+    for id in &ids {
+        cri.stop_container(StopContainerRequest { container_id: id.clone(), timeout: 2 })
+            .await
+            .unwrap_or_else(|e| panic!("StopContainer: {e}"));
+        cri.remove_container(RemoveContainerRequest { container_id: id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("RemoveContainer: {e}"));
+    }
+    cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctd.log()));
+    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.clone() })
+        .await
+        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}"));
+    let listed = cri.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await.unwrap().into_inner().items;
+    assert!(listed.is_empty(), "pods left: {listed:?}");
+    ctd.assert_clean();
+}
