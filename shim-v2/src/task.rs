@@ -300,6 +300,14 @@ impl Task for TaskService {
         if state.containers.contains_key(&req.id) {
             return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
         }
+        if let Some(sandbox) = crate::rootfs::sandbox_of(&spec) {
+            if !state.containers.contains_key(&sandbox) {
+                return Err(status(
+                    Code::NOT_FOUND,
+                    format!("container {}: its sandbox {sandbox} does not run in this shim", req.id),
+                ));
+            }
+        }
         let agent = self.ensure_sandbox(&mut state, spec.hostname().as_deref()).await?;
         let sandbox_pid =
             crate::rootfs::sandbox_of(&spec).and_then(|sandbox| state.containers.get(&sandbox)).map(|c| c.guest_pid);

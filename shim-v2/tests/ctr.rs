@@ -135,3 +135,59 @@ fn containerd_shim_socket_hash_matches(ctd: &Containerd, hash: &str) -> bool {
     let address = ctd.socket().to_string_lossy().into_owned();
     containerd_shim::socket_address(&address, "runv-test", "c4").ends_with(hash)
 }
+
+#[test]
+fn an_unknown_sandbox_id_is_a_clear_error_and_starts_no_vm() {
+    if !ready("an_unknown_sandbox_id_is_a_clear_error_and_starts_no_vm") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runv.v2",
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=no-such-pod",
+        IMAGE,
+        "c5",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("sandbox no-such-pod does not run in this shim"), "stderr: {err}");
+    let _ = ctd.ctr(&["container", "rm", "c5"]);
+    ctd.assert_clean();
+}
+
+#[test]
+fn a_killed_vm_ends_the_task_and_leaves_nothing() {
+    if !ready("a_killed_vm_ends_the_task_and_leaves_nothing") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    let run = ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, "c6", "sleep", "1000"]);
+    assert!(run.status.success(), "ctr run -d: {}", text(&run.stderr));
+    let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
+    let qemu = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let cmdline = text(&std::fs::read(e.path().join("cmdline")).unwrap_or_default());
+        (cmdline.starts_with("qemu-system") && cmdline.contains(&run_dir))
+            .then(|| e.file_name().to_string_lossy().parse::<i32>().unwrap())
+    });
+    // SAFETY: killing the VM this test started.
+    unsafe { libc::kill(qemu.expect("the VM process"), libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
+        if ls.lines().any(|l| l.starts_with("c6") && l.contains("STOPPED")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "containerd did not see the task stop: {ls}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ctd.ctr(&["task", "rm", "c6"]).status.success());
+    assert!(ctd.ctr(&["container", "rm", "c6"]).status.success());
+    ctd.assert_clean();
+}
