@@ -8,56 +8,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{ready, Containerd, IMAGE};
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use common::{container_config, cri_client, pod_config, ready, Containerd};
 use k8s_cri::v1::*;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-async fn cri_client(socket: &Path) -> RuntimeServiceClient<Channel> {
-    let socket = socket.to_path_buf();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .expect("connecting to containerd's CRI service");
-    RuntimeServiceClient::new(channel)
-}
-
-fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: format!("{name}-host"),
-        log_directory: log_dir.to_string_lossy().into_owned(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                // No CNI here: the pod uses the host network (no netns).
-                namespace_options: Some(NamespaceOption { network: NamespaceMode::Node as i32, ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, args: &[&str]) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
-        command: args.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        ..Default::default()
-    }
-}
 
 /// Processes on the host whose command line mentions `needle`.
 fn processes(needle: &str) -> Vec<String> {

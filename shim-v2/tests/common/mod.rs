@@ -72,7 +72,13 @@ impl Containerd {
         )
         .unwrap();
         std::fs::write(d.join("runv.toml"), format!("runtime_dir = \"{}/run\"\n{runv_config}\n", d.display())).unwrap();
-        let shim_dir = Path::new(env!("CARGO_BIN_EXE_containerd-shim-runv-v2")).parent().unwrap().to_path_buf();
+        // Tests know the shim's path; the benchmark (an example) finds it
+        // beside its own directory in the same target dir.
+        let shim = option_env!("CARGO_BIN_EXE_containerd-shim-runv-v2").map(PathBuf::from).unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().and_then(Path::parent).unwrap().join("containerd-shim-runv-v2")
+        });
+        let shim_dir = shim.parent().unwrap().to_path_buf();
         let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
         let child = Command::new("containerd")
@@ -200,4 +206,56 @@ fn runv_unmount_below(dir: &Path) {
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+// --- a kubelet-like CRI client -----------------------------------------------
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub async fn cri_client(socket: &Path) -> RuntimeServiceClient<Channel> {
+    let socket = socket.to_path_buf();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .expect("connecting to containerd's CRI service");
+    RuntimeServiceClient::new(channel)
+}
+
+pub fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-host"),
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                // No CNI here: the pod uses the host network (no netns).
+                namespace_options: Some(NamespaceOption { network: NamespaceMode::Node as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn container_config(name: &str, args: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+        command: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
 }

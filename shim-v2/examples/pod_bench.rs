@@ -1,0 +1,92 @@
+//! Benchmark: CRI RunPodSandbox until the first container runs, through
+//! containerd's CRI plugin, for the `runv` and `runc` handlers alternately
+//! in one run. Prints each run, the medians and, last, `ratio: X`
+//! (runv / runc). Run by tests/bench/pod.sh.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{container_config, cri_client, pod_config, ready, Containerd};
+use k8s_cri::v1::*;
+
+async fn pod_to_running(
+    cri: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    handler: &str,
+    n: usize,
+    log_dir: &std::path::Path,
+) -> Duration {
+    // Host-network pods keep the node's hostname (runc refuses one).
+    let config = PodSandboxConfig { hostname: String::new(), ..pod_config(&format!("bench-{handler}-{n}"), log_dir) };
+    let started = Instant::now();
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("app", &["sleep", "1000"])),
+            sandbox_config: Some(config),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    loop {
+        let status = cri
+            .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if status.state == ContainerState::ContainerRunning as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let _ = cri.stop_container(StopContainerRequest { container_id: id.clone(), timeout: 0 }).await;
+    let _ = cri.remove_container(RemoveContainerRequest { container_id: id }).await;
+    let _ = cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await;
+    let _ = cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await;
+    elapsed
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    if !ready("pod_bench") {
+        std::process::exit(1);
+    }
+    let ctd = Containerd::start("");
+    let mut cri = cri_client(&ctd.socket()).await;
+    let log_dir = ctd.dir.path().join("pod-logs");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    // Warm up both paths (image unpack, page cache).
+    for handler in ["runv", "runc"] {
+        pod_to_running(&mut cri, handler, 0, &log_dir).await;
+    }
+    let (mut runv, mut runc) = (Vec::new(), Vec::new());
+    for n in 1..=runs {
+        let a = pod_to_running(&mut cri, "runv", n, &log_dir).await;
+        let b = pod_to_running(&mut cri, "runc", n, &log_dir).await;
+        eprintln!("run {n}: runv {} ms, runc {} ms", a.as_millis(), b.as_millis());
+        runv.push(a);
+        runc.push(b);
+    }
+    let (a, b) = (median(runv), median(runc));
+    println!("RunPodSandbox -> container running, runv (median of {runs}): {} ms", a.as_millis());
+    println!("RunPodSandbox -> container running, runc (median of {runs}): {} ms", b.as_millis());
+    println!("ratio: {:.2}", a.as_secs_f64() / b.as_secs_f64());
+}
