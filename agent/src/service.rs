@@ -219,6 +219,15 @@ impl Agent for AgentService {
 
     async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
+        if req.all && req.exec_id.is_empty() && !req.container_id.is_empty() {
+            let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
+                .map_err(|_| status(Code::FAILED_PRECONDITION, format!("invalid signal number {}", req.signal)))?;
+            let pids = self.containers.pids(&req.container_id).await.map_err(container_status)?;
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
+            return Ok(Empty::new());
+        }
         process.signal(req.signal as i32).map_err(|e| status(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
         Ok(Empty::new())
     }

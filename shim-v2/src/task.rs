@@ -485,7 +485,7 @@ impl Task for TaskService {
             state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))?
         };
         agent
-            .signal_process(&req.id, &req.exec_id, req.signal as i32)
+            .signal(&req.id, &req.exec_id, req.signal as i32, req.all)
             .await
             .map_err(|e| agent_error("signalling the process", e))?;
         Ok(api::Empty::new())

@@ -191,3 +191,52 @@ fn a_killed_vm_ends_the_task_and_leaves_nothing() {
     assert!(ctd.ctr(&["container", "rm", "c6"]).status.success());
     ctd.assert_clean();
 }
+
+/// Starts the shim the way containerd does and speaks the task API to it
+/// directly, with bundles containerd would never hand over.
+#[test]
+fn a_bundle_without_or_with_a_malformed_config_json_is_refused() {
+    if !ready("a_bundle_without_or_with_a_malformed_config_json_is_refused") {
+        return;
+    }
+    use containerd_shim_protos::api::{CreateTaskRequest, ShutdownRequest};
+    use containerd_shim_protos::shim_async::TaskClient;
+    use containerd_shim_protos::ttrpc::context;
+
+    let ctd = Containerd::start("");
+    let bundle = ctd.dir.path().join("bad-bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_containerd-shim-runv-v2"))
+        .args(["-namespace", "runv-test", "-id", "bad1", "-address"])
+        .arg(ctd.socket())
+        .args(["-publish-binary", "containerd", "start"])
+        .current_dir(&bundle)
+        .env("TTRPC_ADDRESS", ctd.dir.path().join("containerd.sock.ttrpc"))
+        .env("RUNV_CONFIG", ctd.dir.path().join("runv.toml"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "shim start: {}", text(&out.stderr));
+    let address = text(&out.stdout).trim().to_string();
+    assert!(address.starts_with("unix://"), "start replied {address:?}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = containerd_shim_protos::ttrpc::r#async::Client::connect(&address).await.unwrap();
+        let task = TaskClient::new(client);
+        let ctx = || context::with_timeout(Duration::from_secs(30).as_nanos() as i64);
+        let req = CreateTaskRequest {
+            id: "bad1".into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let missing = task.create(ctx(), &req).await.unwrap_err().to_string();
+        assert!(missing.contains("config.json"), "{missing}");
+        std::fs::write(bundle.join("config.json"), b"{\"ociVersion\": [").unwrap();
+        let malformed = task.create(ctx(), &req).await.unwrap_err().to_string();
+        assert!(malformed.contains("config.json"), "{malformed}");
+        // The shim keeps serving after bad input, then shuts down cleanly.
+        task.shutdown(ctx(), &ShutdownRequest { id: "bad1".into(), ..Default::default() }).await.unwrap();
+    });
+    ctd.assert_clean();
+}

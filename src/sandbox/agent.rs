@@ -167,10 +167,16 @@ impl AgentClient {
     }
 
     pub async fn signal_process(&self, container_id: &str, exec_id: &str, signal: i32) -> Result<(), AgentError> {
+        self.signal(container_id, exec_id, signal, false).await
+    }
+
+    /// Signals the process, or with `all` every process of the container.
+    pub async fn signal(&self, container_id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), AgentError> {
         let req = SignalProcessRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
             signal: signal as u32,
+            all,
             ..Default::default()
         };
         self.inner.signal_process(short(), &req).await.map_err(|e| AgentError::from_rpc("signal_process", e))?;
