@@ -54,6 +54,9 @@ pub struct Config {
     pub kernel_params: String,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// Memory a VM gets on top of its pod's memory limit, for the guest
+    /// kernel, the agent and the pause process (see the sizing rule in the README).
+    pub guest_overhead_mib: u32,
     /// Seconds to wait for the agent to answer after the VM starts.
     pub boot_timeout_secs: u64,
     /// Per-sandbox state (sockets, logs), removed with the sandbox.
@@ -77,6 +80,7 @@ impl Default for Config {
             kernel_params: String::new(),
             vcpus: 1,
             memory_mib: 256,
+            guest_overhead_mib: 64,
             boot_timeout_secs: 30,
             runtime_dir: PathBuf::from("/run/runv"),
             qemu: PathBuf::from("qemu-system-x86_64"),
@@ -120,6 +124,12 @@ impl Config {
         let invalid = |key, problem: String| ConfigError::Invalid { path: path.to_path_buf(), key, problem };
         check_vcpus(self.vcpus).map_err(|p| invalid("vcpus", p))?;
         check_memory(self.memory_mib).map_err(|p| invalid("memory_mib", p))?;
+        if self.guest_overhead_mib > 4096 {
+            return Err(invalid(
+                "guest_overhead_mib",
+                format!("must be at most 4096 MiB, got {}", self.guest_overhead_mib),
+            ));
+        }
         if self.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs", "must be at least 1".into()));
         }

@@ -21,6 +21,7 @@ use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::{self, Code};
 use runv::config::Config;
+use runv::sandbox::sizing::{vm_size, ContainerLimits, CpuLimit, PodResources, SizingError, VmSize};
 use runv::sandbox::{AgentClient, Sandbox, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Mutex};
@@ -135,11 +136,16 @@ impl TaskService {
     }
 
     /// Boots the sandbox's VM on first use.
-    async fn ensure_sandbox(&self, state: &mut State, hostname: Option<&str>) -> TtrpcResult<AgentClient> {
+    /// Boots the sandbox's VM on first use, sized from the first
+    /// container's spec (the CRI sandbox's annotations, or a lone
+    /// container's own limits).
+    async fn ensure_sandbox(&self, state: &mut State, first: &oci_spec::runtime::Spec) -> TtrpcResult<AgentClient> {
         if let Some(sandbox) = &state.sandbox {
             return Ok(sandbox.agent().clone());
         }
+        let hostname = first.hostname().as_deref();
         let config = load_config().map_err(|e| status(Code::FAILED_PRECONDITION, format!("runv config: {e}")))?;
+        let size = vm_size_for(first, &config).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let dir = shim_dir(&config, &self.namespace, &self.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", dir.display())))?;
@@ -147,8 +153,8 @@ impl TaskService {
         let spec = SandboxSpec {
             shared_dir: shared.path().to_path_buf(),
             read_only: false,
-            vcpus: config.vcpus,
-            memory_mib: config.memory_mib,
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
         };
         let sandbox = match Sandbox::start(&config, &spec).await {
             Ok(s) => s,
@@ -243,6 +249,26 @@ impl TaskService {
     }
 }
 
+/// The VM size for a sandbox whose first container has `spec` (see
+/// `runv::sandbox::sizing`).
+fn vm_size_for(spec: &oci_spec::runtime::Spec, config: &Config) -> Result<VmSize, SizingError> {
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    let pod = PodResources::from_annotations(&annotations)?;
+    let is_cri_sandbox = annotations.get(crate::ANNOTATION_CONTAINER_TYPE).map(String::as_str) == Some("sandbox");
+    if is_cri_sandbox {
+        return vm_size(&pod, config);
+    }
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    let memory_limit_bytes =
+        resources.as_ref().and_then(|r| r.memory().as_ref()?.limit()).filter(|l| *l > 0).map(|l| l as u64);
+    let cpu_limit = resources.as_ref().and_then(|r| {
+        let cpu = r.cpu().as_ref()?;
+        let quota = cpu.quota().filter(|q| *q > 0)? as u64;
+        Some(CpuLimit { quota_us: quota, period_us: cpu.period().filter(|p| *p > 0).unwrap_or(100_000) })
+    });
+    vm_size(&pod.with_containers(&[ContainerLimits { memory_limit_bytes, cpu_limit }]), config)
+}
+
 /// Streams one output of a guest process into containerd's FIFO.
 fn copy_out(agent: AgentClient, cid: &str, eid: &str, path: &str, stderr: bool) -> Option<JoinHandle<()>> {
     if path.is_empty() {
@@ -308,7 +334,7 @@ impl Task for TaskService {
                 ));
             }
         }
-        let agent = self.ensure_sandbox(&mut state, spec.hostname().as_deref()).await?;
+        let agent = self.ensure_sandbox(&mut state, &spec).await?;
         let sandbox_pid =
             crate::rootfs::sandbox_of(&spec).and_then(|sandbox| state.containers.get(&sandbox)).map(|c| c.guest_pid);
         let shared = state.shared.as_ref().expect("a started sandbox has a shared directory");

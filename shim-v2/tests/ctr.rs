@@ -240,3 +240,53 @@ fn a_bundle_without_or_with_a_malformed_config_json_is_refused() {
     });
     ctd.assert_clean();
 }
+
+#[test]
+fn the_vm_is_sized_from_the_container_limits_and_bad_sizes_are_refused() {
+    if !ready("the_vm_is_sized_from_the_container_limits_and_bad_sizes_are_refused") {
+        return;
+    }
+    let ctd = Containerd::start("guest_overhead_mib = 64");
+    // 192 MiB and 1.5 CPUs: a 256 MiB, 2-vCPU VM.
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runv.v2",
+        "--memory-limit",
+        "201326592",
+        "--cpus",
+        "1.5",
+        IMAGE,
+        "c7",
+        "sh",
+        "-c",
+        "nproc; head -1 /proc/meminfo",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "2", "vCPUs: {stdout}");
+    let total_kib: u64 = lines[1].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((200 * 1024..=256 * 1024).contains(&total_kib), "MemTotal {total_kib} KiB");
+
+    let bad = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runv.v2",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-memory=lots",
+        IMAGE,
+        "c8",
+        "true",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("io.kubernetes.cri.sandbox-memory: 'lots' is not a whole number"),
+        "stderr: {}",
+        text(&bad.stderr)
+    );
+    let _ = ctd.ctr(&["container", "rm", "c8"]);
+    ctd.assert_clean();
+}

@@ -3,6 +3,7 @@
 //! started and removes its directory, on every path.
 
 pub mod agent;
+pub mod sizing;
 mod virtiofsd;
 
 use std::path::{Path, PathBuf};
