@@ -6,5 +6,6 @@ pub mod check;
 pub mod config;
 pub mod helper;
 pub mod hypervisor;
+pub mod overhead;
 pub mod run;
 pub mod sandbox;

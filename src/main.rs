@@ -53,6 +53,27 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Measure what a pod costs beyond its containers, on a real sandbox.
+    ///
+    /// Boots a sandbox with its pause process, lets it settle, measures the
+    /// guest kernel, the agent and pause in the guest, and the host
+    /// processes (VMM, virtiofsd, vhost-device-vsock, the sandbox owner),
+    /// plus the idle CPU over a window; prints a table, or a RuntimeClass
+    /// whose overhead.podFixed covers the total with a margin.
+    Overhead {
+        /// table, yaml (a RuntimeClass) or json.
+        #[arg(long, default_value = "table", value_parser = ["table", "yaml", "json"])]
+        format: String,
+        /// Seconds to let the sandbox settle before measuring.
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
+        /// Seconds over which idle CPU is measured.
+        #[arg(long, default_value_t = 3)]
+        window: u64,
+        /// Percent added to the measured figures in the RuntimeClass.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=200))]
+        margin: u32,
+    },
     /// Report what this host offers runv and whether KVM can boot the guest.
     ///
     /// Exit status 0 when sandboxes can run (perhaps only under TCG
@@ -94,6 +115,34 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Overhead { format, settle, window, margin } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runv: error: starting the async runtime: {e}");
+                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
+                }
+            };
+            let measured = runtime.block_on(runv::overhead::measure(
+                &config,
+                std::time::Duration::from_secs(settle),
+                std::time::Duration::from_secs(window.max(1)),
+            ));
+            match measured {
+                Ok(o) => {
+                    match format.as_str() {
+                        "yaml" => print!("{}", o.runtime_class_yaml(margin)),
+                        "json" => println!("{}", serde_json::to_string_pretty(&o).unwrap_or_default()),
+                        _ => print!("{}", o.table(margin)),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("runv: error: measuring the overhead: {e:#}");
+                    ExitCode::from(EXIT_RUNV_ERROR as u8)
+                }
             }
         }
         Command::Run { rootfs, cpus, memory, tty, env, workdir, command } => {

@@ -160,7 +160,7 @@ impl Containers {
     }
 
     /// The pause process's pid, while it runs.
-    async fn pause_pid(&self) -> Option<i32> {
+    pub async fn pause_pid(&self) -> Option<i32> {
         self.pause.lock().await.as_ref().filter(|p| p.exit_status().is_none()).map(|p| p.pid)
     }
 

@@ -1,0 +1,213 @@
+//! `runv overhead`: what a pod costs beyond its containers, measured on a
+//! real sandbox (with its pause process), and the RuntimeClass whose
+//! `overhead.podFixed` covers it.
+//!
+//! Parts, each counted once:
+//! - guest kernel: guest memory in use that is neither reclaimable cache
+//!   nor process memory (kernel, slab, page tables, and the tmpfs the agent
+//!   runs from): MemTotal - MemFree - Buffers - (Cached - Shmem) - AnonPages
+//!   - SReclaimable;
+//! - agent and pause: their anonymous resident memory in the guest;
+//! - host processes (VMM, virtiofsd, vhost-device-vsock, and the process
+//!   owning the sandbox, which stands for the shim): their proportional set
+//!   size without shared memory (guest RAM is mapped shared by all of them
+//!   and is already counted inside the guest).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::sandbox::{Sandbox, SandboxSpec};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Part {
+    pub name: String,
+    /// "guest" or "host".
+    pub side: &'static str,
+    pub memory_kib: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Overhead {
+    pub parts: Vec<Part>,
+    pub total_memory_kib: u64,
+    /// CPU the idle sandbox's host processes used over the window.
+    pub idle_cpu_millicores: u64,
+    pub window_secs: f64,
+    pub hypervisor: String,
+}
+
+/// Boots a sandbox with a pause process, lets it settle, measures it, and
+/// tears it down.
+pub async fn measure(config: &Config, settle: Duration, window: Duration) -> anyhow::Result<Overhead> {
+    let spec =
+        SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: config.vcpus, memory_mib: config.memory_mib };
+    let sandbox = Sandbox::start(config, &spec).await?;
+    let result = measure_sandbox(&sandbox, settle, window).await;
+    sandbox.shutdown().await;
+    result
+}
+
+async fn measure_sandbox(sandbox: &Sandbox, settle: Duration, window: Duration) -> anyhow::Result<Overhead> {
+    let agent = sandbox.agent();
+    let req = runv_proto::agent::CreateSandboxRequest { hostname: "overhead".into(), pause: true, ..Default::default() };
+    agent.create_sandbox(&req).await?;
+    tokio::time::sleep(settle).await;
+
+    let mut pids: Vec<(String, u32)> = sandbox.pids().into_iter().map(|pid| (process_name(pid), pid)).collect();
+    pids.push(("runv (sandbox owner; the shim in containerd)".into(), std::process::id()));
+    let cpu_before: u64 = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).sum();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(window).await;
+    let cpu_after: u64 = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).sum();
+    let window_secs = started.elapsed().as_secs_f64();
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cores = cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_sec / window_secs;
+
+    let details = agent.guest_details().await?;
+    let m = details.memory.clone().unwrap_or_default();
+    let kernel = m
+        .total_kib
+        .saturating_sub(m.free_kib)
+        .saturating_sub(m.buffers_kib)
+        .saturating_sub(m.cached_kib.saturating_sub(m.shmem_kib))
+        .saturating_sub(m.anon_pages_kib)
+        .saturating_sub(m.slab_reclaimable_kib);
+    let mut parts = vec![
+        Part { name: "guest kernel (and its tmpfs root)".into(), side: "guest", memory_kib: kernel },
+        Part { name: "agent".into(), side: "guest", memory_kib: details.agent_anon_rss_kib },
+        Part { name: "pause".into(), side: "guest", memory_kib: details.pause_anon_rss_kib },
+    ];
+    for (name, pid) in &pids {
+        parts.push(Part { name: name.clone(), side: "host", memory_kib: private_pss_kib(*pid) });
+    }
+    let total_memory_kib = parts.iter().map(|p| p.memory_kib).sum();
+    Ok(Overhead {
+        parts,
+        total_memory_kib,
+        idle_cpu_millicores: (cores * 1000.0).ceil() as u64,
+        window_secs,
+        hypervisor: sandbox.describe_hypervisor(),
+    })
+}
+
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_else(|_| pid.to_string())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    // The command name may hold spaces; fields resume after its ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3 of the full line, utime 14, stime 15.
+    let get = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(14) + get(15)
+}
+
+/// Proportional set size without shared memory (guest RAM), in KiB.
+fn private_pss_kib(pid: u32) -> u64 {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else { return 0 };
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field("Pss_Anon") + field("Pss_File")
+}
+
+impl Overhead {
+    /// PodFixed memory in MiB: the total with `margin_percent` added,
+    /// rounded up.
+    pub fn pod_fixed_memory_mib(&self, margin_percent: u32) -> u64 {
+        let kib = self.total_memory_kib * u64::from(100 + margin_percent);
+        kib.div_ceil(100 * 1024)
+    }
+
+    /// PodFixed CPU in millicores, likewise; at least 10m.
+    pub fn pod_fixed_cpu_millicores(&self, margin_percent: u32) -> u64 {
+        (self.idle_cpu_millicores * u64::from(100 + margin_percent)).div_ceil(100).max(10)
+    }
+
+    pub fn table(&self, margin_percent: u32) -> String {
+        let mut out = format!("{:<48} {:<6} {:>10}\n", "part", "side", "memory");
+        for p in &self.parts {
+            out += &format!("{:<48} {:<6} {:>6.1} MiB\n", p.name, p.side, p.memory_kib as f64 / 1024.0);
+        }
+        out += &format!(
+            "idle CPU of the host processes over {:.0} s: {} m ({})\n",
+            self.window_secs, self.idle_cpu_millicores, self.hypervisor
+        );
+        out += &format!(
+            "RuntimeClass overhead.podFixed ({margin_percent}% margin): memory {}Mi, cpu {}m\n",
+            self.pod_fixed_memory_mib(margin_percent),
+            self.pod_fixed_cpu_millicores(margin_percent)
+        );
+        out += &format!("total PodFixed memory: {:.1} MiB\n", self.total_memory_kib as f64 / 1024.0);
+        out
+    }
+
+    /// A `node.k8s.io/v1` RuntimeClass for handler `runv` carrying the
+    /// measured overhead, scheduled onto nodes labelled for runv.
+    pub fn runtime_class_yaml(&self, margin_percent: u32) -> String {
+        format!(
+            "# Measured by `runv overhead` ({}): {:.1} MiB in total, {}% margin added.\n\
+             apiVersion: node.k8s.io/v1\n\
+             kind: RuntimeClass\n\
+             metadata:\n  name: runv\n\
+             handler: runv\n\
+             overhead:\n  podFixed:\n    memory: \"{}Mi\"\n    cpu: \"{}m\"\n\
+             scheduling:\n  nodeSelector:\n    runv.io/runtime: \"true\"\n  tolerations:\n    - key: runv.io/runtime\n      operator: Exists\n      effect: NoSchedule\n",
+            self.hypervisor,
+            self.total_memory_kib as f64 / 1024.0,
+            margin_percent,
+            self.pod_fixed_memory_mib(margin_percent),
+            self.pod_fixed_cpu_millicores(margin_percent)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Overhead {
+        Overhead {
+            parts: vec![
+                Part { name: "a".into(), side: "guest", memory_kib: 10 * 1024 },
+                Part { name: "b".into(), side: "host", memory_kib: 5 * 1024 + 1 },
+            ],
+            total_memory_kib: 15 * 1024 + 1,
+            idle_cpu_millicores: 3,
+            window_secs: 2.0,
+            hypervisor: "qemu/tcg".into(),
+        }
+    }
+
+    #[test]
+    fn pod_fixed_rounds_up_with_the_margin() {
+        let o = sample();
+        assert_eq!(o.pod_fixed_memory_mib(0), 16);
+        assert_eq!(o.pod_fixed_memory_mib(10), 17);
+        assert_eq!(o.pod_fixed_cpu_millicores(10), 10);
+    }
+
+    #[test]
+    fn the_table_ends_with_the_total_and_the_yaml_carries_the_overhead() {
+        let o = sample();
+        assert_eq!(o.table(10).lines().last(), Some("total PodFixed memory: 15.0 MiB"));
+        let yaml = o.runtime_class_yaml(10);
+        assert!(yaml.contains("handler: runv\n") && yaml.contains("memory: \"17Mi\"") && yaml.contains("cpu: \"10m\""));
+    }
+
+    #[test]
+    fn cpu_ticks_reads_a_process_with_spaces_in_its_name() {
+        // Our own process exists and has used some CPU.
+        assert!(cpu_ticks(std::process::id()) < u64::MAX);
+        assert_eq!(cpu_ticks(u32::MAX), 0);
+    }
+}
