@@ -11,6 +11,10 @@ cd "$repo"
 
 "$repo/scripts/install.sh"
 
+# Validates Kubernetes manifests offline (the overhead test's RuntimeClass).
+command -v kubernetes-validate >/dev/null || python3 -m pip install --quiet kubernetes-validate \
+    || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+
 echo "==> runv check" >&2
 runv check || true
 

@@ -41,8 +41,12 @@ pub struct Overhead {
 /// Boots a sandbox with a pause process, lets it settle, measures it, and
 /// tears it down.
 pub async fn measure(config: &Config, settle: Duration, window: Duration) -> anyhow::Result<Overhead> {
-    let spec =
-        SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: config.vcpus, memory_mib: config.memory_mib };
+    let spec = SandboxSpec {
+        shared_dir: config.rootfs.clone(),
+        read_only: true,
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+    };
     let sandbox = Sandbox::start(config, &spec).await?;
     let result = measure_sandbox(&sandbox, settle, window).await;
     sandbox.shutdown().await;
@@ -51,7 +55,8 @@ pub async fn measure(config: &Config, settle: Duration, window: Duration) -> any
 
 async fn measure_sandbox(sandbox: &Sandbox, settle: Duration, window: Duration) -> anyhow::Result<Overhead> {
     let agent = sandbox.agent();
-    let req = runv_proto::agent::CreateSandboxRequest { hostname: "overhead".into(), pause: true, ..Default::default() };
+    let req =
+        runv_proto::agent::CreateSandboxRequest { hostname: "overhead".into(), pause: true, ..Default::default() };
     agent.create_sandbox(&req).await?;
     tokio::time::sleep(settle).await;
 
@@ -94,7 +99,9 @@ async fn measure_sandbox(sandbox: &Sandbox, settle: Duration, window: Duration) 
 }
 
 fn process_name(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_else(|_| pid.to_string())
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| pid.to_string())
 }
 
 /// utime + stime of a process, in clock ticks.
