@@ -62,15 +62,7 @@ fn exec_kill_and_delete_through_ctr_task() {
     assert!(ps.status.success(), "task ps: {}", text(&ps.stderr));
     let kill = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "c2"]);
     assert!(kill.status.success(), "kill: {}", text(&kill.stderr));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
-        if ls.lines().any(|l| l.starts_with("c2") && l.contains("STOPPED")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the task did not stop: {ls}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ctd.wait_task_stopped("c2");
     assert!(ctd.ctr(&["task", "rm", "c2"]).status.success());
     assert!(ctd.ctr(&["container", "rm", "c2"]).status.success());
     ctd.assert_clean();
@@ -178,15 +170,7 @@ fn a_killed_vm_ends_the_task_and_leaves_nothing() {
     });
     // SAFETY: killing the VM this test started.
     unsafe { libc::kill(qemu.expect("the VM process"), libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
-        if ls.lines().any(|l| l.starts_with("c6") && l.contains("STOPPED")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "containerd did not see the task stop: {ls}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ctd.wait_task_stopped("c6");
     assert!(ctd.ctr(&["task", "rm", "c6"]).status.success());
     assert!(ctd.ctr(&["container", "rm", "c6"]).status.success());
     ctd.assert_clean();

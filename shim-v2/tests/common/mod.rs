@@ -162,6 +162,19 @@ impl Containerd {
         found
     }
 
+    /// Waits until `ctr task ls` shows the task stopped.
+    pub fn wait_task_stopped(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ls = text(&self.ctr(&["task", "ls"]).stdout);
+            if ls.lines().any(|l| l.starts_with(id) && l.contains("STOPPED")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "task {id} did not stop: {ls}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn assert_clean(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.leftovers().is_empty() && Instant::now() < deadline {
