@@ -8,8 +8,10 @@ use runv::run::{RunOptions, EXIT_RUNV_ERROR};
 
 /// runv: every pod in its own KVM microVM.
 ///
-/// `runv run` boots a microVM and runs one command in it; `runv check`
-/// tells what this host can do. Configuration is read from
+/// `runv run` boots a microVM and runs one command in it as a container;
+/// `runv check` tells what this host can do; `runv overhead` measures what
+/// a pod costs beyond its containers. containerd runs pods through
+/// containerd-shim-runv-v2. Configuration is read from
 /// /etc/runv/config.toml when present (see deploy/config.toml).
 #[derive(Parser)]
 #[command(name = "runv", version)]
