@@ -90,14 +90,9 @@ fn a_killed_shim_is_cleaned_up_by_containerd() {
     let ctd = Containerd::start("");
     let run = ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, "c4", "sleep", "1000"]);
     assert!(run.status.success(), "ctr run -d: {}", text(&run.stderr));
-    let needle = "-id c4";
-    let shim = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
-        let cmdline = text(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
-        (cmdline.contains("containerd-shim-runv-v2")
-            && cmdline.contains(needle)
-            && cmdline.contains(&*ctd.dir.path().to_string_lossy()))
-        .then(|| e.file_name().to_string_lossy().parse::<i32>().unwrap())
-    });
+    let dir = ctd.dir.path().to_string_lossy().into_owned();
+    let shim =
+        common::find_process(|c| c.contains("containerd-shim-runv-v2") && c.contains("-id c4") && c.contains(&dir));
     let shim = shim.expect("the shim process");
     // SAFETY: killing the shim this test started.
     unsafe { libc::kill(shim, libc::SIGKILL) };
@@ -163,11 +158,7 @@ fn a_killed_vm_ends_the_task_and_leaves_nothing() {
     let run = ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, "c6", "sleep", "1000"]);
     assert!(run.status.success(), "ctr run -d: {}", text(&run.stderr));
     let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
-    let qemu = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
-        let cmdline = text(&std::fs::read(e.path().join("cmdline")).unwrap_or_default());
-        (cmdline.starts_with("qemu-system") && cmdline.contains(&run_dir))
-            .then(|| e.file_name().to_string_lossy().parse::<i32>().unwrap())
-    });
+    let qemu = common::find_process(|c| c.starts_with("qemu-system") && c.contains(&run_dir));
     // SAFETY: killing the VM this test started.
     unsafe { libc::kill(qemu.expect("the VM process"), libc::SIGKILL) };
     ctd.wait_task_stopped("c6");

@@ -217,6 +217,16 @@ fn runv_unmount_below(dir: &Path) {
     }
 }
 
+/// The first process whose command line (arguments joined by spaces)
+/// matches.
+pub fn find_process(matches: impl Fn(&str) -> bool) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let cmdline = text(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+        matches(&cmdline).then_some(pid)
+    })
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
