@@ -265,3 +265,25 @@ fn the_vm_is_sized_from_the_container_limits_and_bad_sizes_are_refused() {
     let _ = ctd.ctr(&["container", "rm", "c8"]);
     ctd.assert_clean();
 }
+
+#[test]
+fn a_terminal_task_gets_a_pty_through_ctr() {
+    if !ready("a_terminal_task_gets_a_pty_through_ctr") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    // ctr -t wants a terminal of its own: util-linux's script gives it one.
+    let ctr = format!(
+        "ctr -a {} -n runv-test run --rm -t --runtime io.containerd.runv.v2 {IMAGE} c9 sh -c 'tty; [ -t 1 ] && echo is-a-tty'",
+        ctd.socket().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert!(stdout.contains("/dev/pts/") && stdout.contains("is-a-tty"), "stdout: {stdout:?}");
+    ctd.assert_clean();
+}
