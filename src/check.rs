@@ -58,8 +58,8 @@ impl Report {
     }
 }
 
-/// Probes the host. `probe_kvm` runs the boot probe (else only its cached
-/// result is used, or KVM counts as unusable).
+/// Probes the host, including whether KVM boots the guest (a boot probe
+/// whose answer is cached, see `kvm_boots_guest`).
 pub fn check(config: &Config) -> Report {
     let mut r = Report::default();
 

@@ -47,8 +47,7 @@ impl Shim for RunvShim {
     /// `start`: runs in the bundle directory; a pod's later containers
     /// share the shim (and VM) of their sandbox.
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = rootfs::sandbox_grouping(std::path::Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
-        spawn(opts, &grouping, Vec::new()).await
+        spawn_daemon(opts, None).await
     }
 
     /// `delete`: containerd's cleanup after the shim died; removes what the
@@ -88,19 +87,24 @@ async fn start_action(flags: Flags) -> Result<(), Error> {
         debug: flags.debug,
         ..Default::default()
     };
-    let grouping = rootfs::sandbox_grouping(std::path::Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
     // containerd's CRI plugin passes the runtime options on stdin; their
     // ConfigPath names the runv config the shim daemon reads.
     let mut options = Vec::new();
     let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut options).await;
-    let config_path = config_path_from_options(&options);
-    let vars: Vec<(&str, &str)> = config_path.iter().map(|p| ("RUNV_CONFIG", p.as_str())).collect();
-    let address = spawn(opts, &grouping, vars).await?;
+    let address = spawn_daemon(opts, config_path_from_options(&options)).await?;
     use tokio::io::AsyncWriteExt;
     let mut stdout = tokio::io::stdout();
     stdout.write_all(address.as_bytes()).await.map_err(|e| Error::Other(format!("writing the address: {e}")))?;
     stdout.flush().await.map_err(|e| Error::Other(format!("writing the address: {e}")))?;
     Ok(())
+}
+
+/// Starts the daemon for the bundle in the current directory (or finds the
+/// one serving its pod) and returns its address.
+async fn spawn_daemon(opts: StartOpts, config_path: Option<String>) -> Result<String, Error> {
+    let grouping = rootfs::sandbox_grouping(std::path::Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
+    let vars: Vec<(&str, &str)> = config_path.iter().map(|p| ("RUNV_CONFIG", p.as_str())).collect();
+    spawn(opts, &grouping, vars).await
 }
 
 /// `config_path` (field 2) of containerd's `runtimeoptions.v1.Options`.
@@ -194,4 +198,30 @@ async fn main() {
         }
     }
     run::<RunvShim>(RUNTIME_ID, None).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_path_from_options;
+
+    fn options(type_url: &str, config_path: &str) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut out = protobuf::CodedOutputStream::vec(&mut bytes);
+        out.write_string(1, type_url).unwrap();
+        out.write_string(2, config_path).unwrap();
+        out.flush().unwrap();
+        drop(out);
+        bytes
+    }
+
+    #[test]
+    fn the_config_path_comes_from_the_runtime_options() {
+        assert_eq!(
+            config_path_from_options(&options("runv", "/etc/runv/pod.toml")).as_deref(),
+            Some("/etc/runv/pod.toml")
+        );
+        assert_eq!(config_path_from_options(&options("runv", "")), None);
+        assert_eq!(config_path_from_options(b""), None);
+        assert_eq!(config_path_from_options(&[0xff, 0xff, 0xff]), None);
+    }
 }

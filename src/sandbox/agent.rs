@@ -95,14 +95,6 @@ impl AgentClient {
         Self { inner: agent_ttrpc::AgentClient::new(client) }
     }
 
-    /// Connects to a ttrpc address directly (an agent running on the host).
-    pub async fn connect(address: &str) -> Result<Self, AgentError> {
-        let client = ttrpc::r#async::Client::connect(address)
-            .await
-            .map_err(|e| AgentError::Connect { path: address.into(), message: e.to_string() })?;
-        Ok(Self { inner: agent_ttrpc::AgentClient::new(client) })
-    }
-
     pub async fn health(&self, timeout: Duration) -> Result<HealthResponse, AgentError> {
         let ctx = context::with_timeout(timeout.as_nanos() as i64);
         self.inner.health(ctx, &HealthRequest::new()).await.map_err(|e| AgentError::from_rpc("health", e))
@@ -120,11 +112,6 @@ impl AgentClient {
             MountSharedRequest { tag: tag.into(), mount_point: mount_point.into(), read_only, ..Default::default() };
         self.inner.mount_shared(short(), &req).await.map_err(|e| AgentError::from_rpc("mount_shared", e))?;
         Ok(())
-    }
-
-    pub async fn run_process(&self, req: &RunProcessRequest) -> Result<u32, AgentError> {
-        let resp = self.inner.run_process(short(), req).await.map_err(|e| AgentError::from_rpc("run_process", e))?;
-        Ok(resp.pid)
     }
 
     pub async fn write_stdin(&self, container_id: &str, exec_id: &str, data: Vec<u8>) -> Result<(), AgentError> {
@@ -198,13 +185,6 @@ impl AgentClient {
             ..Default::default()
         };
         self.inner.tty_win_resize(short(), &req).await.map_err(|e| AgentError::from_rpc("tty_win_resize", e))?;
-        Ok(())
-    }
-
-    pub async fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
-        let req =
-            RemoveProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.inner.remove_process(short(), &req).await.map_err(|e| AgentError::from_rpc("remove_process", e))?;
         Ok(())
     }
 
