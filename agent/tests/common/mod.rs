@@ -35,11 +35,13 @@ impl HostAgent {
             .process_group(0)
             .spawn()
             .unwrap();
+        // The socket file appears at bind, before the agent listens: wait
+        // until a connection is accepted, not merely for the file.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < deadline {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the agent did not listen on {}", socket.display());
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(socket.exists(), "the agent did not create its socket");
         Self { child, dir, socket }
     }
 

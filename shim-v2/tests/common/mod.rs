@@ -92,10 +92,11 @@ impl Containerd {
             .unwrap();
         let ctd = Self { child, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !ctd.socket().exists() && Instant::now() < deadline {
+        // Wait for a connection to be accepted: the file appears at bind.
+        while std::os::unix::net::UnixStream::connect(ctd.socket()).is_err() {
+            assert!(Instant::now() < deadline, "containerd did not start: {}", ctd.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(ctd.socket().exists(), "containerd did not start: {}", ctd.log());
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-oci-image.sh");
         for (name, cmd) in [(IMAGE, r#"["sh"]"#), (PAUSE_IMAGE, r#"["sleep","2147483647"]"#)] {
             let image = d.join("image.tar");
