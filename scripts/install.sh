@@ -35,6 +35,7 @@ apt_packages=(
     libcap-ng-dev libseccomp-dev pkg-config  # virtiofsd build
     protobuf-compiler       # CRI protos
     containerd runc         # the containerd runtime path and its tests
+    containernetworking-plugins iproute2  # CNI bridge/host-local for pod network tests; ip, tc
     xz-utils
 )
 if [ "${RUNV_SKIP_APT:-0}" != 1 ]; then

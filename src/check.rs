@@ -201,6 +201,7 @@ pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Re
             vsock_socket: dir.join("vsock.sock"),
             shared_fs_socket: None,
             shared_fs_tag: String::new(),
+            net_devices: Vec::new(),
         };
         let cmd = Qemu::new(&config.qemu, &config.vhost_vsock, accel).command(&vm, None);
         let started = Instant::now();

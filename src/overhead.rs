@@ -46,6 +46,7 @@ pub async fn measure(config: &Config, settle: Duration, window: Duration) -> any
         read_only: true,
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
+        netns: None,
     };
     let sandbox = Sandbox::start(config, &spec).await?;
     let result = measure_sandbox(&sandbox, settle, window).await;

@@ -3,6 +3,7 @@
 
 pub mod container;
 pub mod init;
+pub mod network;
 pub mod process;
 pub mod service;
 pub mod stream;

@@ -278,6 +278,19 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn setup_network(&self, _ctx: &TtrpcContext, req: SetupNetworkRequest) -> ttrpc::Result<Empty> {
+        use crate::network::NetworkError;
+        crate::network::setup(&req).await.map_err(|e| {
+            let code = match e {
+                NetworkError::Invalid(_) => Code::INVALID_ARGUMENT,
+                NetworkError::NoSuchNic { .. } => Code::NOT_FOUND,
+                _ => Code::INTERNAL,
+            };
+            status(code, format!("setup_network: {e}"))
+        })?;
+        Ok(Empty::new())
+    }
+
     async fn create_container(
         &self,
         _ctx: &TtrpcContext,

@@ -169,9 +169,12 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir, sandbox_guest_pi
         // Host namespace paths mean nothing in the guest. A pod container's
         // are its sandbox's: they become the sandbox container's namespaces
         // in the guest; anything else gets namespaces of its own.
+        // The VM is the pod's network namespace (its NICs are the pod's
+        // interfaces): a namespace given by path is not recreated inside.
         if let Some(namespaces) = linux.namespaces().clone() {
             let fixed: Vec<_> = namespaces
                 .into_iter()
+                .filter(|ns| !(ns.typ() == LinuxNamespaceType::Network && ns.path().is_some()))
                 .map(|mut ns| {
                     let joined = ns.path().is_some().then_some(sandbox_guest_pid).flatten();
                     ns.set_path(joined.map(|pid| PathBuf::from(format!("/proc/{pid}/ns/{}", proc_ns_name(ns.typ())))));
@@ -203,6 +206,19 @@ fn proc_ns_name(kind: LinuxNamespaceType) -> &'static str {
         LinuxNamespaceType::User => "user",
         LinuxNamespaceType::Time => "time",
     }
+}
+
+/// The host network namespace a sandbox's first container names (CNI's, for
+/// a CRI pod). None: no network namespace of its own, or a new empty one.
+pub fn pod_netns(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
 }
 
 /// The sandbox a pod container belongs to, from the CRI annotations.

@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::rootfs::{guest_spec, unmount_below, SharedDir};
+use crate::rootfs::{guest_spec, pod_netns, unmount_below, SharedDir};
 
 type TtrpcResult<T> = Result<T, ttrpc::Error>;
 
@@ -52,6 +52,9 @@ pub fn cleanup_leftovers(config: &Config, namespace: &str, id: &str) {
             // SAFETY: signalling a pid we recorded; at worst it is gone.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+    }
+    if let Ok(record) = std::fs::read_to_string(dir.join("network")) {
+        runv::network::detach_leftovers(&record);
     }
     if let Ok(text) = std::fs::read_to_string(dir.join("sandbox-dir")) {
         let _ = std::fs::remove_dir_all(text.trim());
@@ -155,6 +158,7 @@ impl TaskService {
             read_only: false,
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
+            netns: pod_netns(first),
         };
         let sandbox = match Sandbox::start(&config, &spec).await {
             Ok(s) => s,
@@ -167,6 +171,9 @@ impl TaskService {
         let pids: Vec<String> = sandbox.pids().iter().map(u32::to_string).collect();
         let _ = std::fs::write(dir.join("pids"), pids.join("\n"));
         let _ = std::fs::write(dir.join("sandbox-dir"), sandbox.dir().to_string_lossy().as_bytes());
+        if let Some(network) = sandbox.network() {
+            let _ = std::fs::write(dir.join("network"), network.record());
+        }
         let agent = sandbox.agent().clone();
         let req = runv_proto::agent::CreateSandboxRequest {
             sandbox_id: self.id.clone(),

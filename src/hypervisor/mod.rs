@@ -30,6 +30,15 @@ pub struct VmConfig {
     /// vhost-user socket of the virtio-fs daemon serving the shared dir.
     pub shared_fs_socket: Option<PathBuf>,
     pub shared_fs_tag: String,
+    /// virtio-net devices, each on a tap the VM process inherits.
+    pub net_devices: Vec<NetDeviceConfig>,
+}
+
+/// One virtio-net device: an open tap queue and the guest NIC's MAC.
+#[derive(Clone, Debug)]
+pub struct NetDeviceConfig {
+    pub tap_fd: std::os::fd::RawFd,
+    pub mac: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,7 @@
 //! served by vhost-device-vsock (hybrid vsock on the host) and the shared
 //! directory by a vhost-user-fs daemon.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -56,6 +57,26 @@ impl Qemu {
         if let Some(sock) = &vm.shared_fs_socket {
             cmd.args(["-chardev", &format!("socket,id=fs,path={}", sock.display())])
                 .args(["-device", &format!("vhost-user-fs-device,chardev=fs,tag={}", vm.shared_fs_tag)]);
+        }
+        for (i, net) in vm.net_devices.iter().enumerate() {
+            cmd.args(["-netdev", &format!("tap,id=net{i},fd={}", net.tap_fd)])
+                .args(["-device", &format!("virtio-net-device,netdev=net{i},mac={}", net.mac)]);
+        }
+        if !vm.net_devices.is_empty() {
+            // QEMU inherits the taps under the same numbers.
+            let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).collect();
+            // SAFETY: between fork and exec only fcntl runs, which is
+            // async-signal-safe; the descriptors are the caller's open taps.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &fds {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd
     }
@@ -131,6 +152,7 @@ impl Hypervisor for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::NetDeviceConfig;
 
     fn vm() -> VmConfig {
         VmConfig {
@@ -144,6 +166,7 @@ mod tests {
             vsock_socket: "/w/vsock.sock".into(),
             shared_fs_socket: Some("/w/fs.sock".into()),
             shared_fs_tag: "runv".into(),
+            net_devices: vec![],
         }
     }
 
@@ -169,6 +192,26 @@ mod tests {
             "vhost-user-vsock-device,chardev=vsock",
             "socket,id=fs,path=/w/fs.sock",
             "vhost-user-fs-device,chardev=fs,tag=runv",
+        ] {
+            assert!(joined.contains(needle), "missing '{needle}' in: {joined}");
+        }
+        assert!(!joined.contains("-netdev"), "{joined}");
+    }
+
+    #[test]
+    fn each_tap_becomes_a_virtio_net_device_with_the_pod_mac() {
+        let q = Qemu::new(Path::new("qemu-system-x86_64"), Path::new("vhost-device-vsock"), "tcg");
+        let mut with_net = vm();
+        with_net.net_devices = vec![
+            NetDeviceConfig { tap_fd: 7, mac: "02:42:0a:00:00:05".into() },
+            NetDeviceConfig { tap_fd: 9, mac: "02:42:0a:00:01:05".into() },
+        ];
+        let joined = args(&q.command(&with_net, None)).join(" ");
+        for needle in [
+            "-netdev tap,id=net0,fd=7",
+            "-device virtio-net-device,netdev=net0,mac=02:42:0a:00:00:05",
+            "-netdev tap,id=net1,fd=9",
+            "-device virtio-net-device,netdev=net1,mac=02:42:0a:00:01:05",
         ] {
             assert!(joined.contains(needle), "missing '{needle}' in: {joined}");
         }

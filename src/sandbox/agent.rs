@@ -193,6 +193,12 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Configures the guest's NICs, routes and neighbours like the pod's.
+    pub async fn setup_network(&self, req: &SetupNetworkRequest) -> Result<(), AgentError> {
+        self.inner.setup_network(short(), req).await.map_err(|e| AgentError::from_rpc("setup_network", e))?;
+        Ok(())
+    }
+
     /// Creates a container from an OCI spec; returns its init's guest pid.
     pub async fn create_container(
         &self,

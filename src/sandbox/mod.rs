@@ -6,6 +6,7 @@ pub mod agent;
 pub mod sizing;
 mod virtiofsd;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,8 @@ use virtiofsd::Virtiofsd;
 
 use crate::config::{Config, HypervisorKind};
 use crate::helper::log_tail;
-use crate::hypervisor::{self, Hypervisor, HypervisorError, Qemu, VmConfig, VmExit};
+use crate::hypervisor::{self, Hypervisor, HypervisorError, NetDeviceConfig, Qemu, VmConfig, VmExit};
+use crate::network::{NetworkError, PodNetwork};
 
 /// How long a guest whose agent did not answer the shutdown call may take
 /// to end by itself before the VM is killed.
@@ -31,6 +33,9 @@ pub struct SandboxSpec {
     pub read_only: bool,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The pod's network namespace (made by CNI): its interfaces are
+    /// bridged into the VM. None: the VM has no network device.
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,8 @@ pub enum SandboxError {
     VmExited { exit: VmExit, console: String, diagnostics: String },
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
 }
 
 pub struct Sandbox {
@@ -64,6 +71,7 @@ pub struct Sandbox {
     hypervisor: Box<dyn Hypervisor>,
     virtiofsd: Option<Virtiofsd>,
     agent: Option<AgentClient>,
+    network: Option<PodNetwork>,
 }
 
 impl Sandbox {
@@ -83,8 +91,22 @@ impl Sandbox {
         let id = new_sandbox_id();
         let dir = config.runtime_dir.join("sandboxes").join(&id);
         create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
-        let mut sandbox =
-            Sandbox { id, console_log: dir.join("console.log"), dir, hypervisor, virtiofsd: None, agent: None };
+        let mut sandbox = Sandbox {
+            id,
+            console_log: dir.join("console.log"),
+            dir,
+            hypervisor,
+            virtiofsd: None,
+            agent: None,
+            network: None,
+        };
+        if let Some(netns) = &spec.netns {
+            let netns = netns.clone();
+            let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&netns))
+                .await
+                .map_err(|e| SandboxError::Unsupported(format!("pod network setup panicked: {e}")))??;
+            sandbox.network = Some(network);
+        }
         sandbox.boot(config, spec).await?;
         Ok(sandbox)
     }
@@ -114,12 +136,21 @@ impl Sandbox {
             vsock_socket: vsock_socket.clone(),
             shared_fs_socket: Some(virtiofsd.socket().to_path_buf()),
             shared_fs_tag: guest::SHARED_FS_TAG.to_string(),
+            net_devices: self
+                .network
+                .iter()
+                .flat_map(|n| &n.devices)
+                .map(|d| NetDeviceConfig { tap_fd: d.tap.as_raw_fd(), mac: d.mac.clone() })
+                .collect(),
         };
         self.virtiofsd = Some(virtiofsd);
         tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
         self.hypervisor.start(&vm).await?;
         let agent = self.wait_for_agent(&ready, &vsock_socket, Duration::from_secs(config.boot_timeout_secs)).await?;
         agent.mount_shared(guest::SHARED_FS_TAG, guest::SHARED_MOUNT_POINT, spec.read_only).await?;
+        if let Some(network) = &self.network {
+            agent.setup_network(&network.guest).await?;
+        }
         self.agent = Some(agent);
         Ok(())
     }
@@ -191,6 +222,11 @@ impl Sandbox {
         pids
     }
 
+    /// The pod network as bridged into the VM, if the sandbox has one.
+    pub fn network(&self) -> Option<&PodNetwork> {
+        self.network.as_ref()
+    }
+
     pub fn vm_pid(&self) -> Option<u32> {
         self.hypervisor.vm_pid()
     }
@@ -232,6 +268,9 @@ impl Sandbox {
         if let Some(mut fs) = self.virtiofsd.take() {
             fs.stop().await;
         }
+        if let Some(network) = self.network.take() {
+            let _ = tokio::task::spawn_blocking(move || network.detach()).await;
+        }
         tracing::debug!(sandbox = %self.id, ?exit, "sandbox stopped");
         exit
         // Drop removes the directory.
@@ -240,8 +279,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // Dropping the helpers kills them; the directory goes with them.
+        // Dropping the helpers kills them, and the pod network's taps and
+        // filters; the directory goes with them.
         self.virtiofsd.take();
+        self.network.take();
         if std::env::var_os("RUNV_KEEP_SANDBOX_DIR").is_some() {
             eprintln!("runv: kept sandbox directory {} (RUNV_KEEP_SANDBOX_DIR)", self.dir.display());
             return;
