@@ -12,8 +12,9 @@ pub const IMAGE: &str = "docker.io/library/runv-test:latest";
 /// The pod sandbox ("pause") image the CRI plugin is configured with.
 pub const PAUSE_IMAGE: &str = "docker.io/library/runv-pause:latest";
 
-/// containerd's CRI plugin with the `runv` runtime handler. No CNI is
-/// installed, so test pods use the host network; runc here cannot write a
+/// containerd's CRI plugin with the `runv` runtime handler. CNI reads the
+/// test directory's `net.d` (empty unless a test asks for a pod network, and
+/// then pods without one use the host network); runc here cannot write a
 /// negative oom_score_adj, hence restrict_oom_score_adj.
 const CRI_CONFIG: &str = r#"
 [plugins."io.containerd.grpc.v1.cri"]
@@ -31,7 +32,12 @@ const CRI_CONFIG: &str = r#"
 pub struct Containerd {
     pub child: Child,
     pub dir: tempfile::TempDir,
+    /// The CNI bridge this containerd's pod network uses, removed on drop.
+    pub bridge: Option<String>,
 }
+
+/// Debian's containernetworking-plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
 pub fn ready(test: &str) -> bool {
     let mut missing = Vec::new();
@@ -60,12 +66,46 @@ impl Containerd {
     /// Starts containerd with the shim on its PATH, runv's runtime state
     /// inside the test directory, and the test image imported.
     pub fn start(runv_config: &str) -> Self {
+        Self::start_with(runv_config, None)
+    }
+
+    /// As `start`, with a pod network: CNI's bridge plugin on bridge
+    /// `runvbr<subnet>` with host-local addresses from 10.<subnet>.0.0/24
+    /// (the host is 10.<subnet>.0.1).
+    pub fn start_with_network(runv_config: &str, subnet: u8) -> Self {
+        Self::start_with(runv_config, Some(subnet))
+    }
+
+    fn start_with(runv_config: &str, subnet: Option<u8>) -> Self {
         let dir = tempfile::Builder::new().prefix("runv-ctd-").tempdir().unwrap();
         let d = dir.path().to_path_buf();
+        std::fs::create_dir_all(d.join("net.d")).unwrap();
+        let bridge = subnet.map(|s| {
+            let bridge = format!("runvbr{s}");
+            let conf = serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "runv-test",
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{ "subnet": format!("10.{s}.0.0/24") }]],
+                        "routes": [{ "dst": "0.0.0.0/0" }],
+                        "dataDir": d.join("cni-ipam"),
+                    }
+                }]
+            });
+            std::fs::write(d.join("net.d/10-runv-test.conflist"), conf.to_string()).unwrap();
+            bridge
+        });
         std::fs::write(
             d.join("config.toml"),
             format!(
-                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n{1}",
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n{1}\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{CNI_BIN_DIR}\"\n  conf_dir = \"{0}/net.d\"\n",
                 d.display(),
                 CRI_CONFIG
             ),
@@ -90,7 +130,7 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .unwrap();
-        let ctd = Self { child, dir };
+        let ctd = Self { child, dir, bridge };
         let deadline = Instant::now() + Duration::from_secs(20);
         // Wait for a connection to be accepted: the file appears at bind.
         while std::os::unix::net::UnixStream::connect(ctd.socket()).is_err() {
@@ -202,6 +242,9 @@ impl Drop for Containerd {
             }
         }
         runv_unmount_below(self.dir.path());
+        if let Some(bridge) = &self.bridge {
+            let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        }
     }
 }
 
@@ -272,6 +315,20 @@ pub fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
         }),
         ..Default::default()
     }
+}
+
+/// A pod on the pod network (CNI), with its own DNS settings.
+pub fn networked_pod_config(name: &str, log_dir: &Path, dns: DnsConfig) -> PodSandboxConfig {
+    let mut config = pod_config(name, log_dir);
+    config.dns_config = Some(dns);
+    config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption { network: NamespaceMode::Pod as i32, ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
 }
 
 pub fn container_config(name: &str, args: &[&str]) -> ContainerConfig {
