@@ -241,6 +241,11 @@ struct Children {
 #[derive(Clone)]
 pub struct ProcessTable {
     children: Arc<Mutex<Children>>,
+    /// Held (shared) while a child is being spawned, and (exclusive) by the
+    /// reaper: when exec fails, the standard library waits for the child
+    /// itself, and a reaper that collected it first would make that wait
+    /// fail and panic.
+    spawning: Arc<std::sync::RwLock<()>>,
 }
 
 impl ProcessTable {
@@ -249,7 +254,7 @@ impl ProcessTable {
         // On a host the agent is no PID 1; become the reaper of our subtree.
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        let table = Self { children: Arc::default() };
+        let table = Self { children: Arc::default(), spawning: Arc::default() };
         let mut sigchld =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).context("listening for SIGCHLD")?;
         let reaper = table.clone();
@@ -270,6 +275,7 @@ impl ProcessTable {
 
     /// Collects every exited child; watched ones get their status recorded.
     fn reap(&self) {
+        let _no_spawn = self.spawning.write().unwrap_or_else(|e| e.into_inner());
         let mut children = self.lock();
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -318,7 +324,10 @@ impl ProcessTable {
 
     /// Spawns `cmd` and watches it; its exit status comes from the reaper.
     pub fn spawn_command(&self, cmd: &mut Command, io: ProcessIo) -> io::Result<Arc<Process>> {
-        let child = cmd.spawn()?;
+        let child = {
+            let _spawning = self.spawning.read().unwrap_or_else(|e| e.into_inner());
+            cmd.spawn()?
+        };
         self.register(child.id() as i32, io).map_err(io::Error::other)
     }
 

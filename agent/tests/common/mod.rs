@@ -1,5 +1,5 @@
 //! The agent run on the host as an ordinary process, for its tests: own
-//! state and shared directories, a private mount namespace, and a process
+//! state and shared directories, private mount and network namespaces, and a process
 //! group that dropping it kills whole (helpers, pause process and all).
 
 #![allow(dead_code)]
@@ -25,7 +25,7 @@ impl HostAgent {
         std::fs::create_dir_all(dir.path().join("shared")).unwrap();
         // unshare execs the agent, which keeps the pid.
         let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", env!("CARGO_BIN_EXE_runv-agent")])
+            .args(["--mount", "--net", "--propagation", "private", env!("CARGO_BIN_EXE_runv-agent")])
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))
             .arg("--state-dir")
