@@ -93,6 +93,21 @@ async fn a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri() {
     assert_eq!(exec.exit_code, 4, "stdout {out:?} stderr {:?}", String::from_utf8_lossy(&exec.stderr));
     assert!(out.starts_with("exec-out\n6.1."), "exec stdout: {out:?}");
 
+    // A host-network pod gets no network device: the VM has only loopback.
+    let links = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: ids[0].clone(),
+            cmd: vec!["ls".into(), "/sys/class/net".into()],
+            timeout: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // (sit0 is the kernel's own IPv6-in-IPv4 placeholder, never configured.)
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    let nics: Vec<_> = links.split_whitespace().filter(|l| !matches!(*l, "lo" | "sit0")).collect();
+    assert!(nics.is_empty(), "network devices in a host-network pod: {links}");
+
     // The container's output reaches its CRI log file.
     let log = log_dir.join("web.log");
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -287,3 +287,93 @@ fn a_terminal_task_gets_a_pty_through_ctr() {
     assert!(stdout.contains("/dev/pts/") && stdout.contains("is-a-tty"), "stdout: {stdout:?}");
     ctd.assert_clean();
 }
+
+#[test]
+fn a_network_namespace_that_does_not_exist_is_a_clear_error_and_leaves_nothing() {
+    if !ready("a_network_namespace_that_does_not_exist_is_a_clear_error_and_leaves_nothing") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runv.v2",
+        "--with-ns",
+        "network:/run/netns/runv-no-such-netns",
+        IMAGE,
+        "c9",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("network namespace /run/netns/runv-no-such-netns"), "stderr: {err}");
+    let _ = ctd.ctr(&["container", "rm", "c9"]);
+    ctd.assert_clean();
+}
+
+/// A network namespace like CNI's: eth0 on a veth whose peer is on the host.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("runv-ctr-{}", std::process::id());
+        let host = format!("rvc{}", std::process::id() % 100_000);
+        let script = format!(
+            "ip netns add {name} && ip link add {host} type veth peer name eth0 netns {name} && \
+             ip link set {host} up && ip -n {name} addr add 10.246.0.2/24 dev eth0 && ip -n {name} link set eth0 up"
+        );
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", text(&out.stderr));
+        Netns(name)
+    }
+
+    fn ip(&self, args: &str) -> String {
+        let out =
+            std::process::Command::new("ip").args(["-n", &self.0]).args(args.split_whitespace()).output().unwrap();
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_vm_death_removes_the_pod_network_tap_and_filters() {
+    if !ready("a_vm_death_removes_the_pod_network_tap_and_filters") {
+        return;
+    }
+    let netns = Netns::new();
+    let ctd = Containerd::start("");
+    let ns = format!("network:/run/netns/{}", netns.0);
+    let run =
+        ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", "--with-ns", &ns, IMAGE, "c10", "sleep", "1000"]);
+    assert!(run.status.success(), "ctr run -d: {}", text(&run.stderr));
+    // The guest has the pod's address on its eth0.
+    let exec = ctd.ctr(&["task", "exec", "--exec-id", "ip", "c10", "ip", "-o", "-4", "addr", "show", "eth0"]);
+    assert!(text(&exec.stdout).contains("inet 10.246.0.2/24"), "{}{}", text(&exec.stdout), text(&exec.stderr));
+    assert!(netns.ip("-o link show").contains("tap0_runv"));
+    let filters = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns.0, "tc", "filter", "show", "dev", "eth0", "ingress"])
+        .output()
+        .unwrap();
+    assert!(text(&filters.stdout).contains("tap0_runv"), "{}", text(&filters.stdout));
+
+    let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
+    let qemu = common::find_process(|c| c.starts_with("qemu-system") && c.contains(&run_dir));
+    // SAFETY: killing the VM this test started.
+    unsafe { libc::kill(qemu.expect("the VM process"), libc::SIGKILL) };
+    ctd.wait_task_stopped("c10");
+    assert!(ctd.ctr(&["task", "rm", "c10"]).status.success());
+    assert!(ctd.ctr(&["container", "rm", "c10"]).status.success());
+    ctd.assert_clean();
+    assert!(!netns.ip("-o link show").contains("tap0_runv"), "{}", netns.ip("-o link show"));
+    let qdiscs = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns.0, "tc", "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!text(&qdiscs.stdout).contains("ingress"), "{}", text(&qdiscs.stdout));
+}

@@ -307,7 +307,7 @@ pub fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
         log_directory: log_dir.to_string_lossy().into_owned(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                // No CNI here: the pod uses the host network (no netns).
+                // The host network: no netns, so the VM gets no network device.
                 namespace_options: Some(NamespaceOption { network: NamespaceMode::Node as i32, ..Default::default() }),
                 ..Default::default()
             }),
