@@ -31,13 +31,12 @@ fn sh(cmd: &str) -> String {
 struct Pod {
     name: String,
     host_if: String,
-    subnet: u8,
 }
 
 impl Pod {
     fn new(tag: &str, subnet: u8) -> Self {
         let id = std::process::id() % 100_000;
-        let pod = Pod { name: format!("runv-test-{tag}-{id}"), host_if: format!("rv{tag}{id}"), subnet };
+        let pod = Pod { name: format!("runv-test-{tag}-{id}"), host_if: format!("rv{tag}{id}") };
         let (n, h, s) = (&pod.name, &pod.host_if, subnet);
         sh(&format!(
             "ip netns add {n} && ip link add {h} type veth peer name eth0 netns {n} && \

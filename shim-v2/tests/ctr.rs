@@ -316,9 +316,9 @@ fn a_network_namespace_that_does_not_exist_is_a_clear_error_and_leaves_nothing()
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Self {
-        let name = format!("runv-ctr-{}", std::process::id());
-        let host = format!("rvc{}", std::process::id() % 100_000);
+    fn new(tag: &str) -> Self {
+        let name = format!("runv-ctr-{tag}-{}", std::process::id());
+        let host = format!("rvc{tag}{}", std::process::id() % 100_000);
         let script = format!(
             "ip netns add {name} && ip link add {host} type veth peer name eth0 netns {name} && \
              ip link set {host} up && ip -n {name} addr add 10.246.0.2/24 dev eth0 && ip -n {name} link set eth0 up"
@@ -346,7 +346,7 @@ fn a_vm_death_removes_the_pod_network_tap_and_filters() {
     if !ready("a_vm_death_removes_the_pod_network_tap_and_filters") {
         return;
     }
-    let netns = Netns::new();
+    let netns = Netns::new("a");
     let ctd = Containerd::start("");
     let ns = format!("network:/run/netns/{}", netns.0);
     let run =
@@ -376,4 +376,23 @@ fn a_vm_death_removes_the_pod_network_tap_and_filters() {
         .output()
         .unwrap();
     assert!(!text(&qdiscs.stdout).contains("ingress"), "{}", text(&qdiscs.stdout));
+}
+
+#[test]
+fn an_interface_runv_cannot_carry_fails_the_task_clearly_and_leaves_nothing() {
+    if !ready("an_interface_runv_cannot_carry_fails_the_task_clearly_and_leaves_nothing") {
+        return;
+    }
+    let netns = Netns::new("b");
+    netns.ip("link add br7 type bridge");
+    let ctd = Containerd::start("");
+    let ns = format!("network:/run/netns/{}", netns.0);
+    let out = ctd.ctr(&["run", "--rm", "--runtime", "io.containerd.runv.v2", "--with-ns", &ns, IMAGE, "c11", "true"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("interface br7") && err.contains("type bridge"), "stderr: {err}");
+    let _ = ctd.ctr(&["container", "rm", "c11"]);
+    ctd.assert_clean();
+    let links = netns.ip("-o link show");
+    assert!(!links.contains("_runv"), "{links}");
 }

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{container_config, cri_client, networked_pod_config, ready, Containerd, CNI_BIN_DIR};
+use common::{container_config, cri_client, netns_names, networked_pod_config, ready, Containerd, CNI_BIN_DIR};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
@@ -119,17 +119,6 @@ async fn http_get_in_pod(cri: &mut RuntimeServiceClient<Channel>, from: &Pod, to
     let (code, out) = exec(cri, &from.container, &cmd).await;
     assert_eq!(code, 0, "{} -> {}: {out}", from.ip, to.ip);
     out
-}
-
-fn netns_names() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 fn host_links() -> Vec<String> {

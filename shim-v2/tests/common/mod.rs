@@ -34,6 +34,21 @@ pub struct Containerd {
     pub dir: tempfile::TempDir,
     /// The CNI bridge this containerd's pod network uses, removed on drop.
     pub bridge: Option<String>,
+    /// The network namespaces that existed before; any other `cni-*` one
+    /// is this containerd's, and a failed test's are removed on drop.
+    pub netns_before: Vec<String>,
+}
+
+/// The names under /run/netns.
+pub fn netns_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Debian's containernetworking-plugins.
@@ -130,7 +145,7 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .unwrap();
-        let ctd = Self { child, dir, bridge };
+        let ctd = Self { child, dir, bridge, netns_before: netns_names() };
         let deadline = Instant::now() + Duration::from_secs(20);
         // Wait for a connection to be accepted: the file appears at bind.
         while std::os::unix::net::UnixStream::connect(ctd.socket()).is_err() {
@@ -243,6 +258,20 @@ impl Drop for Containerd {
         }
         runv_unmount_below(self.dir.path());
         if let Some(bridge) = &self.bridge {
+            // Pods a failed test left: their processes (runc's too) and
+            // network namespaces.
+            for ns in netns_names() {
+                if ns.starts_with("cni-") && !self.netns_before.contains(&ns) {
+                    let pids = Command::new("ip").args(["netns", "pids", &ns]).output();
+                    for pid in pids.map(|o| text(&o.stdout)).unwrap_or_default().split_whitespace() {
+                        if let Ok(pid) = pid.parse::<i32>() {
+                            // SAFETY: signalling a process of this test's pod.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                    }
+                    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+                }
+            }
             let _ = Command::new("ip").args(["link", "del", bridge]).output();
         }
     }
