@@ -10,3 +10,4 @@ pub mod network;
 pub mod overhead;
 pub mod run;
 pub mod sandbox;
+pub mod vmm;

@@ -1,0 +1,4 @@
+//! The built-in VMM: a KVM microVM on the rust-vmm crates.
+
+pub mod devices;
+pub mod layout;
