@@ -2,3 +2,4 @@
 
 pub mod devices;
 pub mod layout;
+pub mod x86_64;
