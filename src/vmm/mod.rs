@@ -2,4 +2,5 @@
 
 pub mod devices;
 pub mod layout;
+pub mod vm;
 pub mod x86_64;

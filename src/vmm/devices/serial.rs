@@ -65,8 +65,8 @@ mod tests {
         for b in b"ok\n" {
             s.write(0, &[*b]);
         }
-        s.write(0, &[b'x', b'y']);
-        s.write(99, &[b'z']);
+        s.write(0, b"xy");
+        s.write(99, b"z");
         assert_eq!(s.writer(), b"ok\n");
         // Line status: transmitter empty.
         let mut lsr = [0u8];
@@ -83,7 +83,7 @@ mod tests {
         let mut s = Serial::new(irq.try_clone().unwrap(), std::io::sink());
         // IER: THR-empty interrupt on; then a byte.
         s.write(1, &[0x02]);
-        s.write(0, &[b'a']);
+        s.write(0, b"a");
         assert!(irq.read().unwrap() >= 1);
     }
 }

@@ -14,7 +14,9 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 fn base(entry: u64) -> u64 {
-    ((entry & 0xff00_0000_0000_0000) >> 32) | ((entry & 0x0000_00ff_0000_0000) >> 16) | ((entry & 0x0000_0000_ffff_0000) >> 16)
+    ((entry & 0xff00_0000_0000_0000) >> 32)
+        | ((entry & 0x0000_00ff_0000_0000) >> 16)
+        | ((entry & 0x0000_0000_ffff_0000) >> 16)
 }
 
 fn limit(entry: u64) -> u32 {
@@ -52,8 +54,12 @@ pub const GDT_LONG_MODE: [u64; 4] =
 
 /// The boot GDT for PVH entry (32-bit protected mode, flat 4 GiB): null,
 /// 32-bit code, data, TSS.
-pub const GDT_PVH: [u64; 4] =
-    [gdt_entry(0, 0, 0), gdt_entry(0xc09b, 0, 0xffff_ffff), gdt_entry(0xc093, 0, 0xffff_ffff), gdt_entry(0x008b, 0, 0x67)];
+pub const GDT_PVH: [u64; 4] = [
+    gdt_entry(0, 0, 0),
+    gdt_entry(0xc09b, 0, 0xffff_ffff),
+    gdt_entry(0xc093, 0, 0xffff_ffff),
+    gdt_entry(0x008b, 0, 0x67),
+];
 
 #[cfg(test)]
 mod tests {

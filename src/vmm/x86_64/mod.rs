@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(first, 0x83);
         // The last 2 MiB page below 4 GiB.
         let last: u64 = m.read_obj(GuestAddress(PD_ADDR + 3 * 0x1000 + 511 * 8)).unwrap();
-        assert_eq!(last, (4u64 << 30) - (2 << 20) | 0x83);
+        assert_eq!(last, ((4u64 << 30) - (2 << 20)) | 0x83);
     }
 
     #[test]

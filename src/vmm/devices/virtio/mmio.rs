@@ -217,10 +217,8 @@ impl BusDevice for MmioTransport {
             reg::QUEUE_DRIVER_HIGH => self.queue().into_iter().for_each(|q| q.set_avail_ring_address(None, Some(v))),
             reg::QUEUE_DEVICE_LOW => self.queue().into_iter().for_each(|q| q.set_used_ring_address(Some(v), None)),
             reg::QUEUE_DEVICE_HIGH => self.queue().into_iter().for_each(|q| q.set_used_ring_address(None, Some(v))),
-            reg::QUEUE_NOTIFY => {
-                if self.activated && (v as usize) < self.device.queue_max_sizes().len() {
-                    self.device.notify(v as u16);
-                }
+            reg::QUEUE_NOTIFY if self.activated && (v as usize) < self.device.queue_max_sizes().len() => {
+                self.device.notify(v as u16);
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.set_status(v),
