@@ -2,5 +2,6 @@
 
 pub mod devices;
 pub mod layout;
+pub mod process;
 pub mod vm;
 pub mod x86_64;

@@ -1,0 +1,364 @@
+//! `runv vmm`: the built-in VMM as a process of its own. It sets the VM up
+//! (opening everything it will need), serves a small control socket, drops
+//! every capability, installs a seccomp filter, and runs the guest; its
+//! exit status tells how the guest ended. A VMM fault never takes its
+//! caller down.
+//!
+//! Control socket protocol (one line per request): `stop` ends the VM
+//! (answer `ok`); `status` answers `running`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+use super::devices::virtio::block::Block;
+use super::vm::{Vm, VmError, VmExitReason};
+
+/// Where the guest console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// No serial device at all (fastest).
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Console {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "off" => Console::Off,
+            "-" | "stdout" => Console::Stdout,
+            "" => return Err("empty console target (use off, stdout or a file path)".into()),
+            path => Console::File(path.into()),
+        })
+    }
+}
+
+/// A virtio-blk disk: `PATH` or `PATH,ro`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for Disk {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (ro or rw)")),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err("empty disk path".into());
+        }
+        Ok(Disk { path: path.into(), read_only })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VmmOptions {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub console: Console,
+    pub disks: Vec<Disk>,
+    pub api_socket: Option<PathBuf>,
+    /// Install the seccomp filter and drop capabilities (on by default).
+    pub sandbox: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("console {path}: {source}")]
+    Console { path: PathBuf, source: std::io::Error },
+    #[error("disk {path}: {source}")]
+    Disk { path: PathBuf, source: std::io::Error },
+    #[error("control socket {path}: {source}")]
+    Api { path: PathBuf, source: std::io::Error },
+    #[error("confining the VMM: {0}")]
+    Confine(String),
+}
+
+/// Sets the VM up, confines the process and runs the guest to its end.
+pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
+    let mut vm = Vm::new(opts.vcpus, u64::from(opts.memory_mib) << 20)?;
+    match &opts.console {
+        Console::Off => {}
+        Console::Stdout => vm.add_serial(Box::new(std::io::stdout()))?,
+        Console::File(path) => {
+            let f = File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::Console { path: path.clone(), source })?;
+            vm.add_serial(Box::new(f))?
+        }
+    }
+    vm.add_i8042()?;
+    for (i, disk) in opts.disks.iter().enumerate() {
+        let dev = Block::open(&disk.path, disk.read_only, &format!("runv{i}"))
+            .map_err(|source| VmmError::Disk { path: disk.path.clone(), source })?;
+        vm.add_virtio(Box::new(dev))?;
+    }
+    vm.load_kernel(&opts.kernel, opts.initramfs.as_deref(), &opts.cmdline)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(path) = &opts.api_socket {
+        serve_api(path, stop.clone())?;
+    }
+    if opts.sandbox {
+        confine()?;
+    }
+    Ok(vm.run(stop)?)
+}
+
+fn serve_api(path: &PathBuf, stop: Arc<AtomicBool>) -> Result<(), VmmError> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|source| VmmError::Api { path: path.clone(), source })?;
+    std::thread::Builder::new()
+        .name("vmm-api".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let Ok(mut out) = conn.try_clone() else { continue };
+                for line in BufReader::new(conn).lines() {
+                    let Ok(line) = line else { break };
+                    let reply = match line.trim() {
+                        "stop" => {
+                            stop.store(true, Ordering::SeqCst);
+                            "ok"
+                        }
+                        "status" => "running",
+                        other => {
+                            let _ = writeln!(out, "error: unknown request '{other}' (stop or status)");
+                            continue;
+                        }
+                    };
+                    let _ = writeln!(out, "{reply}");
+                }
+            }
+        })
+        .map_err(|source| VmmError::Api { path: path.clone(), source })?;
+    Ok(())
+}
+
+/// Drops every capability and installs the seccomp filter on every thread.
+pub fn confine() -> Result<(), VmmError> {
+    drop_capabilities()?;
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(VmmError::Confine(format!("no_new_privs: {}", std::io::Error::last_os_error())));
+    }
+    let filter = seccomp_filter()?;
+    seccompiler::apply_filter_all_threads(&filter).map_err(|e| VmmError::Confine(format!("seccomp: {e}")))
+}
+
+fn drop_capabilities() -> Result<(), VmmError> {
+    // The bounding set first (needs CAP_SETPCAP, which goes next).
+    for cap in 0..=63 {
+        // SAFETY: prctl with integer arguments; unknown caps fail harmlessly.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let data = [Data::default(); 2];
+    // SAFETY: capset reads a header and two data structs we own.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(VmmError::Confine(format!("dropping capabilities: {}", std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+/// The system calls the running VMM makes (vCPU threads in KVM_RUN, device
+/// emulation, the control socket, thread teardown); anything else kills the
+/// process. ioctl is allowed whole: the VMM's ioctls are KVM's.
+pub fn allowed_syscalls() -> Vec<i64> {
+    vec![
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_lseek,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_close,
+        libc::SYS_fcntl,
+        libc::SYS_dup,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_ioctl,
+        libc::SYS_futex,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigaction,
+        libc::SYS_sigaltstack,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_mremap,
+        libc::SYS_brk,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_getrandom,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+        libc::SYS_tgkill,
+        libc::SYS_tkill,
+        libc::SYS_accept4,
+        libc::SYS_accept,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_restart_syscall,
+    ]
+}
+
+fn seccomp_filter() -> Result<BpfProgram, VmmError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        allowed_syscalls().into_iter().map(|nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| VmmError::Confine(format!("building the seccomp filter: {e}")))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| VmmError::Confine(format!("compiling the seccomp filter: {e}")))
+}
+
+/// A minimal ELF64 guest with a PVH entry note (Xen PHYS32_ENTRY), whose
+/// one segment holds `code` (32-bit protected-mode code) at 1 MiB. Both
+/// the built-in VMM and `qemu -M microvm -kernel` boot it: tests and the
+/// VMM benchmark use it.
+pub fn tiny_pvh_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const CODE_OFFSET: u64 = 0x1000;
+    let phoff = 64u64;
+    let note_offset = phoff + 2 * 56;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(LOAD as u32).to_le_bytes());
+
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&phoff.to_le_bytes());
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no sections
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+    elf.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+    elf.extend_from_slice(&2u16.to_le_bytes()); // phnum
+    elf.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
+    let phdr = |elf: &mut Vec<u8>, kind: u32, flags: u32, offset: u64, addr: u64, size: u64, align: u64| {
+        elf.extend_from_slice(&kind.to_le_bytes());
+        elf.extend_from_slice(&flags.to_le_bytes());
+        elf.extend_from_slice(&offset.to_le_bytes());
+        elf.extend_from_slice(&addr.to_le_bytes());
+        elf.extend_from_slice(&addr.to_le_bytes());
+        elf.extend_from_slice(&size.to_le_bytes());
+        elf.extend_from_slice(&size.to_le_bytes());
+        elf.extend_from_slice(&align.to_le_bytes());
+    };
+    phdr(&mut elf, 1, 5, CODE_OFFSET, LOAD, code.len() as u64, 0x1000); // PT_LOAD r-x
+    phdr(&mut elf, 4, 4, note_offset, 0, note.len() as u64, 4); // PT_NOTE
+    elf.extend_from_slice(&note);
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// 32-bit code for `tiny_pvh_elf`: print `text` on the serial port, then
+/// reset through the i8042, then halt.
+pub fn tiny_serial_code(text: &[u8]) -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in text {
+        code.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    }
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // i8042 reset
+    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back to hlt
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_and_disk_arguments_parse_or_say_why_not() {
+        assert_eq!("off".parse::<Console>().unwrap(), Console::Off);
+        assert_eq!("-".parse::<Console>().unwrap(), Console::Stdout);
+        assert_eq!("/tmp/c.log".parse::<Console>().unwrap(), Console::File("/tmp/c.log".into()));
+        assert!("".parse::<Console>().is_err());
+        assert_eq!("/d.img,ro".parse::<Disk>().unwrap(), Disk { path: "/d.img".into(), read_only: true });
+        assert_eq!("/d.img".parse::<Disk>().unwrap(), Disk { path: "/d.img".into(), read_only: false });
+        assert!("/d.img,fast".parse::<Disk>().unwrap_err().contains("unknown disk option 'fast'"));
+        assert!(",ro".parse::<Disk>().is_err());
+    }
+
+    #[test]
+    fn the_seccomp_filter_compiles() {
+        assert!(seccomp_filter().is_ok());
+    }
+
+    #[test]
+    fn the_tiny_elf_has_a_pvh_note_linux_loader_finds() {
+        use linux_loader::loader::elf::{Elf, PvhBootCapability};
+        use linux_loader::loader::KernelLoader;
+        use vm_memory::GuestAddress;
+        let elf = tiny_pvh_elf(&tiny_serial_code(b"x"));
+        let mem = super::super::devices::virtio::Mem::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let r = Elf::load(&mem, None, &mut std::io::Cursor::new(&elf), Some(GuestAddress(0x10_0000))).unwrap();
+        assert_eq!(r.pvh_boot_cap, PvhBootCapability::PvhEntryPresent(GuestAddress(0x10_0000)));
+    }
+}
