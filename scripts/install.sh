@@ -62,7 +62,7 @@ cargo_tool virtiofsd 1.14.0 virtiofsd
 cargo_tool vhost-device-vsock 0.3.0 vhost-device-vsock
 
 # --- runv itself and the static agent --------------------------------------------
-step "building runv and containerd-shim-runv-v2"
+step "building runv, runv-vmm and containerd-shim-runv-v2"
 cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p runv -p containerd-shim-runv-v2
 step "building the static guest agent"
 # libcontainer links libseccomp: statically, from Debian's libseccomp-dev.
@@ -84,8 +84,8 @@ step "default rootfs"
 "$repo/scripts/make-rootfs.sh" "$share/rootfs"
 
 install -m 0644 "$vmlinux" "$share/vmlinux.new" && mv "$share/vmlinux.new" "$share/vmlinux"
-for bin in runv containerd-shim-runv-v2; do
+for bin in runv runv-vmm containerd-shim-runv-v2; do
     install -m 0755 "$CARGO_TARGET_DIR/release/$bin" "$prefix/bin/$bin.new"
     mv "$prefix/bin/$bin.new" "$prefix/bin/$bin"
 done
-step "installed: $prefix/bin/runv, $prefix/bin/containerd-shim-runv-v2, $share/{vmlinux,initramfs.cpio,rootfs}"
+step "installed: $prefix/bin/runv, $prefix/bin/runv-vmm, $prefix/bin/containerd-shim-runv-v2, $share/{vmlinux,initramfs.cpio,rootfs}"

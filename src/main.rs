@@ -79,39 +79,12 @@ enum Command {
     /// Run the built-in VMM: one KVM microVM in this process.
     ///
     /// Sandboxes start it with the built-in hypervisor backend; it can also
-    /// be run by hand. It sets the VM up, drops every capability, installs
-    /// a seccomp filter and runs the guest. Exit status: 0 when the guest
-    /// reset or shut down (how runv guests stop), 2 when stopped through
-    /// the control socket, 1 on any failure (one line on stderr).
-    Vmm {
-        /// Uncompressed ELF guest kernel (vmlinux; PVH entry or the 64-bit
-        /// boot protocol). Default: the configured kernel.
-        #[arg(long, value_name = "FILE")]
-        kernel: Option<PathBuf>,
-        /// Initramfs (default: the configured one; `none` for none).
-        #[arg(long, value_name = "FILE")]
-        initramfs: Option<PathBuf>,
-        /// Kernel command line (virtio-mmio devices are appended).
-        #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
-        cmdline: String,
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
-        vcpus: u8,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1048576))]
-        memory: u32,
-        /// Serial console: a file, `stdout` (or `-`), or `off` (fastest).
-        #[arg(long, default_value = "stdout")]
-        console: runv::vmm::process::Console,
-        /// A virtio-blk disk on a raw image: PATH or PATH,ro (repeatable).
-        #[arg(long = "disk", value_name = "PATH[,ro]")]
-        disks: Vec<runv::vmm::process::Disk>,
-        /// Control socket (line requests: `stop`, `status`).
-        #[arg(long, value_name = "PATH")]
-        api_socket: Option<PathBuf>,
-        /// Skip the seccomp filter and the capability drop (debugging only).
-        #[arg(long)]
-        no_sandbox: bool,
-    },
+    /// be run by hand (or as the lighter `runv-vmm` binary). It sets the VM
+    /// up, drops every capability, installs a seccomp filter and runs the
+    /// guest. Exit status: 0 when the guest reset or shut down (how runv
+    /// guests stop), 2 when stopped through the control socket, 1 on any
+    /// failure (one line on stderr).
+    Vmm(runv::vmm::process::VmmArgs),
     /// Report what this host offers runv and whether KVM can boot the guest.
     ///
     /// Exit status 0 when sandboxes can run (perhaps only under TCG
@@ -137,36 +110,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 
     match cli.command {
-        Command::Vmm { kernel, initramfs, cmdline, vcpus, memory, console, disks, api_socket, no_sandbox } => {
-            use runv::vmm::vm::VmExitReason;
-            let opts = runv::vmm::process::VmmOptions {
-                kernel: kernel.unwrap_or_else(|| config.kernel.clone()),
-                initramfs: match initramfs {
-                    Some(p) if p.as_os_str() == "none" => None,
-                    Some(p) => Some(p),
-                    None => Some(config.initramfs.clone()),
-                },
-                cmdline,
-                vcpus,
-                memory_mib: memory,
-                console,
-                disks,
-                api_socket,
-                sandbox: !no_sandbox,
-            };
-            match runv::vmm::process::run(&opts) {
-                Ok(VmExitReason::Reset | VmExitReason::Shutdown) => ExitCode::SUCCESS,
-                Ok(VmExitReason::Stopped) => ExitCode::from(2),
-                Ok(VmExitReason::Failed(why)) => {
-                    eprintln!("runv vmm: error: the guest stopped: {why}");
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("runv vmm: error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Vmm(args) => runv::vmm::process::main(args, &config),
         Command::Check { require_kvm } => {
             let report = runv::check::check(&config);
             for f in &report.findings {

@@ -64,6 +64,71 @@ impl std::str::FromStr for Disk {
     }
 }
 
+/// The command line of `runv vmm` and `runv-vmm`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct VmmArgs {
+    /// Uncompressed ELF guest kernel (vmlinux; PVH entry or the 64-bit
+    /// boot protocol). Default: the configured kernel.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (default: the configured one; `none` for none).
+    #[arg(long, value_name = "FILE")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line (virtio-mmio devices are appended).
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    pub cmdline: String,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1048576))]
+    pub memory: u32,
+    /// Serial console: a file, `stdout` (or `-`), or `off` (fastest).
+    #[arg(long, default_value = "stdout")]
+    pub console: Console,
+    /// A virtio-blk disk on a raw image: PATH or PATH,ro (repeatable).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<Disk>,
+    /// Control socket (line requests: `stop`, `status`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Skip the seccomp filter and the capability drop (debugging only).
+    #[arg(long)]
+    pub no_sandbox: bool,
+}
+
+/// Runs the VMM from its command line; the exit status says how the guest
+/// ended (0 reset or shutdown, 2 stopped, 1 failure).
+pub fn main(args: VmmArgs, config: &crate::config::Config) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let opts = VmmOptions {
+        kernel: args.kernel.unwrap_or_else(|| config.kernel.clone()),
+        initramfs: match args.initramfs {
+            Some(p) if p.as_os_str() == "none" => None,
+            Some(p) => Some(p),
+            None => Some(config.initramfs.clone()),
+        },
+        cmdline: args.cmdline,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        console: args.console,
+        disks: args.disks,
+        api_socket: args.api_socket,
+        sandbox: !args.no_sandbox,
+    };
+    match run(&opts) {
+        Ok(VmExitReason::Reset | VmExitReason::Shutdown) => ExitCode::SUCCESS,
+        Ok(VmExitReason::Stopped) => ExitCode::from(2),
+        Ok(VmExitReason::Failed(why)) => {
+            eprintln!("runv vmm: error: the guest stopped: {why}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("runv vmm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VmmOptions {
     pub kernel: PathBuf,
