@@ -298,7 +298,7 @@ impl Drop for Sandbox {
 fn select_hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>, SandboxError> {
     match config.hypervisor {
         HypervisorKind::Builtin => Err(SandboxError::Unsupported(
-            "hypervisor = \"builtin\": the built-in VMM is not available in this build; use \"qemu\" or \"auto\""
+            "hypervisor = \"builtin\": the built-in VMM (runv-vmm) has no vsock or virtio-fs device yet, so it cannot run sandboxes; use \"qemu\" or \"auto\""
                 .into(),
         )),
         HypervisorKind::Auto | HypervisorKind::Qemu => {
