@@ -2,6 +2,7 @@
 //! the devices (`block`).
 
 pub mod block;
+pub mod vsock;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
