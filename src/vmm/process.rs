@@ -18,6 +18,7 @@ use std::sync::Arc;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use super::devices::virtio::block::Block;
+use super::devices::virtio::vsock::device::Vsock;
 use super::vm::{Vm, VmError, VmExitReason};
 
 /// Where the guest console goes.
@@ -91,6 +92,14 @@ pub struct VmmArgs {
     /// Control socket (line requests: `stop`, `status`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// A virtio-vsock device whose host side is this Unix socket (hybrid
+    /// vsock: write `CONNECT <port>\n`; guest connections to port P reach
+    /// `PATH_P`).
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    pub vsock_cid: u64,
     /// Skip the seccomp filter and the capability drop (debugging only).
     #[arg(long)]
     pub no_sandbox: bool,
@@ -113,6 +122,7 @@ pub fn main(args: VmmArgs, config: &crate::config::Config) -> std::process::Exit
         console: args.console,
         disks: args.disks,
         api_socket: args.api_socket,
+        vsock: args.vsock.map(|uds| (args.vsock_cid, uds)),
         sandbox: !args.no_sandbox,
     };
     match run(&opts) {
@@ -139,6 +149,8 @@ pub struct VmmOptions {
     pub console: Console,
     pub disks: Vec<Disk>,
     pub api_socket: Option<PathBuf>,
+    /// (guest CID, host Unix socket) of the vsock device.
+    pub vsock: Option<(u64, PathBuf)>,
     /// Install the seccomp filter and drop capabilities (on by default).
     pub sandbox: bool,
 }
@@ -151,6 +163,8 @@ pub enum VmmError {
     Console { path: PathBuf, source: std::io::Error },
     #[error("disk {path}: {source}")]
     Disk { path: PathBuf, source: std::io::Error },
+    #[error("vsock socket {path}: {source}")]
+    Vsock { path: PathBuf, source: std::io::Error },
     #[error("control socket {path}: {source}")]
     Api { path: PathBuf, source: std::io::Error },
     #[error("confining the VMM: {0}")]
@@ -176,6 +190,10 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
     for (i, disk) in opts.disks.iter().enumerate() {
         let dev = Block::open(&disk.path, disk.read_only, &format!("runv{i}"))
             .map_err(|source| VmmError::Disk { path: disk.path.clone(), source })?;
+        vm.add_virtio(Box::new(dev))?;
+    }
+    if let Some((cid, uds)) = &opts.vsock {
+        let dev = Vsock::new(*cid, uds).map_err(|source| VmmError::Vsock { path: uds.clone(), source })?;
         vm.add_virtio(Box::new(dev))?;
     }
     vm.load_kernel(&opts.kernel, opts.initramfs.as_deref(), &opts.cmdline)?;
@@ -306,6 +324,8 @@ pub fn allowed_syscalls() -> Vec<i64> {
         libc::SYS_tgkill,
         libc::SYS_tkill,
         libc::SYS_accept4,
+        libc::SYS_socket,
+        libc::SYS_connect,
         libc::SYS_accept,
         libc::SYS_recvfrom,
         libc::SYS_sendto,

@@ -2,8 +2,8 @@
 //! the devices (`block`).
 
 pub mod block;
-pub mod vsock;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,4 +1,5 @@
 //! virtio-vsock with hybrid vsock on the host.
 
+pub mod device;
 pub mod muxer;
 pub mod packet;

@@ -11,7 +11,8 @@
 //! Data moves under virtio-vsock credit flow control both ways: the guest
 //! is never sent more than it has room for, and it is told how much the
 //! host side has consumed. A misbehaving guest gets its connection reset;
-//! it never blocks or crashes the VMM.
+//! it never blocks or crashes the VMM. The socket files are the owner's to
+//! remove (the confined VMM may not unlink).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -107,7 +108,11 @@ pub enum Interest {
     /// A host stream that has not said `CONNECT` yet.
     Pending(RawFd),
     /// (readable wanted, writable wanted)
-    Conn { key: (u32, u32), read: bool, write: bool },
+    Conn {
+        key: (u32, u32),
+        read: bool,
+        write: bool,
+    },
 }
 
 pub struct Muxer {
@@ -352,9 +357,10 @@ impl Muxer {
     /// Whether a packet for the guest may be ready.
     pub fn has_rx(&self) -> bool {
         !self.control.is_empty()
-            || self.conns.values().any(|c| {
-                c.credit_update_due || (c.state == State::Established && c.readable && c.peer_credit() > 0)
-            })
+            || self
+                .conns
+                .values()
+                .any(|c| c.credit_update_due || (c.state == State::Established && c.readable && c.peer_credit() > 0))
     }
 
     /// The next packet for the guest, with at most `max_data` payload.
@@ -412,12 +418,6 @@ impl Muxer {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
-    }
-}
-
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds);
     }
 }
 
