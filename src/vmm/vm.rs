@@ -450,9 +450,9 @@ fn describe_stop(vcpu: &VcpuFd, what: &str) -> String {
     }
 }
 
-/// Guest RAM backed by one memfd, mapped shared, laid out around the MMIO
-/// gap.
-fn shared_memory(mem_bytes: u64) -> Result<Mem, VmError> {
+/// Guest RAM backed by one memfd, mapped shared (vhost-user backends map
+/// it too), laid out around the MMIO gap.
+pub fn shared_memory(mem_bytes: u64) -> Result<Mem, VmError> {
     let fd = nix::sys::memfd::memfd_create(c"runv-guest-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
         .map_err(|e| VmError::Memory(format!("memfd_create: {e}")))?;
     let file = Arc::new(File::from(fd));

@@ -2,6 +2,7 @@
 //! the devices (`block`).
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
