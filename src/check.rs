@@ -34,6 +34,8 @@ pub struct Finding {
 pub struct Report {
     pub findings: Vec<Finding>,
     pub kvm_boots_guest: bool,
+    /// The built-in VMM boots the guest (sandboxes use it under `auto`).
+    pub builtin_boots_guest: bool,
 }
 
 impl Report {
@@ -50,6 +52,8 @@ impl Report {
         if !self.ready() {
             let failed: Vec<&str> = self.findings.iter().filter(|f| f.level == Level::Fail).map(|f| f.item).collect();
             format!("verdict: not ready (fix: {})", failed.join(", "))
+        } else if self.builtin_boots_guest {
+            "verdict: ready (built-in VMM on KVM)".into()
         } else if self.kvm_boots_guest {
             "verdict: ready (qemu/kvm; KVM boots the guest)".into()
         } else {
@@ -75,6 +79,17 @@ pub fn check(config: &Config) -> Report {
             }
         }
         Err(e) => r.add(Level::Warn, "kvm", format!("/dev/kvm unusable ({e}); guests run under TCG only")),
+    }
+    match builtin_boots_guest(config) {
+        Ok(()) => {
+            r.builtin_boots_guest = true;
+            r.add(Level::Ok, "builtin-vmm", "runv-vmm boots the guest kernel; `hypervisor = auto` uses it");
+        }
+        Err(why) => r.add(
+            Level::Warn,
+            "builtin-vmm",
+            format!("runv-vmm cannot boot the guest here ({why}); sandboxes use QEMU"),
+        ),
     }
 
     if Path::new("/dev/vhost-vsock").exists() {
@@ -168,18 +183,29 @@ pub fn kvm_boots_guest(config: &Config) -> Result<(), String> {
     result.map(|_| ())
 }
 
-fn probe_cache_path(config: &Config) -> PathBuf {
+/// Where boot probe answers are kept: host-wide, since they depend on the
+/// host, the guest kernel and initramfs and the hypervisor binaries only
+/// (a probe under nested KVM can take seconds); the runtime directory when
+/// that cannot be created.
+pub const PROBE_CACHE_DIR: &str = "/var/cache/runv/probes";
+
+pub(crate) fn probe_cache_path(config: &Config) -> PathBuf {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for p in [&config.kernel, &config.initramfs] {
+    let qemu = find_program(&config.qemu);
+    let vmm = find_program(&config.vmm);
+    for p in [Some(&config.kernel), Some(&config.initramfs), qemu.as_ref(), vmm.as_ref()].into_iter().flatten() {
         p.hash(&mut h);
         if let Ok(m) = std::fs::metadata(p) {
             m.len().hash(&mut h);
             m.modified().ok().hash(&mut h);
         }
     }
-    find_program(&config.qemu).hash(&mut h);
     nix::sys::utsname::uname().ok().map(|u| u.release().to_owned()).hash(&mut h);
-    config.runtime_dir.join(format!("kvm-probe-{:016x}", h.finish()))
+    let name = format!("kvm-probe-{:016x}", h.finish());
+    match std::fs::create_dir_all(PROBE_CACHE_DIR) {
+        Ok(()) => Path::new(PROBE_CACHE_DIR).join(name),
+        Err(_) => config.runtime_dir.join(name),
+    }
 }
 
 /// Boots the guest with the probe flag under `accel` and waits for the
@@ -240,4 +266,76 @@ fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir)?;
     Ok(dir)
+}
+
+/// Whether the built-in VMM (`runv-vmm`) boots the configured guest to its
+/// agent: `Ok` or why not. Cached like `kvm_boots_guest`.
+pub fn builtin_boots_guest(config: &Config) -> Result<(), String> {
+    let vmm = find_program(&config.vmm).ok_or_else(|| format!("'{}' not found", config.vmm.display()))?;
+    kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm unusable: {e}"))?;
+    let cache = probe_cache_path(config).with_extension("builtin");
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        return match text.strip_prefix("ok") {
+            Some(_) => Ok(()),
+            None => Err(text.trim().to_string()),
+        };
+    }
+    let result = probe_builtin(config, &vmm, PROBE_TIMEOUT);
+    let text = match &result {
+        Ok(elapsed) => format!("ok {}ms", elapsed.as_millis()),
+        Err(why) => why.clone(),
+    };
+    if let Some(parent) = cache.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::write(&cache, text);
+    result.map(|_| ())
+}
+
+/// Boots the guest with the probe flag under `runv-vmm` and waits for the
+/// agent's marker on the console; returns the time to the marker.
+pub fn probe_builtin(config: &Config, vmm: &Path, timeout: Duration) -> Result<Duration, String> {
+    if !config.kernel.is_file() || !config.initramfs.is_file() {
+        return Err("guest kernel or initramfs missing".into());
+    }
+    let dir = tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
+    let result = (|| {
+        let console = dir.join("console.log");
+        let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let mut child = Command::new(vmm)
+            .arg("--kernel")
+            .arg(&config.kernel)
+            .arg("--initramfs")
+            .arg(&config.initramfs)
+            .args(["--cmdline", &format!("{} {}", guest::KERNEL_CMDLINE_BASE, guest::PROBE_CMDLINE_FLAG)])
+            .args(["--memory", "128"])
+            .arg("--console")
+            .arg(&console)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", vmm.display()))?;
+        let outcome = loop {
+            if std::fs::read_to_string(&console).unwrap_or_default().contains(guest::PROBE_READY_MARKER) {
+                break Ok(started.elapsed());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+                let mut why = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                why.truncate(200);
+                break Err(format!("runv-vmm exited ({status}) before the guest reached init: {why}"));
+            }
+            if started.elapsed() >= timeout {
+                break Err(format!("the guest did not reach init within {}s", timeout.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        outcome
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

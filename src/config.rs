@@ -62,6 +62,8 @@ pub struct Config {
     /// Per-sandbox state (sockets, logs), removed with the sandbox.
     pub runtime_dir: PathBuf,
     pub qemu: PathBuf,
+    /// The built-in VMM binary.
+    pub vmm: PathBuf,
     pub virtiofsd: PathBuf,
     pub vhost_vsock: PathBuf,
     /// tracing filter for runv's own log on stderr (error, warn, info, debug).
@@ -84,6 +86,7 @@ impl Default for Config {
             boot_timeout_secs: 30,
             runtime_dir: PathBuf::from("/run/runv"),
             qemu: PathBuf::from("qemu-system-x86_64"),
+            vmm: PathBuf::from("runv-vmm"),
             virtiofsd: PathBuf::from("virtiofsd"),
             vhost_vsock: PathBuf::from("vhost-device-vsock"),
             log_level: "warn".into(),

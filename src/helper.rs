@@ -25,6 +25,11 @@ impl HelperExit {
     pub fn success(&self) -> bool {
         self.0.is_some_and(|s| s.success())
     }
+
+    /// The exit code, if the process exited (rather than being killed).
+    pub fn code(&self) -> Option<i32> {
+        self.0.and_then(|s| s.code())
+    }
 }
 
 impl std::fmt::Display for HelperExit {

@@ -17,7 +17,9 @@ fn check_prints_a_verdict_and_an_exit_status_scripts_can_use() {
         assert!(text.lines().any(|l| l.split_whitespace().nth(1) == Some(item)), "no '{item}' line in: {text}");
     }
     let strict = env.runv().args(["check", "--require-kvm"]).output().unwrap();
-    assert_eq!(strict.status.success(), ready && verdict.contains("KVM boots the guest"));
+    let kvm = verdict.contains("KVM boots the guest") || verdict.contains("built-in VMM on KVM");
+    assert_eq!(strict.status.success(), ready && kvm);
+    assert!(text.lines().any(|l| l.split_whitespace().nth(1) == Some("builtin-vmm")), "no builtin-vmm line: {text}");
 }
 
 #[test]

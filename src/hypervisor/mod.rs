@@ -1,11 +1,13 @@
-//! Hypervisor backends: one trait, the QEMU backend today and the built-in
-//! VMM next to it.
+//! Hypervisor backends: one trait, with the built-in VMM (`runv-vmm`) and
+//! QEMU behind it.
 
+mod builtin;
 mod qemu;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use builtin::Builtin;
 pub use qemu::Qemu;
 
 use crate::config::Accel;

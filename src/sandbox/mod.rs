@@ -17,7 +17,7 @@ use virtiofsd::Virtiofsd;
 
 use crate::config::{Config, HypervisorKind};
 use crate::helper::log_tail;
-use crate::hypervisor::{self, Hypervisor, HypervisorError, NetDeviceConfig, Qemu, VmConfig, VmExit};
+use crate::hypervisor::{self, Builtin, Hypervisor, HypervisorError, NetDeviceConfig, Qemu, VmConfig, VmExit};
 use crate::network::{NetworkError, PodNetwork};
 
 /// How long a guest whose agent did not answer the shutdown call may take
@@ -87,7 +87,7 @@ impl Sandbox {
         if !spec.shared_dir.is_dir() {
             return Err(SandboxError::SharedDirMissing(spec.shared_dir.clone()));
         }
-        let hypervisor = select_hypervisor(config)?;
+        let hypervisor = select_hypervisor(config, spec.netns.is_some()).await?;
         let id = new_sandbox_id();
         let dir = config.runtime_dir.join("sandboxes").join(&id);
         create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
@@ -295,20 +295,63 @@ impl Drop for Sandbox {
     }
 }
 
-fn select_hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>, SandboxError> {
+/// The backend for a sandbox; `networked` sandboxes need virtio-net, which
+/// only QEMU offers so far, so `auto` gives them QEMU.
+async fn select_hypervisor(config: &Config, networked: bool) -> Result<Box<dyn Hypervisor>, SandboxError> {
+    let builtin = || -> Box<dyn Hypervisor> { Box::new(Builtin::new(&config.vmm)) };
     match config.hypervisor {
-        HypervisorKind::Builtin => Err(SandboxError::Unsupported(
-            "hypervisor = \"builtin\": the built-in VMM (runv-vmm) has no vsock or virtio-fs device yet, so it cannot run sandboxes; use \"qemu\" or \"auto\""
-                .into(),
-        )),
-        HypervisorKind::Auto | HypervisorKind::Qemu => {
-            let (accel, warning) = hypervisor::choose_accel(config.accel, || crate::check::kvm_boots_guest(config));
-            if let Some(w) = warning {
-                eprintln!("runv: warning: {w}");
+        HypervisorKind::Builtin => Ok(builtin()),
+        HypervisorKind::Qemu => Ok(qemu_backend(config)),
+        HypervisorKind::Auto if networked => Ok(qemu_backend(config)),
+        HypervisorKind::Auto => match builtin_runs_sandboxes(config).await {
+            Ok(()) => Ok(builtin()),
+            Err(why) => {
+                tracing::debug!("not using the built-in VMM: {why}");
+                Ok(qemu_backend(config))
             }
-            Ok(Box::new(Qemu::new(&config.qemu, &config.vhost_vsock, accel)))
-        }
+        },
     }
+}
+
+fn qemu_backend(config: &Config) -> Box<dyn Hypervisor> {
+    let (accel, warning) = hypervisor::choose_accel(config.accel, || crate::check::kvm_boots_guest(config));
+    if let Some(w) = warning {
+        eprintln!("runv: warning: {w}");
+    }
+    Box::new(Qemu::new(&config.qemu, &config.vhost_vsock, accel))
+}
+
+/// Whether the built-in VMM runs sandboxes on this host: it boots the guest
+/// (the boot probe), and a whole sandbox on it (vsock to the agent, the
+/// shared directory over virtio-fs) starts and answers. Cached per kernel,
+/// initramfs, QEMU and host kernel, like the boot probe.
+async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
+    let probe_config = config.clone();
+    tokio::task::spawn_blocking(move || crate::check::builtin_boots_guest(&probe_config))
+        .await
+        .map_err(|e| format!("boot probe: {e}"))??;
+    let cache = crate::check::probe_cache_path(config).with_extension("builtin-sandbox");
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        return if text.starts_with("ok") { Ok(()) } else { Err(text.trim().to_string()) };
+    }
+    let mut forced = config.clone();
+    forced.hypervisor = HypervisorKind::Builtin;
+    let spec =
+        SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: 1, memory_mib: 128, netns: None };
+    let started = Instant::now();
+    let result: Result<(), String> = match Box::pin(Sandbox::start(&forced, &spec)).await {
+        Ok(sandbox) => {
+            sandbox.shutdown().await;
+            Ok(())
+        }
+        Err(e) => Err(format!("a sandbox on the built-in VMM failed: {e}")),
+    };
+    let text = match &result {
+        Ok(()) => format!("ok {}ms", started.elapsed().as_millis()),
+        Err(why) => why.clone(),
+    };
+    let _ = std::fs::write(&cache, text);
+    result
 }
 
 fn new_sandbox_id() -> String {

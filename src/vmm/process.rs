@@ -18,6 +18,7 @@ use std::sync::Arc;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use super::devices::virtio::block::Block;
+use super::devices::virtio::fs::VhostUserFs;
 use super::devices::virtio::vsock::device::Vsock;
 use super::vm::{Vm, VmError, VmExitReason};
 
@@ -100,6 +101,13 @@ pub struct VmmArgs {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     pub vsock_cid: u64,
+    /// A virtio-fs device served by the vhost-user backend (virtiofsd)
+    /// listening on this socket.
+    #[arg(long, value_name = "PATH", requires = "fs_tag")]
+    pub fs_socket: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts.
+    #[arg(long, value_name = "TAG")]
+    pub fs_tag: Option<String>,
     /// Skip the seccomp filter and the capability drop (debugging only).
     #[arg(long)]
     pub no_sandbox: bool,
@@ -123,6 +131,7 @@ pub fn main(args: VmmArgs, config: &crate::config::Config) -> std::process::Exit
         disks: args.disks,
         api_socket: args.api_socket,
         vsock: args.vsock.map(|uds| (args.vsock_cid, uds)),
+        fs: args.fs_socket.zip(args.fs_tag),
         sandbox: !args.no_sandbox,
     };
     match run(&opts) {
@@ -151,6 +160,8 @@ pub struct VmmOptions {
     pub api_socket: Option<PathBuf>,
     /// (guest CID, host Unix socket) of the vsock device.
     pub vsock: Option<(u64, PathBuf)>,
+    /// (vhost-user socket, tag) of the virtio-fs device.
+    pub fs: Option<(PathBuf, String)>,
     /// Install the seccomp filter and drop capabilities (on by default).
     pub sandbox: bool,
 }
@@ -163,6 +174,8 @@ pub enum VmmError {
     Console { path: PathBuf, source: std::io::Error },
     #[error("disk {path}: {source}")]
     Disk { path: PathBuf, source: std::io::Error },
+    #[error("virtio-fs: {0}")]
+    Fs(super::devices::virtio::fs::FsError),
     #[error("vsock socket {path}: {source}")]
     Vsock { path: PathBuf, source: std::io::Error },
     #[error("control socket {path}: {source}")]
@@ -195,6 +208,9 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
     if let Some((cid, uds)) = &opts.vsock {
         let dev = Vsock::new(*cid, uds).map_err(|source| VmmError::Vsock { path: uds.clone(), source })?;
         vm.add_virtio(Box::new(dev))?;
+    }
+    if let Some((socket, tag)) = &opts.fs {
+        vm.add_virtio(Box::new(VhostUserFs::connect(socket, tag).map_err(VmmError::Fs)?))?;
     }
     vm.load_kernel(&opts.kernel, opts.initramfs.as_deref(), &opts.cmdline)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,0 +1,173 @@
+//! The built-in VMM backend: each sandbox's VM is a `runv-vmm` process
+//! (its own, confined), with the agent's vsock served by the VMM itself
+//! (hybrid vsock on the sandbox's socket) and the shared directory by the
+//! sandbox's virtiofsd through the VMM's vhost-user-fs frontend.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use runv_proto::guest;
+
+use super::{Hypervisor, HypervisorError, VmConfig, VmExit};
+use crate::helper::{HelperExit, HelperProcess};
+
+/// `runv-vmm`'s exit status when it was stopped through its socket.
+const EXIT_STOPPED: i32 = 2;
+
+pub struct Builtin {
+    vmm: PathBuf,
+    api_socket: Option<PathBuf>,
+    vm: Option<HelperProcess>,
+}
+
+impl Builtin {
+    pub fn new(vmm: &Path) -> Self {
+        Self { vmm: vmm.to_path_buf(), api_socket: None, vm: None }
+    }
+
+    /// The `runv-vmm` command line for `vm`.
+    pub fn command(&self, vm: &VmConfig) -> Result<Command, HypervisorError> {
+        if !vm.net_devices.is_empty() {
+            return Err(HypervisorError::Start(
+                "the built-in VMM has no virtio-net device yet: run pods with a network on QEMU (hypervisor = \"qemu\")"
+                    .into(),
+            ));
+        }
+        let mut cmd = Command::new(&self.vmm);
+        cmd.arg("--kernel")
+            .arg(&vm.kernel)
+            .arg("--initramfs")
+            .arg(&vm.initramfs)
+            .args(["--cmdline", &vm.cmdline])
+            .args(["--vcpus", &vm.vcpus.to_string()])
+            .args(["--memory", &vm.memory_mib.to_string()])
+            .arg("--console")
+            .arg(&vm.console_log)
+            .arg("--vsock")
+            .arg(&vm.vsock_socket)
+            .args(["--vsock-cid", &guest::GUEST_CID.to_string()])
+            .arg("--api-socket")
+            .arg(vm.work_dir.join("vmm.sock"));
+        if let Some(sock) = &vm.shared_fs_socket {
+            cmd.arg("--fs-socket").arg(sock).args(["--fs-tag", &vm.shared_fs_tag]);
+        }
+        Ok(cmd)
+    }
+}
+
+fn exit_of(status: HelperExit) -> VmExit {
+    match status.code() {
+        Some(0) => VmExit::GuestShutdown,
+        Some(EXIT_STOPPED) => VmExit::Stopped,
+        _ => VmExit::Failed(status.to_string()),
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for Builtin {
+    fn describe(&self) -> String {
+        "runv-vmm/kvm".into()
+    }
+
+    async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError> {
+        let cmd = self.command(vm)?;
+        self.api_socket = Some(vm.work_dir.join("vmm.sock"));
+        self.vm = Some(HelperProcess::spawn("runv-vmm", cmd, &vm.work_dir.join("vmm.log"))?);
+        Ok(())
+    }
+
+    fn try_exit(&mut self) -> Option<VmExit> {
+        self.vm.as_mut()?.try_wait().map(exit_of)
+    }
+
+    async fn stop(&mut self, grace: Duration) -> VmExit {
+        let Some(vm) = self.vm.as_mut() else { return VmExit::Failed("never started".into()) };
+        if let Some(status) = vm.wait_timeout(grace).await {
+            return exit_of(status);
+        }
+        // Ask the VMM to stop its vCPUs, then make sure.
+        if let Some(sock) = &self.api_socket {
+            if let Ok(mut s) = UnixStream::connect(sock) {
+                let _ = s.write_all(b"stop\n");
+            }
+        }
+        match vm.wait_timeout(Duration::from_millis(500)).await {
+            Some(status) => match exit_of(status) {
+                VmExit::GuestShutdown => VmExit::GuestShutdown,
+                _ => VmExit::Stopped,
+            },
+            None => {
+                vm.kill();
+                VmExit::Stopped
+            }
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.vm.iter().filter_map(HelperProcess::pid).collect()
+    }
+
+    fn vm_pid(&self) -> Option<u32> {
+        self.vm.as_ref().and_then(HelperProcess::pid)
+    }
+
+    fn diagnostics(&self) -> String {
+        self.vm.as_ref().map(|vm| vm.log_tail(3)).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::NetDeviceConfig;
+
+    fn vm() -> VmConfig {
+        VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+            cmdline: "console=ttyS0 reboot=k".into(),
+            vcpus: 2,
+            memory_mib: 300,
+            work_dir: "/w".into(),
+            console_log: "/w/console.log".into(),
+            vsock_socket: "/w/vsock.sock".into(),
+            shared_fs_socket: Some("/w/fs.sock".into()),
+            shared_fs_tag: "runv".into(),
+            net_devices: vec![],
+        }
+    }
+
+    #[test]
+    fn the_vmm_gets_the_vm_its_vsock_and_its_shared_directory() {
+        let b = Builtin::new(Path::new("runv-vmm"));
+        let cmd = b.command(&vm()).unwrap();
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        for needle in [
+            "--kernel /k/vmlinux",
+            "--initramfs /k/initramfs.cpio",
+            "--vcpus 2",
+            "--memory 300",
+            "--console /w/console.log",
+            "--vsock /w/vsock.sock",
+            "--vsock-cid 3",
+            "--fs-socket /w/fs.sock --fs-tag runv",
+            "--api-socket /w/vmm.sock",
+        ] {
+            assert!(joined.contains(needle), "missing '{needle}' in {joined}");
+        }
+        assert!(args.contains(&"console=ttyS0 reboot=k".to_string()));
+    }
+
+    #[test]
+    fn a_network_device_is_refused_until_the_vmm_has_virtio_net() {
+        let b = Builtin::new(Path::new("runv-vmm"));
+        let mut with_net = vm();
+        with_net.net_devices.push(NetDeviceConfig { tap_fd: 5, mac: "02:00:00:00:00:01".into() });
+        let e = b.command(&with_net).err().unwrap().to_string();
+        assert!(e.contains("no virtio-net"), "{e}");
+    }
+}
