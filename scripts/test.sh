@@ -27,10 +27,16 @@ echo "==> cargo test" >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --release --workspace 2>&1 | tee "$log"
+# --show-output: a test that skips prints `SKIP <test>: <reason>`, which
+# must reach the log even though the test passes.
+cargo test --release --workspace -- --show-output 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-# One closing line for the whole run, summed over every test binary.
+# What was skipped and why, then one closing line for the whole run,
+# summed over every test binary (a skipped test is counted as passed by
+# cargo; it is counted once more here as skipped, with its reason above).
+grep -E '^SKIP ' "$log" | sort -u || true
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     /^SKIP / { if (!seen[$0]++) s++ }
      END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"
