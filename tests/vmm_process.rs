@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use runv::vmm::process::{tiny_pvh_elf, tiny_serial_code};
+use runv::vmm::process::{tiny_elf, tiny_pvh_elf, tiny_serial_code};
 
 fn kvm_or_skip(test: &str) -> bool {
     let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
@@ -43,6 +43,43 @@ fn a_confined_vmm_boots_a_pvh_guest_that_prints_and_resets() {
     let out = lean.arg("--console").arg(&log).args(["--vcpus", "2"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello from pvh\n");
+}
+
+#[test]
+fn without_a_pvh_note_the_guest_enters_64_bit_mode_with_boot_params() {
+    if !kvm_or_skip("without_a_pvh_note_the_guest_enters_64_bit_mode_with_boot_params") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny64.elf");
+    // Print the low byte of boot_params.hdr.boot_flag (0xaa55) at rsi+0x1fe,
+    // then reset.
+    let mut code = vec![0x8a, 0x86, 0xfe, 0x01, 0x00, 0x00]; // mov al, [rsi+0x1fe]
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]); // i8042 reset
+    std::fs::write(&kernel, tiny_elf(&code, false)).unwrap();
+    let out = vmm(&kernel).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, [0x55]);
+}
+
+#[test]
+fn a_pvh_guest_finds_the_start_info_in_ebx() {
+    if !kvm_or_skip("a_pvh_guest_finds_the_start_info_in_ebx") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("pvh.elf");
+    // The low byte of hvm_start_info.magic (0x336ec578), then nr_modules
+    // (0: no initramfs) as a digit.
+    let mut code = vec![0x8a, 0x03]; // mov al, [ebx]
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    code.extend_from_slice(&[0x8a, 0x43, 0x0c, 0x04, b'0', 0xee]); // mov al, [ebx+12]; add al, '0'; out dx, al
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]);
+    std::fs::write(&kernel, tiny_pvh_elf(&code)).unwrap();
+    let out = vmm(&kernel).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, [0x78, b'0']);
 }
 
 #[test]

@@ -377,6 +377,12 @@ fn seccomp_filter() -> Result<BpfProgram, VmmError> {
 /// the built-in VMM and `qemu -M microvm -kernel` boot it: tests and the
 /// VMM benchmark use it.
 pub fn tiny_pvh_elf(code: &[u8]) -> Vec<u8> {
+    tiny_elf(code, true)
+}
+
+/// As `tiny_pvh_elf`; without the PVH note the VMM enters `code` in 64-bit
+/// mode through the Linux 64-bit boot protocol (`rsi` = boot_params).
+pub fn tiny_elf(code: &[u8], pvh_note: bool) -> Vec<u8> {
     const LOAD: u64 = 0x10_0000;
     const CODE_OFFSET: u64 = 0x1000;
     let phoff = 64u64;
@@ -399,7 +405,7 @@ pub fn tiny_pvh_elf(code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(&0u32.to_le_bytes());
     elf.extend_from_slice(&64u16.to_le_bytes()); // ehsize
     elf.extend_from_slice(&56u16.to_le_bytes()); // phentsize
-    elf.extend_from_slice(&2u16.to_le_bytes()); // phnum
+    elf.extend_from_slice(&(if pvh_note { 2u16 } else { 1 }).to_le_bytes()); // phnum
     elf.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
     let phdr = |elf: &mut Vec<u8>, kind: u32, flags: u32, offset: u64, addr: u64, size: u64, align: u64| {
         elf.extend_from_slice(&kind.to_le_bytes());
@@ -412,8 +418,10 @@ pub fn tiny_pvh_elf(code: &[u8]) -> Vec<u8> {
         elf.extend_from_slice(&align.to_le_bytes());
     };
     phdr(&mut elf, 1, 5, CODE_OFFSET, LOAD, code.len() as u64, 0x1000); // PT_LOAD r-x
-    phdr(&mut elf, 4, 4, note_offset, 0, note.len() as u64, 4); // PT_NOTE
-    elf.extend_from_slice(&note);
+    if pvh_note {
+        phdr(&mut elf, 4, 4, note_offset, 0, note.len() as u64, 4); // PT_NOTE
+        elf.extend_from_slice(&note);
+    }
     elf.resize(CODE_OFFSET as usize, 0);
     elf.extend_from_slice(code);
     elf
