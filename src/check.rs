@@ -159,19 +159,23 @@ fn cgroup_version() -> Option<String> {
     }
 }
 
-/// Whether KVM can boot the configured guest: `Ok` or why not. The answer
-/// is cached per kernel, initramfs, QEMU and host kernel under the runtime
-/// directory (a tmpfs, so a reboot probes again).
+/// Whether KVM can boot the configured guest under QEMU: `Ok` or why not.
+/// The answer is cached per host kernel, guest kernel and initramfs and
+/// hypervisor binaries (see `probe_cache_path`).
 pub fn kvm_boots_guest(config: &Config) -> Result<(), String> {
     kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm unusable: {e}"))?;
-    let cache = probe_cache_path(config);
-    if let Ok(text) = std::fs::read_to_string(&cache) {
+    cached_probe(&probe_cache_path(config), || probe_boot(config, "kvm", PROBE_TIMEOUT))
+}
+
+/// The cached answer at `cache`, else `probe`'s, which is then cached.
+pub(crate) fn cached_probe(cache: &Path, probe: impl FnOnce() -> Result<Duration, String>) -> Result<(), String> {
+    if let Ok(text) = std::fs::read_to_string(cache) {
         return match text.strip_prefix("ok") {
             Some(_) => Ok(()),
             None => Err(text.trim().to_string()),
         };
     }
-    let result = probe_boot(config, "kvm", PROBE_TIMEOUT);
+    let result = probe();
     let text = match &result {
         Ok(elapsed) => format!("ok {}ms", elapsed.as_millis()),
         Err(why) => why.clone(),
@@ -179,7 +183,7 @@ pub fn kvm_boots_guest(config: &Config) -> Result<(), String> {
     if let Some(parent) = cache.parent() {
         let _ = std::fs::create_dir_all(parent);
     }
-    let _ = std::fs::write(&cache, text);
+    let _ = std::fs::write(cache, text);
     result.map(|_| ())
 }
 
@@ -273,23 +277,7 @@ fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
 pub fn builtin_boots_guest(config: &Config) -> Result<(), String> {
     let vmm = find_program(&config.vmm).ok_or_else(|| format!("'{}' not found", config.vmm.display()))?;
     kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm unusable: {e}"))?;
-    let cache = probe_cache_path(config).with_extension("builtin");
-    if let Ok(text) = std::fs::read_to_string(&cache) {
-        return match text.strip_prefix("ok") {
-            Some(_) => Ok(()),
-            None => Err(text.trim().to_string()),
-        };
-    }
-    let result = probe_builtin(config, &vmm, PROBE_TIMEOUT);
-    let text = match &result {
-        Ok(elapsed) => format!("ok {}ms", elapsed.as_millis()),
-        Err(why) => why.clone(),
-    };
-    if let Some(parent) = cache.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    let _ = std::fs::write(&cache, text);
-    result.map(|_| ())
+    cached_probe(&probe_cache_path(config).with_extension("builtin"), || probe_builtin(config, &vmm, PROBE_TIMEOUT))
 }
 
 /// Boots the guest with the probe flag under `runv-vmm` and waits for the

@@ -339,19 +339,15 @@ async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
     let spec =
         SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: 1, memory_mib: 128, netns: None };
     let started = Instant::now();
-    let result: Result<(), String> = match Box::pin(Sandbox::start(&forced, &spec)).await {
+    let result = match Box::pin(Sandbox::start(&forced, &spec)).await {
         Ok(sandbox) => {
             sandbox.shutdown().await;
-            Ok(())
+            Ok(started.elapsed())
         }
         Err(e) => Err(format!("a sandbox on the built-in VMM failed: {e}")),
     };
-    let text = match &result {
-        Ok(()) => format!("ok {}ms", started.elapsed().as_millis()),
-        Err(why) => why.clone(),
-    };
-    let _ = std::fs::write(&cache, text);
-    result
+    // Recorded the same way as the boot probes (the probe itself is async).
+    crate::check::cached_probe(&cache, || result)
 }
 
 fn new_sandbox_id() -> String {
