@@ -6,6 +6,7 @@ pub mod check;
 pub mod config;
 pub mod helper;
 pub mod hypervisor;
+pub mod image;
 pub mod network;
 pub mod overhead;
 pub mod run;
