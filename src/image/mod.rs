@@ -323,8 +323,14 @@ impl ImageStore {
         }
         let options =
             format!("lowerdir={},upperdir={},workdir={}", lowerdir.join(":"), upper.display(), work.display());
-        nix::mount::mount(Some("overlay"), target, Some("overlay"), nix::mount::MsFlags::empty(), Some(options.as_str()))
-            .map_err(|e| ImageError::Io { path: target.to_path_buf(), source: e.into() })
+        nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| ImageError::Io { path: target.to_path_buf(), source: e.into() })
     }
 }
 

@@ -1,0 +1,246 @@
+//! The image store against a real registry on loopback (Debian's
+//! docker-registry, started here), with images pushed at test time: pulls
+//! over plain HTTP for a listed registry, gzip and zstd layers, whiteouts
+//! through a real overlay mount, layers unpacked once and shared, garbage
+//! collection, and the failures (bad reference, unknown image, unreachable
+//! registry, a blob whose content no longer matches its digest). Needs root
+//! (overlay mounts) and docker-registry; skips with a printed reason.
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use runv::image::{gzip_layer, tar_layer, ImageError, ImageStore};
+use sha2::{Digest, Sha256};
+
+fn ready(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let registry = runv::helper::find_program(Path::new("docker-registry")).is_some();
+    if !root || !registry {
+        eprintln!("SKIP {test}: needs root and docker-registry (scripts/install.sh)");
+    }
+    root && registry
+}
+
+struct Registry {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: String,
+}
+
+impl Registry {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Registry { child, dir, addr }
+    }
+
+    /// The stored file of blob `hex`.
+    fn blob_file(&self, hex: &str) -> PathBuf {
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Pushes an image whose layers are `layers` ((media type, bytes, the
+/// uncompressed tar)).
+async fn push(reg: &Registry, name: &str, layers: &[(&str, Vec<u8>, Vec<u8>)]) -> String {
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(vec![reg.addr.clone()]),
+        ..Default::default()
+    });
+    let reference: Reference = format!("{}/{name}", reg.addr).parse().unwrap();
+    let diff_ids: Vec<String> = layers.iter().map(|(_, _, tar)| format!("sha256:{}", sha(tar))).collect();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Cmd": ["sh"], "Env": ["PATH=/bin"] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    let image_layers: Vec<ImageLayer> =
+        layers.iter().map(|(mt, data, _)| ImageLayer::new(data.clone(), mt.to_string(), None)).collect();
+    client
+        .push(
+            &reference,
+            &image_layers,
+            Config::oci_v1(config.to_string().into_bytes(), None),
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .unwrap();
+    reference.whole()
+}
+
+const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+fn base_layer() -> (&'static str, Vec<u8>, Vec<u8>) {
+    let entries: &[(&str, Option<&[u8]>)] = &[
+        ("bin/", None),
+        ("bin/hello", Some(b"hello from layer 1\n")),
+        ("etc/", None),
+        ("etc/removed", Some(b"old\n")),
+        ("var/", None),
+        ("var/cache/", None),
+        ("var/cache/old", Some(b"old\n")),
+    ];
+    (GZIP, gzip_layer(entries), tar_layer(entries))
+}
+
+fn top_layer() -> (&'static str, Vec<u8>, Vec<u8>) {
+    let entries: &[(&str, Option<&[u8]>)] = &[
+        ("etc/", None),
+        ("etc/.wh.removed", Some(b"")),
+        ("etc/added", Some(b"new\n")),
+        ("var/cache/", None),
+        ("var/cache/.wh..wh..opq", Some(b"")),
+        ("var/cache/fresh", Some(b"fresh\n")),
+    ];
+    let tar = tar_layer(entries);
+    let zst = ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
+    (ZSTD, zst, tar)
+}
+
+fn mount_check(store: &ImageStore, image: &runv::image::ImageRecord, dir: &Path) {
+    let target = dir.join("rootfs");
+    store.mount_rootfs(image, &dir.join("rw"), &target).unwrap();
+    // Unmounted even when a check fails.
+    let checks = std::panic::catch_unwind(|| {
+        assert_eq!(std::fs::read_to_string(target.join("bin/hello")).unwrap(), "hello from layer 1\n");
+        assert_eq!(std::fs::read_to_string(target.join("etc/added")).unwrap(), "new\n");
+        assert!(!target.join("etc/removed").exists(), "the whiteout did not hide etc/removed");
+        let cache: Vec<_> =
+            std::fs::read_dir(target.join("var/cache")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(cache, ["fresh"], "the opaque directory shows lower entries");
+        // The container writes to its own layer only.
+        std::fs::write(target.join("etc/added"), "changed\n").unwrap();
+    });
+    nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    if let Err(panic) = checks {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_pulled_from_a_registry_become_overlay_rootfs_and_are_collected() {
+    if !ready("images_pulled_from_a_registry_become_overlay_rootfs_and_are_collected") {
+        return;
+    }
+    let reg = Registry::start();
+    let one = push(&reg, "runv/app:1", &[base_layer(), top_layer()]).await;
+    let two = push(&reg, "runv/base:1", &[base_layer()]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&dir.path().join("store"), std::slice::from_ref(&reg.addr)).unwrap();
+    let image = store.pull(&one, &RegistryAuth::Anonymous).await.unwrap();
+    assert_eq!(image.reference, one);
+    assert_eq!(image.layers.len(), 2);
+    assert_eq!(image.config["config"]["Cmd"][0], "sh");
+    assert!(image.digest.starts_with("sha256:"));
+    assert_eq!(store.get(&one).unwrap(), image);
+    assert_eq!(store.get(&image.digest).unwrap(), image);
+    mount_check(&store, &image, &dir.path().join("c1"));
+    // The image's layers were not changed by the container.
+    mount_check(&store, &image, &dir.path().join("c2"));
+
+    // A second pull and a second image share the unpacked base layer.
+    let lowers = store.lower_dirs(&image).unwrap();
+    let base_inode = std::fs::metadata(&lowers[1]).unwrap().ino();
+    store.pull(&one, &RegistryAuth::Anonymous).await.unwrap();
+    let base = store.pull(&two, &RegistryAuth::Anonymous).await.unwrap();
+    assert_eq!(store.lower_dirs(&base).unwrap(), vec![lowers[1].clone()]);
+    assert_eq!(std::fs::metadata(&lowers[1]).unwrap().ino(), base_inode, "the base layer was unpacked again");
+    assert_eq!(store.list().len(), 2);
+
+    // Removing one image keeps what the other uses; removing both leaves
+    // nothing.
+    store.remove(&one).unwrap();
+    assert!(!lowers[0].exists() && lowers[1].exists());
+    assert!(store.get(&one).is_none());
+    store.remove(&base.digest).unwrap();
+    for sub in ["blobs/sha256", "layers", "images", "tmp"] {
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("store").join(sub)).unwrap().collect();
+        assert!(left.is_empty(), "{sub} keeps {left:?}");
+    }
+    assert!(matches!(store.remove(&one), Err(ImageError::NotFound(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_references_unknown_images_unreachable_registries_and_corrupt_blobs_fail_clearly() {
+    if !ready("bad_references_unknown_images_unreachable_registries_and_corrupt_blobs_fail_clearly") {
+        return;
+    }
+    let reg = Registry::start();
+    let name = push(&reg, "runv/corrupt:1", &[base_layer(), top_layer()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store =
+        ImageStore::open(&dir.path().join("store"), &[reg.addr.clone(), format!("127.0.0.1:{closed}")]).unwrap();
+
+    let err = store.pull("Not A Reference!", &RegistryAuth::Anonymous).await.unwrap_err();
+    assert!(matches!(err, ImageError::BadReference { .. }), "{err}");
+    let err = store.pull("", &RegistryAuth::Anonymous).await.unwrap_err().to_string();
+    assert!(err.contains("is empty"), "{err}");
+
+    let err = store.pull(&format!("{}/runv/nothing:1", reg.addr), &RegistryAuth::Anonymous).await.unwrap_err();
+    assert!(matches!(err, ImageError::Pull { .. }), "{err}");
+    assert!(err.to_string().contains("runv/nothing:1"), "{err}");
+
+    let err = store.pull(&format!("127.0.0.1:{closed}/runv/x:1"), &RegistryAuth::Anonymous).await.unwrap_err();
+    assert!(matches!(err, ImageError::Pull { .. }), "{err}");
+
+    // Corrupt the top layer's blob in the registry's storage.
+    let (_, data, _) = top_layer();
+    let file = reg.blob_file(&sha(&data));
+    let mut bad = std::fs::read(&file).unwrap();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    std::fs::write(&file, bad).unwrap();
+    let err = store.pull(&name, &RegistryAuth::Anonymous).await.unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&sha(&data)), "{err}");
+    // Nothing of the bad blob stays, and no image was recorded.
+    assert!(store.get(&name).is_none());
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("store/tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+    assert!(!dir.path().join("store/blobs/sha256").join(sha(&data)).exists());
+}
