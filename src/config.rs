@@ -68,6 +68,10 @@ pub struct Config {
     pub vhost_vsock: PathBuf,
     /// tracing filter for runv's own log on stderr (error, warn, info, debug).
     pub log_level: String,
+    /// Where `runv cri` keeps pulled images.
+    pub cri_image_root: PathBuf,
+    /// Registries (`host[:port]`) `runv cri` may reach over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for Config {
@@ -90,6 +94,8 @@ impl Default for Config {
             virtiofsd: PathBuf::from("virtiofsd"),
             vhost_vsock: PathBuf::from("vhost-device-vsock"),
             log_level: "warn".into(),
+            cri_image_root: PathBuf::from("/var/lib/runv/images"),
+            insecure_registries: Vec::new(),
         }
     }
 }

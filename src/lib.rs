@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod config;
+pub mod cri;
 pub mod helper;
 pub mod hypervisor;
 pub mod image;

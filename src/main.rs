@@ -85,6 +85,17 @@ enum Command {
     /// guests stop), 2 when stopped through the control socket, 1 on any
     /// failure (one line on stderr).
     Vmm(runv::vmm::process::VmmArgs),
+    /// Serve the CRI (v1) on a Unix socket: the kubelet's or crictl's
+    /// endpoint for nodes without containerd.
+    ///
+    /// Today the image service is complete (pulls, list, status, remove,
+    /// filesystem usage); pod and container calls answer UNIMPLEMENTED
+    /// saying so. Runs until SIGINT or SIGTERM.
+    Cri {
+        /// The socket to serve on.
+        #[arg(long, default_value = "/run/runv/cri.sock", value_name = "PATH")]
+        listen: PathBuf,
+    },
     /// Report what this host offers runv and whether KVM can boot the guest.
     ///
     /// Exit status 0 when sandboxes can run (perhaps only under TCG
@@ -111,6 +122,22 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Vmm(args) => runv::vmm::process::main(args, &config),
+        Command::Cri { listen } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runv: error: starting the async runtime: {e}");
+                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
+                }
+            };
+            match runtime.block_on(runv::cri::serve(&listen, &config.cri_image_root, &config.insecure_registries)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("runv: error: {e:#}");
+                    ExitCode::from(EXIT_RUNV_ERROR as u8)
+                }
+            }
+        }
         Command::Check { require_kvm } => {
             let report = runv::check::check(&config);
             for f in &report.findings {

@@ -6,138 +6,23 @@
 //! registry, a blob whose content no longer matches its digest). Needs root
 //! (overlay mounts) and docker-registry; skips with a printed reason.
 
+mod common;
+
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use common::registry::{base_layer, push, registry_or_skip, sha, top_layer, Registry};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
-use runv::image::{gzip_layer, tar_layer, ImageError, ImageStore};
-use sha2::{Digest, Sha256};
+use runv::image::{ImageError, ImageStore};
 
 fn ready(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let registry = runv::helper::find_program(Path::new("docker-registry")).is_some();
-    if !root || !registry {
-        eprintln!("SKIP {test}: needs root and docker-registry (scripts/install.sh)");
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP {test}: needs root (overlay mounts)");
+        return false;
     }
-    root && registry
-}
-
-struct Registry {
-    child: Child,
-    dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Registry {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Registry { child, dir, addr }
-    }
-
-    /// The stored file of blob `hex`.
-    fn blob_file(&self, hex: &str) -> PathBuf {
-        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-/// Pushes an image whose layers are `layers` ((media type, bytes, the
-/// uncompressed tar)).
-async fn push(reg: &Registry, name: &str, layers: &[(&str, Vec<u8>, Vec<u8>)]) -> String {
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(vec![reg.addr.clone()]),
-        ..Default::default()
-    });
-    let reference: Reference = format!("{}/{name}", reg.addr).parse().unwrap();
-    let diff_ids: Vec<String> = layers.iter().map(|(_, _, tar)| format!("sha256:{}", sha(tar))).collect();
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": { "Cmd": ["sh"], "Env": ["PATH=/bin"] },
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    });
-    let image_layers: Vec<ImageLayer> =
-        layers.iter().map(|(mt, data, _)| ImageLayer::new(data.clone(), mt.to_string(), None)).collect();
-    client
-        .push(
-            &reference,
-            &image_layers,
-            Config::oci_v1(config.to_string().into_bytes(), None),
-            &RegistryAuth::Anonymous,
-            None,
-        )
-        .await
-        .unwrap();
-    reference.whole()
-}
-
-const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-
-fn base_layer() -> (&'static str, Vec<u8>, Vec<u8>) {
-    let entries: &[(&str, Option<&[u8]>)] = &[
-        ("bin/", None),
-        ("bin/hello", Some(b"hello from layer 1\n")),
-        ("etc/", None),
-        ("etc/removed", Some(b"old\n")),
-        ("var/", None),
-        ("var/cache/", None),
-        ("var/cache/old", Some(b"old\n")),
-    ];
-    (GZIP, gzip_layer(entries), tar_layer(entries))
-}
-
-fn top_layer() -> (&'static str, Vec<u8>, Vec<u8>) {
-    let entries: &[(&str, Option<&[u8]>)] = &[
-        ("etc/", None),
-        ("etc/.wh.removed", Some(b"")),
-        ("etc/added", Some(b"new\n")),
-        ("var/cache/", None),
-        ("var/cache/.wh..wh..opq", Some(b"")),
-        ("var/cache/fresh", Some(b"fresh\n")),
-    ];
-    let tar = tar_layer(entries);
-    let zst = ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
-    (ZSTD, zst, tar)
+    registry_or_skip(test)
 }
 
 fn mount_check(store: &ImageStore, image: &runv::image::ImageRecord, dir: &Path) {
