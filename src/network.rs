@@ -92,10 +92,6 @@ impl PodNetwork {
         Ok(Self { netns: netns.to_path_buf(), devices, guest, detached: false })
     }
 
-    pub fn netns(&self) -> &Path {
-        &self.netns
-    }
-
     /// `interface tap` pairs, one per line, for [`detach_leftovers`].
     pub fn record(&self) -> String {
         let mut out = format!("{}\n", self.netns.display());

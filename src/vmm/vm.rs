@@ -144,11 +144,6 @@ impl Vm {
         &self.mem
     }
 
-    /// The memory object backing guest RAM (for vhost-user backends).
-    pub fn memory_file(&self) -> Option<Arc<File>> {
-        self.mem.iter().next().and_then(|r| r.file_offset().map(|f| f.arc().clone()))
-    }
-
     fn irqfd(&self, irq: u32) -> Result<EventFd, VmError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Devices(format!("eventfd: {e}")))?;
         self.fd.register_irqfd(&evt, irq).map_err(kvm_call("registering an irqfd"))?;
@@ -220,7 +215,7 @@ impl Vm {
         let ram = layout::ram_regions(self.mem.iter().map(|r| r.len()).sum());
         match loaded.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => {
-                self.write_pvh_info(&ram, initrd, cmdline_len)?;
+                self.write_pvh_info(&ram, initrd)?;
                 self.entry = Some((EntryMode::Pvh, entry.raw_value()));
             }
             _ => {
@@ -259,31 +254,25 @@ impl Vm {
         out
     }
 
-    fn write_pvh_info(
-        &self,
-        ram: &[(u64, u64)],
-        initrd: Option<(u64, u64)>,
-        _cmdline_len: usize,
-    ) -> Result<(), VmError> {
+    fn write_pvh_info(&self, ram: &[(u64, u64)], initrd: Option<(u64, u64)>) -> Result<(), VmError> {
         const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
         const E820_RAM: u32 = 1;
         let memmap: Vec<hvm_memmap_table_entry> = Self::e820(ram)
             .into_iter()
             .map(|(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
             .collect();
-        let mut info = hvm_start_info {
+        let info = hvm_start_info {
             magic: XEN_HVM_START_MAGIC_VALUE,
             version: 1,
             cmdline_paddr: CMDLINE_ADDR,
             memmap_paddr: MEMMAP_ADDR,
             memmap_entries: memmap.len() as u32,
+            nr_modules: u32::from(initrd.is_some()),
+            modlist_paddr: if initrd.is_some() { PVH_MODLIST_ADDR } else { 0 },
             ..Default::default()
         };
         let mut params = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_ADDR));
         if let Some((paddr, size)) = initrd {
-            info.nr_modules = 1;
-            info.modlist_paddr = PVH_MODLIST_ADDR;
-            params = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_ADDR));
             let module = hvm_modlist_entry { paddr, size, ..Default::default() };
             params.set_modules::<hvm_modlist_entry>(&[module], GuestAddress(PVH_MODLIST_ADDR));
         }

@@ -4,7 +4,6 @@
 //! command line.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
 
 use super::{status, ActivateError, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vmm::devices::{BusDevice, WriteOutcome};
@@ -233,16 +232,11 @@ pub fn cmdline_entry(base: u64, size: u64, irq: u32) -> String {
     format!("virtio_mmio.device={}K@{base:#x}:{irq}", size / 1024)
 }
 
-/// A queue address as the transport's two registers carry it.
-pub fn split(addr: GuestAddress) -> (u32, u32) {
-    use vm_memory::Address;
-    (addr.raw_value() as u32, (addr.raw_value() >> 32) as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     /// A device that records what the transport does to it.
@@ -380,6 +374,5 @@ mod tests {
     #[test]
     fn the_command_line_entry_names_size_base_and_irq() {
         assert_eq!(cmdline_entry(0xc000_0000, 0x1000, 5), "virtio_mmio.device=4K@0xc0000000:5");
-        assert_eq!(split(GuestAddress(0x1_2345_6789)), (0x2345_6789, 1));
     }
 }

@@ -58,10 +58,6 @@ impl Interrupt {
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
-
-    pub fn irqfd(&self) -> &EventFd {
-        &self.irqfd
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -142,10 +142,6 @@ impl Muxer {
         })
     }
 
-    pub fn listener_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
-    }
-
     fn reply(&self, key: (u32, u32), op: u16, flags: u32, conn: Option<&Conn>) -> Header {
         Header {
             src_cid: HOST_CID,
