@@ -44,7 +44,12 @@ fn image_status(e: ImageError) -> Status {
 }
 
 fn to_cri(r: &ImageRecord) -> Image {
-    let repo = r.reference.rsplit_once(':').map(|(repo, _)| repo).unwrap_or(&r.reference);
+    // `registry/repository`, whether the image was pulled by tag or digest;
+    // only a tag reference is a repo tag.
+    let (repo, tagged) = match r.reference.parse::<oci_client::Reference>() {
+        Ok(p) => (format!("{}/{}", p.registry(), p.repository()), p.digest().is_none()),
+        Err(_) => (r.reference.clone(), false),
+    };
     let user = r.config["config"]["User"].as_str().unwrap_or_default();
     let (uid, username) = match user.split(':').next().unwrap_or_default() {
         "" => (Some(Int64Value { value: 0 }), String::new()),
@@ -55,7 +60,7 @@ fn to_cri(r: &ImageRecord) -> Image {
     };
     Image {
         id: r.digest.clone(),
-        repo_tags: vec![r.reference.clone()],
+        repo_tags: if tagged { vec![r.reference.clone()] } else { Vec::new() },
         repo_digests: vec![format!("{repo}@{}", r.digest)],
         size: r.size(),
         uid,
@@ -315,4 +320,30 @@ fn async_stream_of(
         let next = l.accept().await.map(|(s, _)| s);
         Some((next, l))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(reference: &str) -> ImageRecord {
+        ImageRecord {
+            reference: reference.into(),
+            digest: format!("sha256:{}", "b".repeat(64)),
+            config_digest: String::new(),
+            config: serde_json::json!({ "config": { "User": "1000:1000" } }),
+            layers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn repo_tags_and_digests_come_from_the_reference() {
+        let by_tag = to_cri(&record("127.0.0.1:5000/runv/app:1"));
+        assert_eq!(by_tag.repo_tags, ["127.0.0.1:5000/runv/app:1"]);
+        assert_eq!(by_tag.repo_digests, [format!("127.0.0.1:5000/runv/app@sha256:{}", "b".repeat(64))]);
+        assert_eq!(by_tag.uid, Some(Int64Value { value: 1000 }));
+        let by_digest = to_cri(&record(&format!("docker.io/library/busybox@sha256:{}", "a".repeat(64))));
+        assert!(by_digest.repo_tags.is_empty());
+        assert_eq!(by_digest.repo_digests, [format!("docker.io/library/busybox@sha256:{}", "b".repeat(64))]);
+    }
 }
