@@ -36,7 +36,6 @@ apt_packages=(
     protobuf-compiler       # CRI protos
     containerd runc         # the containerd runtime path and its tests
     containernetworking-plugins iproute2  # CNI bridge/host-local for pod network tests; ip, tc
-    docker-registry         # loopback registry for image pull tests
     xz-utils
 )
 if [ "${RUNV_SKIP_APT:-0}" != 1 ]; then

@@ -11,6 +11,17 @@ cd "$repo"
 
 "$repo/scripts/install.sh"
 
+# Test-only packages: a registry for the image pull tests (they start their
+# own on a loopback port). Debian enables its service on install; a test
+# host needs no registry on :5000, so it is stopped and disabled again.
+if [ "${RUNV_SKIP_APT:-0}" != 1 ] && ! command -v docker-registry >/dev/null; then
+    echo "==> installing Debian packages for the tests: docker-registry" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry >/dev/null
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
+fi
+
 # Validates Kubernetes manifests offline (the overhead test's RuntimeClass).
 command -v kubernetes-validate >/dev/null || python3 -m pip install --quiet kubernetes-validate \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate
