@@ -4,10 +4,13 @@
 //! reset ending the VM, and a guest driving a virtio-mmio device's
 //! registers. Skips with a printed reason where /dev/kvm is absent.
 
+mod common;
+
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use common::kvm_or_skip;
 use runv::vmm::devices::virtio::block::Block;
 use runv::vmm::devices::{BusDevice, WriteOutcome};
 use runv::vmm::layout::MMIO_GAP_START;
@@ -16,14 +19,6 @@ use runv::vmm::x86_64::EntryMode;
 use vm_memory::{Bytes, GuestAddress};
 
 const CODE: u64 = 0x1000;
-
-fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    if !ok {
-        eprintln!("SKIP {test}: /dev/kvm is absent or not accessible");
-    }
-    ok
-}
 
 #[derive(Clone, Default)]
 struct SharedBuf(Arc<Mutex<Vec<u8>>>);

@@ -2,20 +2,15 @@
 //! no capabilities), booting a tiny PVH guest through the same ELF loader
 //! and boot code a kernel gets. Skips with a printed reason without KVM.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::kvm_or_skip;
 use runv::vmm::process::{tiny_elf, tiny_pvh_elf, tiny_serial_code};
-
-fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    if !ok {
-        eprintln!("SKIP {test}: /dev/kvm is absent or not accessible");
-    }
-    ok
-}
 
 fn vmm(kernel: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_runv"));

@@ -16,6 +16,15 @@ pub struct TestEnv {
     pub runtime_dir: PathBuf,
 }
 
+/// Whether /dev/kvm can be used; prints why the test skips otherwise.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        eprintln!("SKIP {test}: /dev/kvm is absent or not accessible");
+    }
+    ok
+}
+
 /// Whether the end-to-end prerequisites are here; prints why not otherwise.
 pub fn e2e_ready(test: &str) -> bool {
     let mut missing = Vec::new();

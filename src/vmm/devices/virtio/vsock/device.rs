@@ -352,16 +352,7 @@ mod tests {
     }
 
     fn guest(src_port: u32, dst_port: u32, op: u16) -> Header {
-        Header {
-            src_cid: CID,
-            dst_cid: HOST_CID,
-            src_port,
-            dst_port,
-            kind: TYPE_STREAM,
-            op,
-            buf_alloc: 65536,
-            ..Default::default()
-        }
+        super::super::packet::from_guest(CID, src_port, dst_port, op)
     }
 
     #[test]

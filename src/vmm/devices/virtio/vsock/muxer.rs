@@ -425,16 +425,7 @@ mod tests {
     const GUEST: u64 = 3;
 
     fn from_guest(src_port: u32, dst_port: u32, op: u16) -> Header {
-        Header {
-            src_cid: GUEST,
-            dst_cid: HOST_CID,
-            src_port,
-            dst_port,
-            kind: TYPE_STREAM,
-            op,
-            buf_alloc: 65536,
-            ..Default::default()
-        }
+        super::super::packet::from_guest(GUEST, src_port, dst_port, op)
     }
 
     fn drain(m: &mut Muxer) -> Vec<(Header, Vec<u8>)> {

@@ -68,6 +68,22 @@ impl Header {
     }
 }
 
+/// A stream packet from guest `cid` to the host, as the device and muxer
+/// tests build them.
+#[cfg(test)]
+pub fn from_guest(cid: u64, src_port: u32, dst_port: u32, op: u16) -> Header {
+    Header {
+        src_cid: cid,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        kind: TYPE_STREAM,
+        op,
+        buf_alloc: 65536,
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
