@@ -72,6 +72,19 @@ pub struct Config {
     pub cri_image_root: PathBuf,
     /// Registries (`host[:port]`) `runv cri` may reach over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Where `runv cri` keeps its pods' and containers' state and bundles.
+    pub cri_state_root: PathBuf,
+    /// The image of every pod's sandbox (pause) container, pulled on first use.
+    pub cri_sandbox_image: String,
+    /// `host:port` of `runv cri`'s streaming server (exec, attach,
+    /// port-forward); port 0 picks a free one.
+    pub cri_stream_address: String,
+    /// The shim `runv cri` runs pods with (the `runv` runtime handler).
+    pub cri_shim: PathBuf,
+    /// CNI network configurations (`*.conflist`, `*.conf`; the first by name is used).
+    pub cni_conf_dir: PathBuf,
+    /// CNI plugin binaries.
+    pub cni_bin_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -96,6 +109,12 @@ impl Default for Config {
             log_level: "warn".into(),
             cri_image_root: PathBuf::from("/var/lib/runv/images"),
             insecure_registries: Vec::new(),
+            cri_state_root: PathBuf::from("/var/lib/runv/cri"),
+            cri_sandbox_image: "registry.k8s.io/pause:3.10".into(),
+            cri_stream_address: "127.0.0.1:0".into(),
+            cri_shim: PathBuf::from("containerd-shim-runv-v2"),
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            cni_bin_dir: PathBuf::from("/usr/lib/cni"),
         }
     }
 }

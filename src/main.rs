@@ -88,9 +88,10 @@ enum Command {
     /// Serve the CRI (v1) on a Unix socket: the kubelet's or crictl's
     /// endpoint for nodes without containerd.
     ///
-    /// Today the image service is complete (pulls, list, status, remove,
-    /// filesystem usage); pod and container calls answer UNIMPLEMENTED
-    /// saying so. Runs until SIGINT or SIGTERM.
+    /// Pods run on containerd-shim-runv-v2 (one microVM each), images come
+    /// from OCI registries, exec and attach stream over WebSocket from the
+    /// streaming server. Runs until SIGINT or SIGTERM; pods keep running
+    /// and a restarted server takes them back.
     Cri {
         /// The socket to serve on.
         #[arg(long, default_value = "/run/runv/cri.sock", value_name = "PATH")]
@@ -130,7 +131,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_RUNV_ERROR as u8);
                 }
             };
-            match runtime.block_on(runv::cri::serve(&listen, &config.cri_image_root, &config.insecure_registries)) {
+            match runtime.block_on(runv::cri::serve(&listen, config.clone(), cli.config.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("runv: error: {e:#}");

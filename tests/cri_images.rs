@@ -1,80 +1,17 @@
 //! `runv cri` through a kubelet-like CRI client on its Unix socket: the
 //! image service against a loopback registry (images pushed at test time),
-//! the runtime service's version and status, UNIMPLEMENTED (with a reason)
-//! for the pod calls it does not serve yet, bad requests, and 50 clients at
-//! once. Needs root and docker-registry; skips with a printed reason.
+//! the runtime service's version and status, bad requests to both services
+//! (no VM needed), and 50 clients at once. Needs root and docker-registry; skips with a printed reason.
 
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::cri::CriServer;
 use common::registry::{base_layer, push, registry_or_skip, top_layer, Registry};
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-struct CriServer {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl CriServer {
-    fn start(insecure: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "runtime_dir = \"{0}/run\"\ncri_image_root = \"{0}/images\"\ninsecure_registries = [\"{insecure}\"]\n",
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let socket = dir.path().join("cri.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_runv"))
-            .arg("--config")
-            .arg(&config)
-            .arg("cri")
-            .arg("--listen")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "runv cri did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        CriServer { child, dir }
-    }
-
-    fn socket(&self) -> std::path::PathBuf {
-        self.dir.path().join("cri.sock")
-    }
-
-    async fn channel(&self) -> Channel {
-        let socket = self.socket();
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
-            }))
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for CriServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn spec(image: &str) -> Option<ImageSpec> {
     Some(ImageSpec { image: image.into(), ..Default::default() })
@@ -88,7 +25,7 @@ async fn the_image_service_pulls_lists_inspects_and_removes() {
     }
     let reg = Registry::start();
     let name = push(&reg, "runv/app:1", &[base_layer(), top_layer()]).await;
-    let cri = CriServer::start(&reg.addr);
+    let cri = CriServer::start(&reg.addr, "");
     let mut images = ImageServiceClient::new(cri.channel().await);
 
     let pulled = images
@@ -134,7 +71,7 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving_many_cli
         return;
     }
     let reg = Registry::start();
-    let cri = CriServer::start(&reg.addr);
+    let cri = CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{}/runv/no-pause:1\"", reg.addr));
     let channel = cri.channel().await;
     let mut images = ImageServiceClient::new(channel.clone());
     let mut runtime = RuntimeServiceClient::new(channel);
@@ -163,10 +100,95 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving_many_cli
     let version = runtime.version(VersionRequest { version: "v1".into() }).await.unwrap().into_inner();
     assert_eq!((version.runtime_name.as_str(), version.runtime_api_version.as_str()), ("runv", "v1"));
     let status = runtime.status(StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap();
-    assert!(status.conditions.iter().any(|c| c.r#type == "RuntimeReady" && !c.status && !c.message.is_empty()));
+    assert!(status.conditions.iter().any(|c| c.r#type == "RuntimeReady" && c.status));
+    // No CNI configuration: the network condition says so.
+    assert!(status.conditions.iter().any(|c| c.r#type == "NetworkReady" && !c.status && c.message.contains("net.d")));
+
+    // Pod and container calls: missing fields, unknown ids, unknown handler.
+    let invalid = tonic::Code::InvalidArgument;
+    let not_found = tonic::Code::NotFound;
+    let meta = |name: &str, ns: &str, uid: &str| PodSandboxMetadata {
+        name: name.into(),
+        namespace: ns.into(),
+        uid: uid.into(),
+        attempt: 0,
+    };
+    let pod = |m: PodSandboxMetadata| Some(PodSandboxConfig { metadata: Some(m), ..Default::default() });
     let e = runtime.run_pod_sandbox(RunPodSandboxRequest::default()).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert!(e.message().contains("does not run pods yet"), "{e}");
+    assert_eq!((e.code(), e.message().contains("config is missing")), (invalid, true), "{e}");
+    let e = runtime
+        .run_pod_sandbox(RunPodSandboxRequest { config: pod(meta("p", "", "u")), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.message().contains("metadata.namespace is empty")), (invalid, true), "{e}");
+    let e = runtime
+        .run_pod_sandbox(RunPodSandboxRequest { config: pod(meta("p", "ns", "u")), runtime_handler: "kata".into() })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.message().contains("\"kata\"")), (invalid, true), "{e}");
+    // The sandbox image cannot be pulled: a clear error, nothing left.
+    let e = runtime
+        .run_pod_sandbox(RunPodSandboxRequest { config: pod(meta("p", "ns", "u")), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("sandbox image"), "{e}");
+    assert!(cri.leftovers().is_empty(), "{:?}", cri.leftovers());
+    assert!(runtime.list_pod_sandbox(ListPodSandboxRequest::default()).await.unwrap().into_inner().items.is_empty());
+
+    let e = runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: "".into() }).await.unwrap_err();
+    assert_eq!(e.code(), invalid, "{e}");
+    let e = runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: "nope".into() }).await.unwrap_err();
+    assert_eq!((e.code(), e.message().contains("nope")), (not_found, true), "{e}");
+    // Removing what is not there succeeds, as the CRI asks.
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: "nope".into() }).await.unwrap();
+    runtime.remove_container(RemoveContainerRequest { container_id: "nope".into() }).await.unwrap();
+    let e = runtime
+        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: "nope".into(), verbose: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), not_found, "{e}");
+    let container = ContainerConfig {
+        metadata: Some(ContainerMetadata { name: "c".into(), attempt: 0 }),
+        image: spec("busybox"),
+        ..Default::default()
+    };
+    let e = runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: "nope".into(),
+            config: Some(container.clone()),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), not_found, "{e}");
+    let e = runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: "nope".into(),
+            config: Some(ContainerConfig { image: None, ..container }),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.message().contains("config.image is empty")), (invalid, true), "{e}");
+    let e = runtime.start_container(StartContainerRequest { container_id: "".into() }).await.unwrap_err();
+    assert_eq!(e.code(), invalid, "{e}");
+    let e = runtime
+        .container_status(ContainerStatusRequest { container_id: "nope".into(), verbose: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), not_found, "{e}");
+    let e = runtime
+        .exec_sync(ExecSyncRequest { container_id: "nope".into(), cmd: vec!["true".into()], timeout: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), not_found, "{e}");
+    let e = runtime.exec(ExecRequest { container_id: "nope".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), invalid, "{e}");
+    let e =
+        runtime.port_forward(PortForwardRequest { pod_sandbox_id: "nope".into(), port: vec![80] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+    assert!(!e.message().is_empty());
 
     // 50 clients at once, each on its own connection.
     let mut tasks = Vec::new();
@@ -177,6 +199,8 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving_many_cli
             let mut im = ImageServiceClient::new(channel);
             rt.version(VersionRequest::default()).await.map(|_| ())?;
             im.list_images(ListImagesRequest::default()).await.map(|_| ())?;
+            rt.list_pod_sandbox(ListPodSandboxRequest::default()).await.map(|_| ())?;
+            rt.list_containers(ListContainersRequest::default()).await.map(|_| ())?;
             if i % 5 == 0 {
                 // Bad input in the crowd changes nothing for the others.
                 let _ = im.pull_image(PullImageRequest::default()).await;

@@ -108,21 +108,7 @@ impl SharedDir {
     }
 }
 
-/// Lazily unmounts every mount at or below `dir`, deepest first.
-pub fn unmount_below(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir) && p != dir)
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
-    for p in points {
-        let _ = umount2(&p, MntFlags::MNT_DETACH);
-    }
-}
+pub use runv::helper::unmount_below;
 
 fn parse_options(options: &[String]) -> (MsFlags, String) {
     let mut flags = MsFlags::empty();

@@ -85,6 +85,14 @@ struct ProcessEntry {
     /// An exec's OCI process, kept from Exec until Start.
     spec: Option<oci_spec::runtime::Process>,
     exit: watch::Sender<Option<Exit>>,
+    /// The stdin copier, told to drain the FIFO before CloseIO closes the
+    /// guest side.
+    stdin_pump: Option<StdinPump>,
+}
+
+struct StdinPump {
+    close: watch::Sender<bool>,
+    drained: watch::Receiver<bool>,
 }
 
 impl ProcessEntry {
@@ -97,6 +105,7 @@ impl ProcessEntry {
             stderr: stderr.into(),
             spec: None,
             exit: watch::channel(None).0,
+            stdin_pump: None,
         }
     }
 }
@@ -216,11 +225,14 @@ impl TaskService {
 
     /// Copies the process's stdio between containerd's FIFOs and the agent,
     /// then waits for it and records and publishes its exit.
-    fn run_process(&self, agent: AgentClient, container_id: &str, exec_id: &str, entry: &ProcessEntry, pid: u32) {
+    fn run_process(&self, agent: AgentClient, container_id: &str, exec_id: &str, entry: &mut ProcessEntry, pid: u32) {
         let (cid, eid) = (container_id.to_string(), exec_id.to_string());
         let stdout = copy_out(agent.clone(), &cid, &eid, &entry.stdout, false);
         let stderr = (!entry.terminal).then(|| copy_out(agent.clone(), &cid, &eid, &entry.stderr, true)).flatten();
-        let stdin = copy_in(agent.clone(), &cid, &eid, &entry.stdin);
+        let stdin = copy_in(agent.clone(), &cid, &eid, &entry.stdin).map(|(task, pump)| {
+            entry.stdin_pump = Some(pump);
+            task
+        });
         let exit_tx = entry.exit.clone();
         let service = self.clone();
         tokio::spawn(async move {
@@ -300,23 +312,44 @@ fn copy_out(agent: AgentClient, cid: &str, eid: &str, path: &str, stderr: bool) 
 }
 
 /// Streams containerd's stdin FIFO into the guest process. CloseIO (not
-/// the FIFO's end) closes the guest side.
-fn copy_in(agent: AgentClient, cid: &str, eid: &str, path: &str) -> Option<JoinHandle<()>> {
+/// the FIFO's end: the FIFO is open read-write) drains it and then closes
+/// the guest side.
+fn copy_in(agent: AgentClient, cid: &str, eid: &str, path: &str) -> Option<(JoinHandle<()>, StdinPump)> {
     if path.is_empty() {
         return None;
     }
     let (cid, eid, path) = (cid.to_string(), eid.to_string(), path.to_string());
-    Some(tokio::spawn(async move {
+    let (close, mut close_rx) = watch::channel(false);
+    let (drained_tx, drained) = watch::channel(false);
+    let task = tokio::spawn(async move {
         let Ok(mut input) = tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_receiver(&path) else {
+            drained_tx.send_replace(true);
             return;
         };
         let mut buf = vec![0u8; 32 * 1024];
-        while let Ok(n) = input.read(&mut buf).await {
-            if n == 0 || agent.write_stdin(&cid, &eid, buf[..n].to_vec()).await.is_err() {
-                break;
+        loop {
+            tokio::select! {
+                r = input.read(&mut buf) => match r {
+                    Ok(n) if n > 0 => {
+                        if agent.write_stdin(&cid, &eid, buf[..n].to_vec()).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                },
+                _ = async { let _ = close_rx.wait_for(|c| *c).await; } => {
+                    while let Ok(n) = input.try_read(&mut buf) {
+                        if n == 0 || agent.write_stdin(&cid, &eid, buf[..n].to_vec()).await.is_err() {
+                            break;
+                        }
+                    }
+                    break;
+                }
             }
         }
-    }))
+        drained_tx.send_replace(true);
+    });
+    Some((task, StdinPump { close, drained }))
 }
 
 fn not_found(what: &str) -> ttrpc::Error {
@@ -655,6 +688,19 @@ impl Task for TaskService {
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         if req.stdin {
             let agent = self.agent_for(&req.id).await?;
+            let pump = {
+                let mut state = self.state.lock().await;
+                state
+                    .containers
+                    .get_mut(&req.id)
+                    .and_then(|c| c.processes.get_mut(&req.exec_id))
+                    .and_then(|p| p.stdin_pump.take())
+            };
+            if let Some(mut pump) = pump {
+                // What the client wrote before closing reaches the process first.
+                pump.close.send_replace(true);
+                let _ = tokio::time::timeout(Duration::from_secs(5), pump.drained.wait_for(|d| *d)).await;
+            }
             agent.close_stdin(&req.id, &req.exec_id).await.map_err(|e| agent_error("closing stdin", e))?;
         }
         Ok(api::Empty::new())

@@ -1,11 +1,18 @@
 //! `runv cri`: the bundled CRI v1 server (tonic, k8s-cri) on a Unix socket.
 //!
-//! Today it serves the ImageService in full, on the image store
-//! (`crate::image`), and the RuntimeService's Version, Status and
-//! RuntimeConfig. Pod and container calls answer UNIMPLEMENTED with a
-//! message saying so (never a fake success): running pods through the shim
-//! from here is the next step; until then pods run through containerd's CRI
-//! plugin with the `runv` handler.
+//! The ImageService runs on the image store (`crate::image`); the
+//! RuntimeService runs each pod on `containerd-shim-runv-v2`, started and
+//! driven over the shim v2 task API as containerd does (`runtime`), with
+//! CNI pod networks (`network`), CRI logs (`logs`), state that survives a
+//! restart (`store`) and a streaming server for exec and attach (`stream`).
+
+pub mod logs;
+pub mod network;
+pub mod runtime;
+pub mod shim;
+pub mod spec;
+pub mod store;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +24,7 @@ use k8s_cri::v1::*;
 use oci_client::secrets::RegistryAuth;
 use tonic::{Request, Response, Status};
 
+use crate::config::Config;
 use crate::image::{ImageError, ImageRecord, ImageStore};
 
 /// The CRI API version served.
@@ -25,12 +33,9 @@ pub const CRI_API_VERSION: &str = "v1";
 pub struct Cri {
     images: Arc<ImageStore>,
     image_root: PathBuf,
-}
-
-impl Cri {
-    pub fn new(image_root: &Path, insecure_registries: &[String]) -> Result<Self, ImageError> {
-        Ok(Self { images: Arc::new(ImageStore::open(image_root, insecure_registries)?), image_root: image_root.into() })
-    }
+    runtime: Arc<runtime::Runtime>,
+    streams: Arc<stream::StreamServer>,
+    config: Config,
 }
 
 fn image_status(e: ImageError) -> Status {
@@ -140,6 +145,13 @@ impl ImageService for Cri {
 
     async fn remove_image(&self, req: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
         let wanted = wanted_image(req.into_inner().image, "RemoveImage")?;
+        if let Some(image) = self.images.get(&wanted) {
+            if self.runtime.images_in_use().await.contains(&image.digest) {
+                return Err(Status::failed_precondition(format!(
+                    "RemoveImage: image {wanted} is used by a container; remove the container first"
+                )));
+            }
+        }
         match self.images.remove(&wanted) {
             // Removing what is not there succeeds, as the CRI asks.
             Ok(_) | Err(ImageError::NotFound(_)) => Ok(Response::new(RemoveImageResponse {})),
@@ -164,7 +176,7 @@ impl ImageService for Cri {
 }
 
 /// Bytes and inodes used below `dir` (not following symlinks).
-fn usage(dir: &Path) -> (u64, u64) {
+pub(crate) fn usage(dir: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let (mut bytes, mut inodes) = (0, 0);
     let mut stack = vec![dir.to_path_buf()];
@@ -181,12 +193,10 @@ fn usage(dir: &Path) -> (u64, u64) {
     (bytes, inodes)
 }
 
-const NO_PODS_YET: &str = "runv cri does not run pods yet (it serves images); run pods through containerd's CRI plugin with the runv runtime handler";
-
-/// Trait methods answering UNIMPLEMENTED, written in the form
+/// Trait methods answering UNIMPLEMENTED with a reason, written in the form
 /// `#[tonic::async_trait]` gives async methods (it cannot see into a macro).
-macro_rules! not_yet {
-    ($($name:ident($req:ty) -> $resp:ty;)*) => {
+macro_rules! unsupported {
+    ($($name:ident($req:ty) -> $resp:ty: $why:expr;)*) => {
         $(
             fn $name<'life0, 'async_trait>(
                 &'life0 self,
@@ -196,10 +206,18 @@ macro_rules! not_yet {
                 'life0: 'async_trait,
                 Self: 'async_trait,
             {
-                Box::pin(async move { Err(Status::unimplemented(format!("{}: {NO_PODS_YET}", stringify!($name)))) })
+                Box::pin(async move { Err(Status::unimplemented(format!("{}: {}", stringify!($name), $why))) })
             }
         )*
     };
+}
+
+fn network_condition(config: &Config) -> RuntimeCondition {
+    let (status, reason, message) = match network::network_ready(config) {
+        Ok(()) => (true, String::new(), String::new()),
+        Err(e) => (false, "NoCNIConfig".to_string(), format!("{e}: pods on the pod network get loopback only")),
+    };
+    RuntimeCondition { r#type: "NetworkReady".into(), status, reason, message }
 }
 
 #[tonic::async_trait]
@@ -213,24 +231,30 @@ impl RuntimeService for Cri {
         }))
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let conditions = vec![
-            RuntimeCondition {
-                r#type: "RuntimeReady".into(),
-                status: false,
-                reason: "PodsNotServed".into(),
-                message: NO_PODS_YET.into(),
-            },
-            RuntimeCondition {
-                r#type: "NetworkReady".into(),
-                status: false,
-                reason: "PodsNotServed".into(),
-                message: NO_PODS_YET.into(),
-            },
-        ];
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let runtime_ready = RuntimeCondition { r#type: "RuntimeReady".into(), status: true, ..Default::default() };
+        let mut info = HashMap::new();
+        if req.into_inner().verbose {
+            info.insert(
+                "config".into(),
+                serde_json::json!({
+                    "handlers": runtime::HANDLERS,
+                    "shim": self.config.cri_shim,
+                    "sandboxImage": self.config.cri_sandbox_image,
+                    "streamServer": self.streams.addr().to_string(),
+                    "cniConfDir": self.config.cni_conf_dir,
+                })
+                .to_string(),
+            );
+        }
+        let handlers = runtime::HANDLERS
+            .iter()
+            .map(|h| RuntimeHandler { name: h.to_string(), features: Some(RuntimeHandlerFeatures::default()) })
+            .collect();
         Ok(Response::new(StatusResponse {
-            status: Some(RuntimeStatus { conditions }),
-            info: HashMap::new(),
+            status: Some(RuntimeStatus { conditions: vec![runtime_ready, network_condition(&self.config)] }),
+            info,
+            runtime_handlers: handlers,
             ..Default::default()
         }))
     }
@@ -239,37 +263,189 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<RuntimeConfigRequest>,
     ) -> Result<Response<RuntimeConfigResponse>, Status> {
-        // The cgroup driver runv's pods would use.
+        // The cgroup driver runv's pods use.
         let linux = LinuxRuntimeConfiguration { cgroup_driver: CgroupDriver::Cgroupfs as i32 };
         Ok(Response::new(RuntimeConfigResponse { linux: Some(linux) }))
     }
 
-    not_yet! {
-        run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse;
-        stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse;
-        remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse;
-        pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse;
-        list_pod_sandbox(ListPodSandboxRequest) -> ListPodSandboxResponse;
-        create_container(CreateContainerRequest) -> CreateContainerResponse;
-        start_container(StartContainerRequest) -> StartContainerResponse;
-        stop_container(StopContainerRequest) -> StopContainerResponse;
-        remove_container(RemoveContainerRequest) -> RemoveContainerResponse;
-        list_containers(ListContainersRequest) -> ListContainersResponse;
-        container_status(ContainerStatusRequest) -> ContainerStatusResponse;
-        update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse;
-        reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse;
-        exec_sync(ExecSyncRequest) -> ExecSyncResponse;
-        exec(ExecRequest) -> ExecResponse;
-        attach(AttachRequest) -> AttachResponse;
-        port_forward(PortForwardRequest) -> PortForwardResponse;
-        container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
-        list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
-        pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse;
-        list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse;
-        update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse;
-        checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse;
-        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse;
-        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse;
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<RunPodSandboxRequest>,
+    ) -> Result<Response<RunPodSandboxResponse>, Status> {
+        let pod_sandbox_id = self.runtime.run_pod(req.into_inner()).await?;
+        Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<StopPodSandboxRequest>,
+    ) -> Result<Response<StopPodSandboxResponse>, Status> {
+        self.runtime.stop_pod(&req.into_inner().pod_sandbox_id).await?;
+        Ok(Response::new(StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<RemovePodSandboxRequest>,
+    ) -> Result<Response<RemovePodSandboxResponse>, Status> {
+        self.runtime.remove_pod(&req.into_inner().pod_sandbox_id).await?;
+        Ok(Response::new(RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<PodSandboxStatusRequest>,
+    ) -> Result<Response<PodSandboxStatusResponse>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(self.runtime.pod_status(&req.pod_sandbox_id, req.verbose).await?))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<ListPodSandboxRequest>,
+    ) -> Result<Response<ListPodSandboxResponse>, Status> {
+        Ok(Response::new(ListPodSandboxResponse { items: self.runtime.list_pods(req.into_inner().filter).await }))
+    }
+
+    async fn create_container(
+        &self,
+        req: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        let container_id = self.runtime.create_container(req.into_inner()).await?;
+        Ok(Response::new(CreateContainerResponse { container_id }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<StartContainerRequest>,
+    ) -> Result<Response<StartContainerResponse>, Status> {
+        self.runtime.start_container(&req.into_inner().container_id).await?;
+        Ok(Response::new(StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<StopContainerRequest>,
+    ) -> Result<Response<StopContainerResponse>, Status> {
+        let req = req.into_inner();
+        self.runtime.stop_container(&req.container_id, req.timeout).await?;
+        Ok(Response::new(StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<RemoveContainerRequest>,
+    ) -> Result<Response<RemoveContainerResponse>, Status> {
+        self.runtime.remove_container(&req.into_inner().container_id).await?;
+        Ok(Response::new(RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<ListContainersRequest>,
+    ) -> Result<Response<ListContainersResponse>, Status> {
+        Ok(Response::new(ListContainersResponse {
+            containers: self.runtime.list_containers(req.into_inner().filter).await,
+        }))
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<ContainerStatusRequest>,
+    ) -> Result<Response<ContainerStatusResponse>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(self.runtime.container_status(&req.container_id, req.verbose).await?))
+    }
+
+    async fn update_container_resources(
+        &self,
+        req: Request<UpdateContainerResourcesRequest>,
+    ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
+        self.runtime.update_resources(req.into_inner()).await?;
+        Ok(Response::new(UpdateContainerResourcesResponse {}))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<ReopenContainerLogRequest>,
+    ) -> Result<Response<ReopenContainerLogResponse>, Status> {
+        self.runtime.reopen_log(&req.into_inner().container_id).await?;
+        Ok(Response::new(ReopenContainerLogResponse {}))
+    }
+
+    async fn exec_sync(&self, req: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {
+        Ok(Response::new(self.runtime.exec_sync(req.into_inner()).await?))
+    }
+
+    async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let req = req.into_inner();
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("Exec: cmd is empty"));
+        }
+        if !(req.stdin || req.stdout || req.stderr) {
+            return Err(Status::invalid_argument("Exec: one of stdin, stdout and stderr must be set"));
+        }
+        if req.tty && req.stderr {
+            return Err(Status::invalid_argument("Exec: tty and stderr cannot both be set"));
+        }
+        self.runtime.container_status(&req.container_id, false).await?;
+        Ok(Response::new(ExecResponse { url: self.streams.exec_url(req) }))
+    }
+
+    async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
+        let req = req.into_inner();
+        if !(req.stdin || req.stdout || req.stderr) {
+            return Err(Status::invalid_argument("Attach: one of stdin, stdout and stderr must be set"));
+        }
+        self.runtime.container_status(&req.container_id, false).await?;
+        Ok(Response::new(AttachResponse { url: self.streams.attach_url(req) }))
+    }
+
+    async fn container_stats(
+        &self,
+        req: Request<ContainerStatsRequest>,
+    ) -> Result<Response<ContainerStatsResponse>, Status> {
+        let stats = self.runtime.container_stats(&req.into_inner().container_id).await?;
+        Ok(Response::new(ContainerStatsResponse { stats: Some(stats) }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Request<ListContainerStatsRequest>,
+    ) -> Result<Response<ListContainerStatsResponse>, Status> {
+        Ok(Response::new(ListContainerStatsResponse {
+            stats: self.runtime.list_container_stats(req.into_inner().filter).await,
+        }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<PodSandboxStatsRequest>,
+    ) -> Result<Response<PodSandboxStatsResponse>, Status> {
+        let stats = self.runtime.pod_stats(&req.into_inner().pod_sandbox_id).await?;
+        Ok(Response::new(PodSandboxStatsResponse { stats: Some(stats) }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Request<ListPodSandboxStatsRequest>,
+    ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
+        Ok(Response::new(ListPodSandboxStatsResponse {
+            stats: self.runtime.list_pod_stats(req.into_inner().filter).await,
+        }))
+    }
+
+    unsupported! {
+        port_forward(PortForwardRequest) -> PortForwardResponse:
+            "runv cri does not forward ports yet: a pod's ports live in its VM, reach them at the pod IP";
+        update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse:
+            "runv cri takes pod addresses from the CNI configuration in cni_conf_dir; it renders no CNI template from the pod CIDR";
+        checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse:
+            "checkpointing is not supported (the container runs in a microVM)";
+        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse:
+            "runv cri serves stats through ContainerStats and PodSandboxStats, not CRI metrics";
+        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse:
+            "runv cri serves stats through ContainerStats and PodSandboxStats, not CRI metrics";
     }
 
     type GetContainerEventsStream =
@@ -279,18 +455,45 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(Status::unimplemented(format!("get_container_events: {NO_PODS_YET}")))
+        let rx = self.runtime.events();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => return Some((Ok(e), rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// Serves CRI on the Unix socket `listen` until the process is stopped
-/// (SIGINT/SIGTERM end it cleanly, removing the socket).
-pub async fn serve(listen: &Path, image_root: &Path, insecure_registries: &[String]) -> anyhow::Result<()> {
+/// Serves CRI on the Unix socket `listen` until SIGINT or SIGTERM (which
+/// remove the socket; pods keep running and a restarted server takes them
+/// back). `config_path` is handed to the shims.
+pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) -> anyhow::Result<()> {
     use anyhow::Context;
-    let cri = Arc::new(Cri::new(image_root, insecure_registries)?);
+    let images = Arc::new(ImageStore::open(&config.cri_image_root, &config.insecure_registries)?);
     if let Some(dir) = listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    std::fs::create_dir_all(&config.cri_state_root)
+        .with_context(|| format!("creating {}", config.cri_state_root.display()))?;
+    let events_socket = config.cri_state_root.join("events.sock");
+    let (events_server, shim_events) = shim::serve_events(&events_socket).await?;
+    let launcher = shim::ShimLauncher {
+        binary: crate::helper::find_program(&config.cri_shim).unwrap_or_else(|| config.cri_shim.clone()),
+        address: listen.display().to_string(),
+        events_address: format!("unix://{}", events_socket.display()),
+        config_path: config_path.map(Path::to_path_buf),
+    };
+    let runtime = runtime::Runtime::open(config.clone(), images.clone(), launcher).await?;
+    runtime.follow_shim_events(shim_events.subscribe());
+    let (streams, stream_listener) = stream::StreamServer::bind(&config.cri_stream_address).await?;
+    streams.clone().serve(stream_listener, runtime.clone());
+    let cri =
+        Arc::new(Cri { images, image_root: config.cri_image_root.clone(), runtime, streams: streams.clone(), config });
     let _ = std::fs::remove_file(listen);
     let listener =
         tokio::net::UnixListener::bind(listen).with_context(|| format!("listening on {}", listen.display()))?;
@@ -302,13 +505,21 @@ pub async fn serve(listen: &Path, image_root: &Path, insecure_registries: &[Stri
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    eprintln!("runv cri {} serving CRI {CRI_API_VERSION} on {}", env!("CARGO_PKG_VERSION"), listen.display());
+    eprintln!(
+        "runv cri {} serving CRI {CRI_API_VERSION} on {} (streaming on {})",
+        env!("CARGO_PKG_VERSION"),
+        listen.display(),
+        streams.addr()
+    );
     let result = tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::from_arc(cri.clone()))
         .add_service(ImageServiceServer::from_arc(cri))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(listen);
+    let mut events_server = events_server;
+    let _ = events_server.shutdown().await;
+    let _ = std::fs::remove_file(&events_socket);
     result.context("serving CRI")
 }
 

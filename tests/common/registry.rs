@@ -76,6 +76,22 @@ pub fn sha(data: &[u8]) -> String {
 /// Pushes an image whose layers are `layers` ((media type, bytes, the
 /// uncompressed tar)).
 pub async fn push(reg: &Registry, name: &str, layers: &[(&str, Vec<u8>, Vec<u8>)]) -> String {
+    push_with_cmd(reg, name, layers, &["sh"]).await
+}
+
+/// A gzip layer holding the contents of directory `dir`.
+pub fn dir_layer(dir: &Path) -> (&'static str, Vec<u8>, Vec<u8>) {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    builder.append_dir_all(".", dir).unwrap();
+    let tar = builder.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    (GZIP, gz.finish().unwrap(), tar)
+}
+
+/// As `push`, with the image's command.
+pub async fn push_with_cmd(reg: &Registry, name: &str, layers: &[(&str, Vec<u8>, Vec<u8>)], cmd: &[&str]) -> String {
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(vec![reg.addr.clone()]),
         ..Default::default()
@@ -85,7 +101,7 @@ pub async fn push(reg: &Registry, name: &str, layers: &[(&str, Vec<u8>, Vec<u8>)
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": { "Cmd": ["sh"], "Env": ["PATH=/bin"] },
+        "config": { "Cmd": cmd, "Env": ["PATH=/bin:/sbin:/usr/bin:/usr/sbin"] },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let image_layers: Vec<ImageLayer> =

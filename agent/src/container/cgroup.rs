@@ -61,6 +61,12 @@ impl Cgroup {
     }
 
     pub fn usage(&self) -> Result<Usage> {
+        // cgroup v2 (the guest's): read the files themselves; the library
+        // also wants the PSI files, which a kernel without CONFIG_PSI lacks.
+        if Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
+            let rel = self.path.strip_prefix("/").unwrap_or(&self.path);
+            return v2_usage(&Path::new(CGROUP_ROOT).join(rel)).map(|u| Usage { oom_kills: self.oom_kills(), ..u });
+        }
         let s = self.manager.stats().map_err(|e| anyhow::anyhow!("{e}")).context("reading cgroup stats")?;
         let inactive_file = s
             .memory
@@ -109,5 +115,76 @@ impl Cgroup {
             }
         }
         0
+    }
+}
+
+/// `key value` lines of a cgroup v2 file (`cpu.stat`, `memory.stat`).
+fn keyed(dir: &Path, file: &str) -> std::collections::HashMap<String, u64> {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// A single-value cgroup v2 file; "max" (no limit) and absence read as 0.
+fn single(dir: &Path, file: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+}
+
+fn v2_usage(dir: &Path) -> Result<Usage> {
+    let cpu = std::fs::read_to_string(dir.join("cpu.stat"))
+        .map(|_| keyed(dir, "cpu.stat"))
+        .with_context(|| format!("reading {}/cpu.stat", dir.display()))?;
+    let memory = keyed(dir, "memory.stat");
+    let usage = single(dir, "memory.current");
+    let (mut read, mut write) = (0, 0);
+    for line in std::fs::read_to_string(dir.join("io.stat")).unwrap_or_default().lines() {
+        for field in line.split_whitespace().skip(1) {
+            match field.split_once('=') {
+                Some(("rbytes", v)) => read += v.parse::<u64>().unwrap_or(0),
+                Some(("wbytes", v)) => write += v.parse::<u64>().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    let us = |k: &str| cpu.get(k).copied().unwrap_or(0) * 1000;
+    Ok(Usage {
+        cpu_usage_ns: us("usage_usec"),
+        cpu_user_ns: us("user_usec"),
+        cpu_system_ns: us("system_usec"),
+        memory_usage: usage,
+        memory_limit: single(dir, "memory.max"),
+        memory_working_set: usage.saturating_sub(memory.get("inactive_file").copied().unwrap_or(0)),
+        pids_current: single(dir, "pids.current"),
+        pids_limit: single(dir, "pids.max"),
+        io_read_bytes: read,
+        io_write_bytes: write,
+        oom_kills: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_v2_files_are_read_without_pressure_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n").unwrap();
+        std::fs::write(d.join("memory.current"), "4096\n").unwrap();
+        std::fs::write(d.join("memory.max"), "max\n").unwrap();
+        std::fs::write(d.join("memory.stat"), "anon 1024\ninactive_file 1024\n").unwrap();
+        std::fs::write(d.join("pids.current"), "3\n").unwrap();
+        std::fs::write(d.join("io.stat"), "254:0 rbytes=10 wbytes=20 rios=1 wios=2\n").unwrap();
+        let u = v2_usage(d).unwrap();
+        assert_eq!((u.cpu_usage_ns, u.cpu_user_ns, u.cpu_system_ns), (1_500_000, 1_000_000, 500_000));
+        assert_eq!((u.memory_usage, u.memory_limit, u.memory_working_set), (4096, 0, 3072));
+        assert_eq!((u.pids_current, u.pids_limit, u.io_read_bytes, u.io_write_bytes), (3, 0, 10, 20));
+        assert!(v2_usage(&d.join("missing")).is_err());
     }
 }

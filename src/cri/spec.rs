@@ -1,0 +1,549 @@
+//! CRI requests turned into OCI runtime specs for the shim, the way
+//! containerd's CRI plugin builds them: the sandbox (pause) container and
+//! the pod's containers, with the CRI annotations that group them into one
+//! shim and one VM.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use k8s_cri::v1::*;
+use serde_json::{json, Value};
+use tonic::Status;
+
+use crate::image::ImageRecord;
+use crate::sandbox::sizing::{
+    ANNOTATION_SANDBOX_CPU_PERIOD, ANNOTATION_SANDBOX_CPU_QUOTA, ANNOTATION_SANDBOX_CPU_SHARES,
+    ANNOTATION_SANDBOX_MEMORY,
+};
+
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
+pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+
+/// The capabilities a container gets unless its security context changes
+/// them (containerd's and Docker's default set).
+const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+fn default_mounts() -> Vec<Value> {
+    vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ]
+}
+
+/// The pod's files every container mounts: /etc/hosts, /etc/resolv.conf,
+/// /etc/hostname, written into the pod directory.
+pub fn write_pod_files(dir: &Path, config: &PodSandboxConfig, ips: &[String]) -> std::io::Result<()> {
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if let Some(ip) = ips.first() {
+        hosts.push_str(&format!("{ip}\t{}\n", config.hostname));
+    }
+    std::fs::write(dir.join("hosts"), hosts)?;
+    let resolv = match &config.dns_config {
+        Some(dns) => {
+            let mut text = String::new();
+            if !dns.searches.is_empty() {
+                text.push_str(&format!("search {}\n", dns.searches.join(" ")));
+            }
+            for server in &dns.servers {
+                text.push_str(&format!("nameserver {server}\n"));
+            }
+            if !dns.options.is_empty() {
+                text.push_str(&format!("options {}\n", dns.options.join(" ")));
+            }
+            text
+        }
+        // No DNS settings: the host's, as containerd does.
+        None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    };
+    std::fs::write(dir.join("resolv.conf"), resolv)?;
+    std::fs::write(dir.join("hostname"), format!("{}\n", config.hostname))
+}
+
+fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default()
+}
+
+/// Whether the pod uses the node's network (no netns, no CNI).
+pub fn host_network(config: &PodSandboxConfig) -> bool {
+    namespace_options(config).network == NamespaceMode::Node as i32
+}
+
+/// Checks what RunPodSandbox needs of its config.
+pub fn validate_pod(config: Option<&PodSandboxConfig>) -> Result<&PodSandboxConfig, Status> {
+    let config = config.ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is missing"))?;
+    let meta = config
+        .metadata
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config.metadata is missing"))?;
+    for (field, value) in [("name", &meta.name), ("namespace", &meta.namespace), ("uid", &meta.uid)] {
+        if value.trim().is_empty() {
+            return Err(Status::invalid_argument(format!("RunPodSandbox: config.metadata.{field} is empty")));
+        }
+    }
+    if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "RunPodSandbox: config.log_directory {:?} is not an absolute path",
+            config.log_directory
+        )));
+    }
+    Ok(config)
+}
+
+/// Checks what CreateContainer needs of its config.
+pub fn validate_container(config: Option<&ContainerConfig>) -> Result<&ContainerConfig, Status> {
+    let config = config.ok_or_else(|| Status::invalid_argument("CreateContainer: config is missing"))?;
+    let meta = config
+        .metadata
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("CreateContainer: config.metadata is missing"))?;
+    if meta.name.trim().is_empty() {
+        return Err(Status::invalid_argument("CreateContainer: config.metadata.name is empty"));
+    }
+    if config.image.as_ref().map(|i| i.image.trim().is_empty()).unwrap_or(true) {
+        return Err(Status::invalid_argument("CreateContainer: config.image is empty"));
+    }
+    if Path::new(&config.log_path).is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "CreateContainer: config.log_path {:?} must be relative to the pod's log directory",
+            config.log_path
+        )));
+    }
+    for m in &config.mounts {
+        if !Path::new(&m.container_path).is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "CreateContainer: mount container_path {:?} is not absolute",
+                m.container_path
+            )));
+        }
+        if !Path::new(&m.host_path).exists() {
+            return Err(Status::invalid_argument(format!(
+                "CreateContainer: mount {}: host path {:?} does not exist",
+                m.container_path, m.host_path
+            )));
+        }
+    }
+    Ok(config)
+}
+
+fn image_config(image: &ImageRecord) -> &Value {
+    &image.config["config"]
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect()
+}
+
+/// The command line of a container: the CRI command replaces the image's
+/// entrypoint, the CRI args its cmd (Kubernetes' rule).
+fn command_line(image: &ImageRecord, command: &[String], args: &[String]) -> Vec<String> {
+    let c = image_config(image);
+    let (entrypoint, cmd) = (strings(&c["Entrypoint"]), strings(&c["Cmd"]));
+    let mut line = if command.is_empty() { entrypoint } else { command.to_vec() };
+    if !args.is_empty() {
+        line.extend(args.iter().cloned());
+    } else if command.is_empty() {
+        line.extend(cmd);
+    }
+    line
+}
+
+/// The image's environment with the CRI's variables set over it.
+fn environment(image: &ImageRecord, envs: &[KeyValue]) -> Vec<String> {
+    let mut vars: Vec<(String, String)> = strings(&image_config(image)["Env"])
+        .into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv, String::new()),
+        })
+        .collect();
+    for kv in envs {
+        match vars.iter_mut().find(|(k, _)| *k == kv.key) {
+            Some(slot) => slot.1 = kv.value.clone(),
+            None => vars.push((kv.key.clone(), kv.value.clone())),
+        }
+    }
+    vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// uid/gid of a user name (or `uid[:gid]`) in the image's /etc/passwd.
+fn resolve_user(user: &str, lowers: &[PathBuf]) -> Result<(u32, u32), String> {
+    let (name, group) = match user.split_once(':') {
+        Some((n, g)) => (n, Some(g)),
+        None => (user, None),
+    };
+    let passwd = lowers.iter().find_map(|d| std::fs::read_to_string(d.join("etc/passwd")).ok()).unwrap_or_default();
+    let lookup = |name: &str| {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == name).then(|| (f[2].parse::<u32>().ok(), f[3].parse::<u32>().ok()))
+        })
+    };
+    let (uid, default_gid) = match name.parse::<u32>() {
+        Ok(uid) => (uid, passwd_gid_of(&passwd, uid).unwrap_or(0)),
+        Err(_) if name == "root" || name.is_empty() => (0, 0),
+        Err(_) => match lookup(name) {
+            Some((Some(uid), gid)) => (uid, gid.unwrap_or(0)),
+            _ => return Err(format!("user {name:?} is not in the image's /etc/passwd")),
+        },
+    };
+    let gid = match group {
+        None | Some("") => default_gid,
+        Some(g) => g.parse::<u32>().map_err(|_| format!("group {g:?} must be numeric"))?,
+    };
+    Ok((uid, gid))
+}
+
+fn passwd_gid_of(passwd: &str, uid: u32) -> Option<u32> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok()).flatten()
+    })
+}
+
+fn resources_json(r: &LinuxContainerResources) -> Value {
+    let mut cpu = serde_json::Map::new();
+    if r.cpu_shares > 0 {
+        cpu.insert("shares".into(), json!(r.cpu_shares));
+    }
+    if r.cpu_quota > 0 {
+        cpu.insert("quota".into(), json!(r.cpu_quota));
+    }
+    if r.cpu_period > 0 {
+        cpu.insert("period".into(), json!(r.cpu_period));
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu.insert("cpus".into(), json!(r.cpuset_cpus));
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu.insert("mems".into(), json!(r.cpuset_mems));
+    }
+    let mut out = json!({ "cpu": cpu });
+    if r.memory_limit_in_bytes > 0 {
+        out["memory"] = json!({ "limit": r.memory_limit_in_bytes });
+    }
+    out
+}
+
+/// The OCI `LinuxResources` JSON for UpdateContainerResources.
+pub fn update_resources(r: &LinuxContainerResources) -> Vec<u8> {
+    resources_json(r).to_string().into_bytes()
+}
+
+fn spec_from(value: Value) -> Result<oci_spec::runtime::Spec, Status> {
+    serde_json::from_value(value).map_err(|e| Status::internal(format!("building the OCI spec: {e}")))
+}
+
+/// The sandbox (pause) container's spec.
+pub fn sandbox_spec(
+    id: &str,
+    config: &PodSandboxConfig,
+    image: &ImageRecord,
+    netns: Option<&Path>,
+) -> Result<oci_spec::runtime::Spec, Status> {
+    let meta = config.metadata.clone().unwrap_or_default();
+    let ns = namespace_options(config);
+    let mut namespaces = vec![json!({"type": "ipc"}), json!({"type": "mount"})];
+    if ns.pid != NamespaceMode::Node as i32 {
+        namespaces.push(json!({"type": "pid"}));
+    }
+    if ns.network != NamespaceMode::Node as i32 {
+        namespaces.push(json!({"type": "uts"}));
+    }
+    if let Some(path) = netns {
+        namespaces.push(json!({"type": "network", "path": path}));
+    }
+    let mut annotations: HashMap<String, String> = HashMap::from([
+        (CONTAINER_TYPE.into(), "sandbox".into()),
+        (SANDBOX_ID.into(), id.into()),
+        (SANDBOX_NAME.into(), meta.name.clone()),
+        (SANDBOX_NAMESPACE.into(), meta.namespace.clone()),
+        (SANDBOX_UID.into(), meta.uid.clone()),
+    ]);
+    // The pod's resources size the VM (see runv::sandbox::sizing).
+    if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+        for (key, value) in [
+            (ANNOTATION_SANDBOX_MEMORY, r.memory_limit_in_bytes),
+            (ANNOTATION_SANDBOX_CPU_QUOTA, r.cpu_quota),
+            (ANNOTATION_SANDBOX_CPU_PERIOD, r.cpu_period),
+            (ANNOTATION_SANDBOX_CPU_SHARES, r.cpu_shares),
+        ] {
+            if value > 0 {
+                annotations.insert(key.into(), value.to_string());
+            }
+        }
+    }
+    let c = image_config(image);
+    let args = command_line(image, &[], &[]);
+    if args.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "the sandbox image {} has no entrypoint or cmd",
+            image.reference
+        )));
+    }
+    spec_from(json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 65535, "gid": 65535},
+            "args": args,
+            "env": environment(image, &[]),
+            "cwd": c["WorkingDir"].as_str().filter(|d| !d.is_empty()).unwrap_or("/"),
+            "capabilities": {"bounding": DEFAULT_CAPABILITIES, "effective": DEFAULT_CAPABILITIES, "permitted": DEFAULT_CAPABILITIES},
+            "noNewPrivileges": true,
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": config.hostname,
+        "mounts": default_mounts(),
+        "annotations": annotations,
+        "linux": {"namespaces": namespaces},
+    }))
+}
+
+pub struct ContainerContext<'a> {
+    pub id: &'a str,
+    pub pod_id: &'a str,
+    pub pod_config: &'a PodSandboxConfig,
+    pub pod_dir: &'a Path,
+    pub netns: Option<&'a Path>,
+    pub image: &'a ImageRecord,
+    pub image_lowers: &'a [PathBuf],
+}
+
+/// A pod container's spec.
+pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result<oci_spec::runtime::Spec, Status> {
+    let invalid = |m: String| Status::invalid_argument(format!("CreateContainer: {m}"));
+    let meta = config.metadata.clone().unwrap_or_default();
+    let pod_meta = cx.pod_config.metadata.clone().unwrap_or_default();
+    let linux = config.linux.clone().unwrap_or_default();
+    let security = linux.security_context.clone().unwrap_or_default();
+    let args = command_line(cx.image, &config.command, &config.args);
+    if args.is_empty() {
+        return Err(invalid(format!("neither the config nor the image {} gives a command", cx.image.reference)));
+    }
+    let c = image_config(cx.image);
+    let cwd = match config.working_dir.as_str() {
+        "" => c["WorkingDir"].as_str().filter(|d| !d.is_empty()).unwrap_or("/").to_string(),
+        d if Path::new(d).is_absolute() => d.to_string(),
+        d => return Err(invalid(format!("working_dir {d:?} is not absolute"))),
+    };
+    let (mut uid, mut gid) = if !security.run_as_username.is_empty() {
+        resolve_user(&security.run_as_username, cx.image_lowers).map_err(invalid)?
+    } else {
+        resolve_user(c["User"].as_str().unwrap_or_default(), cx.image_lowers).map_err(invalid)?
+    };
+    if let Some(u) = &security.run_as_user {
+        uid = u32::try_from(u.value).map_err(|_| invalid(format!("run_as_user {} is out of range", u.value)))?;
+    }
+    if let Some(g) = &security.run_as_group {
+        gid = u32::try_from(g.value).map_err(|_| invalid(format!("run_as_group {} is out of range", g.value)))?;
+    }
+    let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+    if let Some(cap) = &security.capabilities {
+        let name =
+            |c: &String| if c.starts_with("CAP_") { c.to_uppercase() } else { format!("CAP_{}", c.to_uppercase()) };
+        if cap.drop_capabilities.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
+            caps.clear();
+        }
+        caps.retain(|c| !cap.drop_capabilities.iter().map(name).any(|d| d == *c));
+        for add in &cap.add_capabilities {
+            let add = name(add);
+            if !caps.contains(&add) {
+                caps.push(add);
+            }
+        }
+    }
+    let ns = security.namespace_options.clone().unwrap_or_default();
+    let sandbox_ns = |kind: &str| json!({"type": kind, "path": format!("/proc/sandbox/{}/ns/{kind}", cx.pod_id)});
+    let mut namespaces = vec![json!({"type": "mount"}), sandbox_ns("ipc")];
+    if !host_network(cx.pod_config) {
+        namespaces.push(sandbox_ns("uts"));
+    }
+    match ns.pid {
+        p if p == NamespaceMode::Pod as i32 => namespaces.push(sandbox_ns("pid")),
+        p if p == NamespaceMode::Node as i32 => {}
+        _ => namespaces.push(json!({"type": "pid"})),
+    }
+    if let Some(path) = cx.netns {
+        namespaces.push(json!({"type": "network", "path": path}));
+    }
+    let mut mounts = default_mounts();
+    let user_paths: Vec<&str> = config.mounts.iter().map(|m| m.container_path.as_str()).collect();
+    for (file, dest) in [("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf"), ("hostname", "/etc/hostname")] {
+        if !user_paths.contains(&dest) {
+            let ro = if security.readonly_rootfs { "ro" } else { "rw" };
+            mounts.push(json!({"destination": dest, "type": "bind", "source": cx.pod_dir.join(file), "options": ["rbind", "rprivate", ro]}));
+        }
+    }
+    for m in &config.mounts {
+        let propagation = match m.propagation {
+            p if p == MountPropagation::PropagationHostToContainer as i32 => "rslave",
+            p if p == MountPropagation::PropagationBidirectional as i32 => "rshared",
+            _ => "rprivate",
+        };
+        let ro = if m.readonly { "ro" } else { "rw" };
+        mounts.push(json!({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": ["rbind", propagation, ro]}));
+    }
+    let annotations: HashMap<String, String> = HashMap::from([
+        (CONTAINER_TYPE.into(), "container".into()),
+        (SANDBOX_ID.into(), cx.pod_id.into()),
+        (SANDBOX_NAME.into(), pod_meta.name.clone()),
+        (SANDBOX_NAMESPACE.into(), pod_meta.namespace.clone()),
+        (SANDBOX_UID.into(), pod_meta.uid.clone()),
+        (CONTAINER_NAME.into(), meta.name.clone()),
+        (IMAGE_NAME.into(), config.image.as_ref().map(|i| i.image.clone()).unwrap_or_default()),
+    ]);
+    let mut linux_json = json!({"namespaces": namespaces});
+    if let Some(r) = &linux.resources {
+        linux_json["resources"] = resources_json(r);
+    }
+    if !security.masked_paths.is_empty() {
+        linux_json["maskedPaths"] = json!(security.masked_paths);
+    }
+    if !security.readonly_paths.is_empty() {
+        linux_json["readonlyPaths"] = json!(security.readonly_paths);
+    }
+    let groups: Vec<i64> = security.supplemental_groups.clone();
+    spec_from(json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": config.tty,
+            "user": {"uid": uid, "gid": gid, "additionalGids": groups},
+            "args": args,
+            "env": environment(cx.image, &config.envs),
+            "cwd": cwd,
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": security.no_new_privs,
+        },
+        "root": {"path": "rootfs", "readonly": security.readonly_rootfs},
+        "mounts": mounts,
+        "annotations": annotations,
+        "linux": linux_json,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(config: Value) -> ImageRecord {
+        ImageRecord {
+            reference: "r/app:1".into(),
+            digest: "sha256:x".into(),
+            config_digest: String::new(),
+            config,
+            layers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn command_follows_the_kubernetes_rule() {
+        let img = image(json!({"config": {"Entrypoint": ["/ep"], "Cmd": ["a", "b"]}}));
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(command_line(&img, &[], &[]), s(&["/ep", "a", "b"]));
+        assert_eq!(command_line(&img, &[], &s(&["c"])), s(&["/ep", "c"]));
+        assert_eq!(command_line(&img, &s(&["/x"]), &[]), s(&["/x"]));
+        assert_eq!(command_line(&img, &s(&["/x"]), &s(&["y"])), s(&["/x", "y"]));
+    }
+
+    #[test]
+    fn cri_variables_override_the_image_environment() {
+        let img = image(json!({"config": {"Env": ["PATH=/bin", "A=1"]}}));
+        let envs =
+            vec![KeyValue { key: "A".into(), value: "2".into() }, KeyValue { key: "B".into(), value: "3".into() }];
+        assert_eq!(environment(&img, &envs), ["PATH=/bin", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn users_resolve_through_the_image_passwd() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n")
+            .unwrap();
+        let lowers = vec![dir.path().to_path_buf()];
+        assert_eq!(resolve_user("app", &lowers), Ok((1000, 1001)));
+        assert_eq!(resolve_user("1000", &lowers), Ok((1000, 1001)));
+        assert_eq!(resolve_user("1000:5", &lowers), Ok((1000, 5)));
+        assert_eq!(resolve_user("", &lowers), Ok((0, 0)));
+        assert!(resolve_user("nobody-here", &lowers).unwrap_err().contains("nobody-here"));
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        assert!(validate_pod(None).unwrap_err().message().contains("config is missing"));
+        let mut pod = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata { name: "p".into(), namespace: "".into(), uid: "u".into(), attempt: 0 }),
+            ..Default::default()
+        };
+        assert!(validate_pod(Some(&pod)).unwrap_err().message().contains("metadata.namespace"));
+        pod.metadata.as_mut().unwrap().namespace = "ns".into();
+        pod.log_directory = "relative".into();
+        assert!(validate_pod(Some(&pod)).unwrap_err().message().contains("log_directory"));
+        let c = ContainerConfig {
+            metadata: Some(ContainerMetadata { name: "c".into(), attempt: 0 }),
+            image: Some(ImageSpec { image: "i".into(), ..Default::default() }),
+            mounts: vec![Mount {
+                container_path: "/data".into(),
+                host_path: "/does/not/exist".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(validate_container(Some(&c)).unwrap_err().message().contains("/does/not/exist"));
+    }
+
+    #[test]
+    fn the_sandbox_spec_carries_the_grouping_and_sizing_annotations() {
+        let img = image(json!({"config": {"Cmd": ["/pause"]}}));
+        let pod = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "p".into(),
+                namespace: "ns".into(),
+                uid: "u".into(),
+                attempt: 0,
+            }),
+            hostname: "h".into(),
+            linux: Some(LinuxPodSandboxConfig {
+                resources: Some(LinuxContainerResources { memory_limit_in_bytes: 1 << 30, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let spec = sandbox_spec("id1", &pod, &img, Some(Path::new("/run/netns/x"))).unwrap();
+        let a = spec.annotations().clone().unwrap();
+        assert_eq!(a[CONTAINER_TYPE], "sandbox");
+        assert_eq!(a[SANDBOX_ID], "id1");
+        assert_eq!(a[ANNOTATION_SANDBOX_MEMORY], (1u64 << 30).to_string());
+        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &["/pause".to_string()]);
+        let netns = spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        assert!(netns.iter().any(|n| n.path().as_deref() == Some(Path::new("/run/netns/x"))));
+    }
+}

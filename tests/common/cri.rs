@@ -1,0 +1,157 @@
+//! A `runv cri` of the test's own (config, state, socket in a temporary
+//! directory) and a kubelet-like client for it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub struct CriServer {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+/// The shim beside the test's `runv` binary (the same build), else the
+/// installed one.
+pub fn shim_path() -> PathBuf {
+    let sibling = Path::new(env!("CARGO_BIN_EXE_runv")).with_file_name("containerd-shim-runv-v2");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("containerd-shim-runv-v2")
+}
+
+impl CriServer {
+    /// Starts `runv cri` with its state in a fresh directory; `extra` is
+    /// more config (TOML lines).
+    pub fn start(insecure: &str, extra: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("runv-cri-").tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("net.d")).unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "runtime_dir = \"{0}/run\"\ncri_image_root = \"{0}/images\"\ncri_state_root = \"{0}/state\"\n\
+                 cni_conf_dir = \"{0}/net.d\"\ncri_shim = \"{1}\"\ninsecure_registries = [\"{insecure}\"]\n{extra}\n",
+                dir.path().display(),
+                shim_path().display(),
+            ),
+        )
+        .unwrap();
+        let mut server = CriServer { child: Command::new("true").spawn().unwrap(), dir };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let socket = self.socket();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("cri.log")).unwrap();
+        self.child = Command::new(env!("CARGO_BIN_EXE_runv"))
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .arg("cri")
+            .arg("--listen")
+            .arg(&socket)
+            .env_remove("RUNV_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "runv cri did not listen: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (SIGTERM) and starts it again on the same state.
+    pub fn restart(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        self.launch();
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("cri.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cri.log")).unwrap_or_default()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        let socket = self.socket();
+        Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .unwrap()
+    }
+
+    /// What the server's pods left: state directories, processes, mounts.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let state = self.dir.path().join("state");
+        for kind in ["pods", "containers"] {
+            for e in std::fs::read_dir(state.join(kind)).into_iter().flatten().flatten() {
+                found.push(format!("{}", e.path().display()));
+            }
+        }
+        let run = self.dir.path().join("run");
+        for e in std::fs::read_dir(run.join("sandboxes")).into_iter().flatten().flatten() {
+            found.push(format!("{}", e.path().display()));
+        }
+        for ns in std::fs::read_dir(run.join("shim")).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                found.push(format!("{}", e.path().display()));
+            }
+        }
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let server = self.child.id().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if name != server && String::from_utf8_lossy(&cmdline).contains(&needle) && name.parse::<u32>().is_ok() {
+                found.push(format!("process {name}: {}", String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        found.extend(mounts.lines().filter(|l| l.contains(&needle)).map(|l| format!("mount {l}")));
+        found
+    }
+
+    /// Waits up to 10 s for `leftovers` to come back empty and returns what remains.
+    pub fn settled_leftovers(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.leftovers().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.leftovers()
+    }
+}
+
+impl Drop for CriServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Whatever a failed test left: no shim or VM may outlive it.
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                    // SAFETY: signalling a process of this test.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        runv::helper::unmount_below(self.dir.path());
+    }
+}

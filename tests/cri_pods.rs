@@ -1,0 +1,288 @@
+//! Pods through `runv cri`, end to end, as a kubelet drives them: images
+//! pulled from a loopback registry (pushed at test time), a pod with two
+//! containers in one microVM (the shim, QEMU, virtiofsd: all real), ExecSync,
+//! Exec over the streaming server's WebSocket, CRI logs, stats, a restart of
+//! `runv cri` in the middle, stop and remove, and nothing left behind.
+//! Needs root, the installed guest and docker-registry; skips with a
+//! printed reason otherwise.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::cri::CriServer;
+use common::registry::{dir_layer, push_with_cmd, registry_or_skip, Registry};
+use futures::{SinkExt, StreamExt};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::transport::Channel;
+
+fn image(name: &str) -> Option<ImageSpec> {
+    Some(ImageSpec { image: name.into(), ..Default::default() })
+}
+
+fn container(name: &str, image_name: &str, script: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: image(image_name),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        envs: vec![KeyValue { key: "GREETING".into(), value: "hello".into() }],
+        ..Default::default()
+    }
+}
+
+async fn state_of(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
+    rt.container_status(ContainerStatusRequest { container_id: id.into(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+}
+
+/// Waits until the log holds `needle`.
+fn wait_for_log(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{} never held {needle:?}: {text}", path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs an Exec URL as a WebSocket client: sends `stdin`, then closes it;
+/// returns stdout, stderr and the final status.
+async fn stream_exec(url: &str, stdin: &[u8]) -> (String, String, serde_json::Value) {
+    // The CRI hands out an http URL; the client upgrades it to a WebSocket.
+    let mut request = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
+    let (ws, response) = tokio_tungstenite::connect_async(request).await.expect("opening the exec stream");
+    assert_eq!(response.headers()["Sec-WebSocket-Protocol"], "v5.channel.k8s.io");
+    let (mut tx, mut rx) = ws.split();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(stdin);
+    tx.send(Message::Binary(frame.into())).await.unwrap();
+    tx.send(Message::Binary(vec![255u8, 0].into())).await.unwrap();
+    let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), serde_json::Value::Null);
+    while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(60), rx.next()).await.expect("exec stream stalled")
+    {
+        if let Message::Binary(b) = m {
+            match b.first() {
+                Some(1) => out.extend_from_slice(&b[1..]),
+                Some(2) => err.extend_from_slice(&b[1..]),
+                Some(3) => status = serde_json::from_slice(&b[1..]).unwrap(),
+                _ => {}
+            }
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned(), status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
+    let test = "a_pod_runs_through_runv_cri_and_survives_a_restart";
+    if !common::e2e_ready(test) || !registry_or_skip(test) {
+        return;
+    }
+    let reg = Registry::start();
+    let rootfs = dir_layer(&Path::new(common::SHARE_DIR).join("rootfs"));
+    let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
+    let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    let mut cri = CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    let channel = cri.channel().await;
+    let mut images = ImageServiceClient::new(channel.clone());
+    let mut rt = RuntimeServiceClient::new(channel);
+
+    images.pull_image(PullImageRequest { image: image(&app), ..Default::default() }).await.unwrap();
+    let logs = cri.dir.path().join("pod-logs");
+    let pod_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "web".into(),
+            namespace: "default".into(),
+            uid: "uid-web".into(),
+            attempt: 0,
+        }),
+        hostname: "web-host".into(),
+        log_directory: logs.display().to_string(),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    };
+    let pod_id = rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: "runv".into() })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    // The same pod again is refused, naming it.
+    let e = rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: "".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+
+    let mut ids = Vec::new();
+    for (name, script) in [
+        ("first", "echo $GREETING from first; echo oops >&2; while true; do sleep 1; done"),
+        ("second", "echo second here; exec sleep 1000"),
+    ] {
+        let id = rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(container(name, &app, script)),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", cri.log()))
+            .into_inner()
+            .container_id;
+        rt.start_container(StartContainerRequest { container_id: id.clone() }).await.unwrap();
+        assert_eq!(state_of(&mut rt, &id).await.state, ContainerState::ContainerRunning as i32);
+        ids.push(id);
+    }
+    let (first, second) = (ids[0].clone(), ids[1].clone());
+
+    // One VM for the pod: both containers see the same kernel instance.
+    let boot_id = |id: String| {
+        let mut rt = rt.clone();
+        async move {
+            let r = rt
+                .exec_sync(ExecSyncRequest {
+                    container_id: id,
+                    cmd: vec!["cat".into(), "/proc/sys/kernel/random/boot_id".into()],
+                    timeout: 30,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            String::from_utf8_lossy(&r.stdout).into_owned()
+        }
+    };
+    let boot = boot_id(first.clone()).await;
+    assert_eq!(boot.len(), 37, "{boot:?}");
+    assert_eq!(boot, boot_id(second.clone()).await);
+    let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_ne!(boot, host_boot, "the container runs in its own kernel");
+
+    // ExecSync: output, exit code, the pod's hostname.
+    let r = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: first.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; cat /etc/hostname; exit 3".into()],
+            timeout: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "out\nweb-host\n");
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "err\n");
+    assert_eq!(r.exit_code, 3);
+    let e = rt
+        .exec_sync(ExecSyncRequest { container_id: first.clone(), cmd: vec!["sleep".into(), "30".into()], timeout: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+
+    // Exec over the streaming server: stdin in, stdout out, the exit code.
+    let url = rt
+        .exec(ExecRequest {
+            container_id: first.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "read line; echo got $line; echo bye >&2; exit 5".into()],
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let (out, err, status) = stream_exec(&url, b"ping\n").await;
+    assert_eq!(out, "got ping\n");
+    assert_eq!(err, "bye\n");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "5", "{status}");
+    // A URL is good once.
+    let mut again = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
+    again.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(again).await.is_err());
+
+    // Logs in the CRI format.
+    let text = wait_for_log(&logs.join("first.log"), "stdout F hello from first");
+    assert!(text.lines().any(|l| l.ends_with(" stderr F oops")), "{text}");
+
+    // Stats.
+    let stats = rt
+        .container_stats(ContainerStatsRequest { container_id: first.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    assert!(stats.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    let pods = rt.list_pod_sandbox_stats(ListPodSandboxStatsRequest { filter: None }).await.unwrap().into_inner();
+    assert_eq!(pods.stats.len(), 1);
+    assert_eq!(pods.stats[0].linux.as_ref().unwrap().containers.len(), 2);
+
+    // A restarted runv cri knows the pod and still controls it.
+    cri.restart();
+    let mut rt = RuntimeServiceClient::new(cri.channel().await);
+    let listed = rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await.unwrap().into_inner().items;
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].id.as_str(), listed[0].state), (pod_id.as_str(), PodSandboxState::SandboxReady as i32));
+    let containers = rt.list_containers(ListContainersRequest { filter: None }).await.unwrap().into_inner().containers;
+    assert_eq!(containers.len(), 2);
+    assert!(containers.iter().all(|c| c.state == ContainerState::ContainerRunning as i32));
+    let r = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: second.clone(),
+            cmd: vec!["echo".into(), "still".into()],
+            timeout: 30,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync after the restart: {e}\n{}", cri.log()))
+        .into_inner();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "still\n");
+
+    // Stop one container: SIGTERM ends it, its status says how.
+    rt.stop_container(StopContainerRequest { container_id: second.clone(), timeout: 10 }).await.unwrap();
+    let s = state_of(&mut rt, &second).await;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32);
+    assert_eq!((s.exit_code, s.reason.as_str()), (128 + libc::SIGTERM, "Error"));
+    assert!(s.finished_at >= s.started_at && s.started_at > 0);
+    let text = wait_for_log(&logs.join("second.log"), "stdout F second here");
+    assert!(!text.is_empty());
+
+    // Stop and remove the pod: everything goes.
+    rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.unwrap();
+    let status = rt
+        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod_id.clone(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
+    assert_eq!(state_of(&mut rt, &first).await.state, ContainerState::ContainerExited as i32);
+    // Stopping again is fine.
+    rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.unwrap();
+    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.unwrap();
+    assert!(rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await.unwrap().into_inner().items.is_empty());
+    assert!(rt
+        .list_containers(ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .is_empty());
+    let left = cri.settled_leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}\n{}", cri.log());
+}
