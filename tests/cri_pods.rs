@@ -286,3 +286,145 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
     let left = cri.settled_leftovers();
     assert!(left.is_empty(), "left behind: {left:#?}\n{}", cri.log());
 }
+
+/// 10.<SUBNET>.0.0/24 on bridge runvbr<SUBNET> (other tests use other numbers).
+const SUBNET: u8 = 243;
+
+/// Removes the test's bridge however the test ends.
+struct Bridge(String);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
+    let test = "a_pod_on_the_cni_network_is_reachable_and_leaves_nothing";
+    if !common::e2e_ready(test) || !registry_or_skip(test) {
+        return;
+    }
+    let cni_bin = Path::new("/usr/lib/cni");
+    if !cni_bin.join("bridge").exists() {
+        eprintln!("SKIP {test}: needs the CNI plugins in /usr/lib/cni (containernetworking-plugins)");
+        return;
+    }
+    let reg = Registry::start();
+    let rootfs = dir_layer(&Path::new(common::SHARE_DIR).join("rootfs"));
+    let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
+    let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    let cri = CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    let bridge = Bridge(format!("runvbr{SUBNET}"));
+    let conf = serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "runv-cri-test",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge.0,
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": format!("10.{SUBNET}.0.0/24") }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+                "dataDir": cri.dir.path().join("cni-ipam"),
+            }
+        }]
+    });
+    std::fs::write(cri.dir.path().join("net.d/10-runv.conflist"), conf.to_string()).unwrap();
+    let channel = cri.channel().await;
+    let mut images = ImageServiceClient::new(channel.clone());
+    let mut rt = RuntimeServiceClient::new(channel);
+    let status = rt.status(StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap();
+    assert!(status.conditions.iter().any(|c| c.r#type == "NetworkReady" && c.status), "{status:?}");
+    images.pull_image(PullImageRequest { image: image(&app), ..Default::default() }).await.unwrap();
+
+    let pod_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "net".into(),
+            namespace: "default".into(),
+            uid: "uid-net".into(),
+            attempt: 0,
+        }),
+        hostname: "net-host".into(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        ..Default::default()
+    };
+    let pod_id = rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let status = rt
+        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod_id.clone(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let ip = status.network.unwrap().ip;
+    assert!(ip.starts_with(&format!("10.{SUBNET}.0.")), "pod IP {ip:?}");
+    let netns = format!("/run/netns/runv-{}", &pod_id[..16]);
+    assert!(Path::new(&netns).exists());
+
+    let script =
+        "mkdir -p /tmp/www && echo hello from the pod > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let id = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(container("web", &app, script)),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest { container_id: id.clone() }).await.unwrap();
+    // The pod's DNS settings are its resolv.conf.
+    let r = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["cat".into(), "/etc/resolv.conf".into()],
+            timeout: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let resolv = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(resolv.contains("nameserver 10.96.0.10") && resolv.contains("search svc.cluster.local"), "{resolv}");
+
+    // The host reaches the pod's server at the pod IP.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        use std::io::{Read, Write};
+        let got = std::net::TcpStream::connect_timeout(&format!("{ip}:8080").parse().unwrap(), Duration::from_secs(3))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+        match got {
+            Ok(text) if text.contains("hello from the pod") => break text,
+            other => assert!(Instant::now() < deadline, "no answer from {ip}:8080: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.starts_with("HTTP/1."), "{body}");
+
+    rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.unwrap();
+    assert!(!Path::new(&netns).exists(), "{netns} is left");
+    let ports: Vec<_> =
+        std::fs::read_dir(format!("/sys/class/net/{}/brif", bridge.0)).into_iter().flatten().flatten().collect();
+    assert!(ports.is_empty(), "veths still on {}: {ports:?}", bridge.0);
+    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod_id }).await.unwrap();
+    let left = cri.settled_leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}\n{}", cri.log());
+}

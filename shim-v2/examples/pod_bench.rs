@@ -6,9 +6,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{container_config, cri_client, pod_config, ready, Containerd};
+use common::{container_config, cri_client, pod_config, ready, time_pod_to_running, Containerd};
 use k8s_cri::v1::*;
 
 async fn pod_to_running(
@@ -19,43 +19,7 @@ async fn pod_to_running(
 ) -> Duration {
     // Host-network pods keep the node's hostname (runc refuses one).
     let config = PodSandboxConfig { hostname: String::new(), ..pod_config(&format!("bench-{handler}-{n}"), log_dir) };
-    let started = Instant::now();
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
-    let id = cri
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container_config("app", &["sleep", "1000"])),
-            sandbox_config: Some(config),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    cri.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
-    loop {
-        let status = cri
-            .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
-            .await
-            .expect("ContainerStatus")
-            .into_inner()
-            .status
-            .expect("a status");
-        if status.state == ContainerState::ContainerRunning as i32 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = started.elapsed();
-    let _ = cri.stop_container(StopContainerRequest { container_id: id.clone(), timeout: 0 }).await;
-    let _ = cri.remove_container(RemoveContainerRequest { container_id: id }).await;
-    let _ = cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await;
-    let _ = cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await;
-    elapsed
+    time_pod_to_running(cri, handler, config, container_config("app", &["sleep", "1000"])).await
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -13,10 +13,18 @@ pub struct CriServer {
     pub dir: tempfile::TempDir,
 }
 
-/// The shim beside the test's `runv` binary (the same build), else the
-/// installed one.
+/// The `runv` binary of this build (tests know it; an example finds it
+/// beside its own directory in the same target dir).
+pub fn runv_path() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_runv").map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().and_then(Path::parent).unwrap().join("runv")
+    })
+}
+
+/// The shim beside `runv` (the same build), else the installed one.
 pub fn shim_path() -> PathBuf {
-    let sibling = Path::new(env!("CARGO_BIN_EXE_runv")).with_file_name("containerd-shim-runv-v2");
+    let sibling = runv_path().with_file_name("containerd-shim-runv-v2");
     if sibling.is_file() {
         return sibling;
     }
@@ -48,7 +56,7 @@ impl CriServer {
     fn launch(&mut self) {
         let socket = self.socket();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("cri.log")).unwrap();
-        self.child = Command::new(env!("CARGO_BIN_EXE_runv"))
+        self.child = Command::new(runv_path())
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
             .arg("cri")

@@ -152,7 +152,12 @@ impl Containerd {
             assert!(Instant::now() < deadline, "containerd did not start: {}", ctd.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-oci-image.sh");
+        // From this crate (shim-v2) or the root package (the CRI benchmark).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let script = [root.join("../tests/fixtures/make-oci-image.sh"), root.join("tests/fixtures/make-oci-image.sh")]
+            .into_iter()
+            .find(|p| p.exists())
+            .expect("tests/fixtures/make-oci-image.sh");
         for (name, cmd) in [(IMAGE, r#"["sh"]"#), (PAUSE_IMAGE, r#"["sleep","2147483647"]"#)] {
             let image = d.join("image.tar");
             let made = Command::new(&script)
@@ -368,4 +373,51 @@ pub fn container_config(name: &str, args: &[&str]) -> ContainerConfig {
         log_path: format!("{name}.log"),
         ..Default::default()
     }
+}
+
+/// Times RunPodSandbox -> CreateContainer -> StartContainer until the
+/// container reports running, then stops and removes the pod (untimed).
+pub async fn time_pod_to_running(
+    cri: &mut RuntimeServiceClient<Channel>,
+    handler: &str,
+    config: PodSandboxConfig,
+    container: ContainerConfig,
+) -> Duration {
+    let started = Instant::now();
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container),
+            sandbox_config: Some(config),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    loop {
+        let status = cri
+            .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if status.state == ContainerState::ContainerRunning as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let _ = cri.stop_container(StopContainerRequest { container_id: id.clone(), timeout: 0 }).await;
+    let _ = cri.remove_container(RemoveContainerRequest { container_id: id }).await;
+    let _ = cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await;
+    let _ = cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await;
+    elapsed
 }

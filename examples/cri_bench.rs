@@ -1,0 +1,77 @@
+//! Benchmark: CRI RunPodSandbox until the first container runs, through
+//! `runv cri` and through containerd's CRI plugin with the `runv` handler
+//! (the same shim, the same guest), alternately in one run. Prints each
+//! run, the medians and, last, `ratio: X` (runv cri / containerd). Run by
+//! tests/bench/cri.sh.
+
+#[path = "../shim-v2/tests/common/mod.rs"]
+mod containerd;
+#[path = "../tests/common/cri.rs"]
+mod cri;
+#[path = "../tests/common/registry.rs"]
+mod registry;
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    if !containerd::ready("cri_bench") || !registry::registry_or_skip("cri_bench") {
+        std::process::exit(1);
+    }
+    // runv cri pulls from a loopback registry; containerd imports the same
+    // rootfs as its images.
+    let reg = registry::Registry::start();
+    let rootfs = registry::dir_layer(&Path::new(containerd::SHARE_DIR).join("rootfs"));
+    let app = registry::push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
+    let pause = registry::push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    let server = cri::CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    let channel = server.channel().await;
+    ImageServiceClient::new(channel.clone())
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .expect("pulling into runv cri");
+    let mut ours = RuntimeServiceClient::new(channel);
+    let ctd = containerd::Containerd::start("");
+    let mut theirs = containerd::cri_client(&ctd.socket()).await;
+    let log_dir = ctd.dir.path().join("pod-logs");
+    std::fs::create_dir_all(&log_dir).unwrap();
+
+    let pod = |name: String| containerd::pod_config(&name, &log_dir);
+    let ours_container = || ContainerConfig {
+        image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
+        ..containerd::container_config("app", &["sleep", "1000"])
+    };
+    let theirs_container = || containerd::container_config("app", &["sleep", "1000"]);
+    // Warm up both paths (image unpack, page cache).
+    containerd::time_pod_to_running(&mut ours, "runv", pod("warm-a".into()), ours_container()).await;
+    containerd::time_pod_to_running(&mut theirs, "runv", pod("warm-b".into()), theirs_container()).await;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for n in 1..=runs {
+        let x = containerd::time_pod_to_running(&mut ours, "runv", pod(format!("a-{n}")), ours_container()).await;
+        let y = containerd::time_pod_to_running(&mut theirs, "runv", pod(format!("b-{n}")), theirs_container()).await;
+        eprintln!("run {n}: runv cri {} ms, containerd + runv shim {} ms", x.as_millis(), y.as_millis());
+        a.push(x);
+        b.push(y);
+    }
+    let (x, y) = (median(a), median(b));
+    println!("RunPodSandbox -> container running, runv cri (median of {runs}): {} ms", x.as_millis());
+    println!(
+        "RunPodSandbox -> container running, containerd CRI, runv handler (median of {runs}): {} ms",
+        y.as_millis()
+    );
+    println!("ratio: {:.2}", x.as_secs_f64() / y.as_secs_f64());
+}
