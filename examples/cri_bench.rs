@@ -4,10 +4,13 @@
 //! run, the medians and, last, `ratio: X` (runv cri / containerd). Run by
 //! tests/bench/cri.sh.
 
+// Test helpers shared with the test suites; the benchmark uses a part.
 #[path = "../shim-v2/tests/common/mod.rs"]
 mod containerd;
+#[allow(dead_code)]
 #[path = "../tests/common/cri.rs"]
 mod cri;
+#[allow(dead_code)]
 #[path = "../tests/common/registry.rs"]
 mod registry;
 

@@ -214,6 +214,43 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
     again.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(again).await.is_err());
 
+    // Attach to a container reading stdin: what goes in comes back out.
+    let echo = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(ContainerConfig { stdin: true, ..container("echo", &app, "exec cat") }),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest { container_id: echo.clone() }).await.unwrap();
+    let url = rt
+        .attach(AttachRequest { container_id: echo.clone(), stdin: true, tty: false, stdout: true, stderr: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut request = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("opening the attach stream");
+    let (mut tx, mut rx) = ws.split();
+    tx.send(Message::Binary([&[0u8][..], b"marco\n"].concat().into())).await.unwrap();
+    let mut echoed = Vec::new();
+    while !String::from_utf8_lossy(&echoed).contains("marco") {
+        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await.expect("attach stream stalled") {
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&1) => echoed.extend_from_slice(&b[1..]),
+            Some(Ok(_)) => {}
+            other => panic!("attach stream ended: {other:?}"),
+        }
+    }
+    tx.send(Message::Close(None)).await.unwrap();
+    // A running container is stopped and removed in one call.
+    rt.remove_container(RemoveContainerRequest { container_id: echo.clone() }).await.unwrap();
+    let e = rt.container_status(ContainerStatusRequest { container_id: echo, verbose: false }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
     // Logs in the CRI format.
     let text = wait_for_log(&logs.join("first.log"), "stdout F hello from first");
     assert!(text.lines().any(|l| l.ends_with(" stderr F oops")), "{text}");
