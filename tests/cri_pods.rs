@@ -36,6 +36,40 @@ fn container(name: &str, image_name: &str, script: &str) -> ContainerConfig {
     }
 }
 
+/// Creates and starts a container in the pod; returns its id.
+async fn run_container(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod_id: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+    let id = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest { container_id: id.clone() }).await.unwrap();
+    id
+}
+
+/// A registry holding the default rootfs as a busybox image and a pause
+/// image, and a `runv cri` using that pause image; returns the busybox
+/// image's reference too.
+async fn registry_and_server() -> (Registry, CriServer, String) {
+    let reg = Registry::start();
+    let rootfs = dir_layer(&Path::new(common::SHARE_DIR).join("rootfs"));
+    let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
+    let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    let cri = CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    (reg, cri, app)
+}
+
 async fn state_of(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
     rt.container_status(ContainerStatusRequest { container_id: id.into(), verbose: false })
         .await
@@ -92,11 +126,7 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
     if !common::e2e_ready(test) || !registry_or_skip(test) {
         return;
     }
-    let reg = Registry::start();
-    let rootfs = dir_layer(&Path::new(common::SHARE_DIR).join("rootfs"));
-    let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
-    let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
-    let mut cri = CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    let (_reg, mut cri, app) = registry_and_server().await;
     let channel = cri.channel().await;
     let mut images = ImageServiceClient::new(channel.clone());
     let mut rt = RuntimeServiceClient::new(channel);
@@ -133,17 +163,7 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
         ("first", "echo $GREETING from first; echo oops >&2; while true; do sleep 1; done"),
         ("second", "echo second here; exec sleep 1000"),
     ] {
-        let id = rt
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod_id.clone(),
-                config: Some(container(name, &app, script)),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", cri.log()))
-            .into_inner()
-            .container_id;
-        rt.start_container(StartContainerRequest { container_id: id.clone() }).await.unwrap();
+        let id = run_container(&mut rt, &pod_id, &pod_config, container(name, &app, script)).await;
         assert_eq!(state_of(&mut rt, &id).await.state, ContainerState::ContainerRunning as i32);
         ids.push(id);
     }
@@ -215,17 +235,8 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
     assert!(tokio_tungstenite::connect_async(again).await.is_err());
 
     // Attach to a container reading stdin: what goes in comes back out.
-    let echo = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod_id.clone(),
-            config: Some(ContainerConfig { stdin: true, ..container("echo", &app, "exec cat") }),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest { container_id: echo.clone() }).await.unwrap();
+    let echo_config = ContainerConfig { stdin: true, ..container("echo", &app, "exec cat") };
+    let echo = run_container(&mut rt, &pod_id, &pod_config, echo_config).await;
     let url = rt
         .attach(AttachRequest { container_id: echo.clone(), stdin: true, tty: false, stdout: true, stderr: true })
         .await
@@ -347,11 +358,7 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
         eprintln!("SKIP {test}: needs the CNI plugins in /usr/lib/cni (containernetworking-plugins)");
         return;
     }
-    let reg = Registry::start();
-    let rootfs = dir_layer(&Path::new(common::SHARE_DIR).join("rootfs"));
-    let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
-    let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
-    let cri = CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    let (_reg, cri, app) = registry_and_server().await;
     let bridge = Bridge(format!("runvbr{SUBNET}"));
     let conf = serde_json::json!({
         "cniVersion": "0.4.0",
@@ -412,17 +419,7 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
 
     let script =
         "mkdir -p /tmp/www && echo hello from the pod > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
-    let id = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod_id.clone(),
-            config: Some(container("web", &app, script)),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest { container_id: id.clone() }).await.unwrap();
+    let id = run_container(&mut rt, &pod_id, &pod_config, container("web", &app, script)).await;
     // The pod's DNS settings are its resolv.conf.
     let r = rt
         .exec_sync(ExecSyncRequest {
