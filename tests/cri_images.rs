@@ -187,6 +187,8 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving_many_cli
     assert_eq!(e.code(), invalid, "{e}");
     let e =
         runtime.port_forward(PortForwardRequest { pod_sandbox_id: "nope".into(), port: vec![80] }).await.unwrap_err();
+    assert_eq!((e.code(), e.message().contains("nope")), (not_found, true), "{e}");
+    let e = runtime.checkpoint_container(CheckpointContainerRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
     assert!(!e.message().is_empty());
 

@@ -1,8 +1,10 @@
 //! Pods through `runv cri`, end to end, as a kubelet drives them: images
 //! pulled from a loopback registry (pushed at test time), a pod with two
 //! containers in one microVM (the shim, QEMU, virtiofsd: all real), ExecSync,
-//! Exec over the streaming server's WebSocket, CRI logs, stats, a restart of
-//! `runv cri` in the middle, stop and remove, and nothing left behind.
+//! Exec and Attach over the streaming server's WebSocket, CRI logs, stats, a
+//! restart of `runv cri` in the middle, stop and remove, and nothing left
+//! behind; and a pod on a CNI bridge, reached from the host and through
+//! PortForward.
 //! Needs root, the installed guest and docker-registry; skips with a
 //! printed reason otherwise.
 
@@ -452,6 +454,36 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(body.starts_with("HTTP/1."), "{body}");
+
+    // Port forwarding over the streaming server reaches the same server.
+    let url = rt
+        .port_forward(PortForwardRequest { pod_sandbox_id: pod_id.clone(), port: vec![8080] })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut request = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("opening the port-forward stream");
+    let (mut tx, mut rx) = ws.split();
+    tx.send(Message::Binary([&[0u8][..], b"GET / HTTP/1.0\r\n\r\n"].concat().into())).await.unwrap();
+    let (mut data, mut first) = (Vec::new(), true);
+    while !String::from_utf8_lossy(&data).contains("hello from the pod") {
+        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await.expect("port-forward stream stalled") {
+            // The first message of each channel is its port (2 bytes, LE).
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&0) && first => {
+                assert_eq!(&b[1..], &8080u16.to_le_bytes());
+                first = false;
+            }
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => data.extend_from_slice(&b[1..]),
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&1) && b.len() > 3 => {
+                panic!("port-forward error: {}", String::from_utf8_lossy(&b[1..]))
+            }
+            Some(Ok(_)) => {}
+            other => panic!("port-forward stream ended: {other:?} after {:?}", String::from_utf8_lossy(&data)),
+        }
+    }
+    let _ = tx.send(Message::Close(None)).await;
 
     rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.unwrap();
     assert!(!Path::new(&netns).exists(), "{netns} is left");

@@ -401,6 +401,15 @@ impl RuntimeService for Cri {
         Ok(Response::new(AttachResponse { url: self.streams.attach_url(req) }))
     }
 
+    async fn port_forward(&self, req: Request<PortForwardRequest>) -> Result<Response<PortForwardResponse>, Status> {
+        let req = req.into_inner();
+        self.runtime.pod_ip(&req.pod_sandbox_id).await?;
+        if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+            return Err(Status::invalid_argument(format!("PortForward: port {p} is out of range")));
+        }
+        Ok(Response::new(PortForwardResponse { url: self.streams.port_forward_url(req) }))
+    }
+
     async fn container_stats(
         &self,
         req: Request<ContainerStatsRequest>,
@@ -436,8 +445,6 @@ impl RuntimeService for Cri {
     }
 
     unsupported! {
-        port_forward(PortForwardRequest) -> PortForwardResponse:
-            "runv cri does not forward ports yet: a pod's ports live in its VM, reach them at the pod IP";
         update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse:
             "runv cri takes pod addresses from the CNI configuration in cni_conf_dir; it renders no CNI template from the pod CIDR";
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse:

@@ -246,8 +246,21 @@ impl Runtime {
         }
         let meta = config.metadata.clone().unwrap_or_default();
         let id = new_id();
+        let mut pod = PodRecord {
+            id: id.clone(),
+            config: encode(&config),
+            handler: handler.into(),
+            created_at: now_ns(),
+            state: PodState::NotReady,
+            shim_address: String::new(),
+            netns: None,
+            ips: Vec::new(),
+            network: None,
+        };
         {
-            let st = self.state.lock().await;
+            // Checked and reserved under one lock: two requests for the
+            // same pod cannot both pass.
+            let mut st = self.state.lock().await;
             let same = st.pods.values().find(|p| {
                 decode::<PodSandboxConfig>(&p.config).and_then(|c| c.metadata).is_some_and(|m| {
                     m.name == meta.name
@@ -262,24 +275,22 @@ impl Runtime {
                     meta.namespace, meta.name, meta.uid, meta.attempt, p.id
                 )));
             }
+            st.pods.insert(id.clone(), pod.clone());
         }
-        let image = self.image_for(&self.config.cri_sandbox_image, true).await?;
-        let dir = self.store.pod_dir(&id);
-        let mut pod = PodRecord {
-            id: id.clone(),
-            config: encode(&config),
-            handler: handler.into(),
-            created_at: now_ns(),
-            state: PodState::NotReady,
-            shim_address: String::new(),
-            netns: None,
-            ips: Vec::new(),
-            network: None,
+        let image = match self.image_for(&self.config.cri_sandbox_image, true).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.state.lock().await.pods.remove(&id);
+                return Err(e);
+            }
         };
-        // The record first: a crash from here on leaves something a
-        // restarted server can clean up.
-        self.store.save_pod(&pod).map_err(internal("saving the pod record"))?;
-        self.state.lock().await.pods.insert(id.clone(), pod.clone());
+        let dir = self.store.pod_dir(&id);
+        // The record on disk first: a crash from here on leaves something
+        // a restarted server can clean up.
+        if let Err(e) = self.store.save_pod(&pod) {
+            self.state.lock().await.pods.remove(&id);
+            return Err(Status::internal(format!("saving the pod record: {e}")));
+        }
         match self.start_pod(&mut pod, &config, &image, &dir).await {
             Ok(()) => {
                 pod.state = PodState::Ready;
@@ -1069,6 +1080,24 @@ impl Runtime {
             }
         }
         out
+    }
+
+    /// The pod's IP, where port forwarding dials: the node reaches pod IPs,
+    /// and the pod's ports live in its VM behind that address.
+    pub async fn pod_ip(&self, id: &str) -> Result<String, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("PortForward: pod_sandbox_id is empty"));
+        }
+        let st = self.state.lock().await;
+        let pod = st.pods.get(id).ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))?;
+        if pod.state != PodState::Ready {
+            return Err(Status::failed_precondition(format!("pod sandbox {id} is not ready")));
+        }
+        pod.ips.first().cloned().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "pod sandbox {id} has no pod IP (host network, or no CNI network): runv cri forwards ports to the pod IP"
+            ))
+        })
     }
 
     /// The image ids containers still use (RemoveImage refuses them).

@@ -3,7 +3,11 @@
 //! speaking the Kubernetes channel protocol (`v5.channel.k8s.io` or
 //! `v4.channel.k8s.io`): every binary message starts with its channel,
 //! 0 stdin, 1 stdout, 2 stderr, 3 the final status, 4 terminal resizes;
-//! v5 adds 255 (the client closed a channel, e.g. stdin).
+//! v5 adds 255 (the client closed a channel, e.g. stdin). PortForward
+//! speaks the kubelet's WebSocket port-forward protocol
+//! (`v4.channel.k8s.io`): port i has data channel 2i and error channel
+//! 2i+1, each opened by the server with the port (2 bytes, little endian);
+//! data goes to a TCP connection to the pod IP.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use k8s_cri::v1::{AttachRequest, ExecRequest};
+use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -38,6 +42,7 @@ const CLOSE: u8 = 255;
 enum Pending {
     Exec(ExecRequest),
     Attach(AttachRequest),
+    PortForward(PortForwardRequest),
 }
 
 pub struct StreamServer {
@@ -74,6 +79,10 @@ impl StreamServer {
         self.url("attach", Pending::Attach(req))
     }
 
+    pub fn port_forward_url(&self, req: PortForwardRequest) -> String {
+        self.url("portforward", Pending::PortForward(req))
+    }
+
     /// A URL's request, once: tokens are single use.
     fn take(&self, path: &str) -> Option<Pending> {
         let token = path.rsplit('/').next()?;
@@ -81,6 +90,7 @@ impl StreamServer {
         let kind_matches = match &request {
             Pending::Exec(_) => path.starts_with("/exec/"),
             Pending::Attach(_) => path.starts_with("/attach/"),
+            Pending::PortForward(_) => path.starts_with("/portforward/"),
         };
         (at.elapsed() < TOKEN_TTL && kind_matches).then_some(request)
     }
@@ -100,6 +110,7 @@ impl StreamServer {
     async fn handle(&self, conn: TcpStream, runtime: Arc<Runtime>) {
         let mut request = None;
         let mut protocol = "";
+        let mut ports_in_query = Vec::new();
         let accepted = tokio_tungstenite::accept_hdr_async(conn, |req: &Request, mut resp: Response| {
             let reject = |code: StatusCode, msg: &str| {
                 let mut r = ErrorResponse::new(Some(msg.to_string()));
@@ -122,6 +133,14 @@ impl StreamServer {
             let Some(pending) = self.take(req.uri().path()) else {
                 return Err(reject(StatusCode::NOT_FOUND, "unknown or expired stream URL"));
             };
+            // `?port=80&port=81`: what kubectl puts on a port-forward URL.
+            ports_in_query = req
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .filter_map(|kv| kv.strip_prefix("port=")?.parse::<i32>().ok())
+                .collect();
             resp.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(chosen));
             protocol = chosen;
             request = Some(pending);
@@ -136,6 +155,12 @@ impl StreamServer {
         match request {
             Pending::Exec(req) => exec(&runtime, req, &tx, source, v5).await,
             Pending::Attach(req) => attach(&runtime, req, &tx, source, v5).await,
+            Pending::PortForward(mut req) => {
+                if !ports_in_query.is_empty() {
+                    req.port = ports_in_query;
+                }
+                port_forward(&runtime, req, &tx, source).await
+            }
         }
         let _ = tx.send(Message::Close(None));
         drop(tx);
@@ -319,6 +344,73 @@ async fn attach(
         }
     }
     let _ = tx.send(status_frame(Ok(0)));
+}
+
+async fn port_forward(
+    runtime: &Runtime,
+    req: PortForwardRequest,
+    tx: &mpsc::UnboundedSender<Message>,
+    mut source: futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<TcpStream>>,
+) {
+    let ip = match runtime.pod_ip(&req.pod_sandbox_id).await {
+        Ok(ip) => ip,
+        Err(e) => {
+            let _ = tx.send(frame(1, e.message().as_bytes()));
+            return;
+        }
+    };
+    if req.port.is_empty() || req.port.len() > 127 || req.port.iter().any(|p| !(1..=65535).contains(p)) {
+        let _ = tx.send(frame(1, format!("bad ports {:?}", req.port).as_bytes()));
+        return;
+    }
+    let mut writers = Vec::new();
+    for (i, port) in req.port.iter().enumerate() {
+        let (data, error) = ((2 * i) as u8, (2 * i + 1) as u8);
+        let port_bytes = (*port as u16).to_le_bytes();
+        let _ = tx.send(frame(data, &port_bytes));
+        let _ = tx.send(frame(error, &port_bytes));
+        let addr = format!("{ip}:{port}");
+        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr)).await {
+            Ok(Ok(conn)) => {
+                let (mut read, write) = conn.into_split();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; 32 * 1024];
+                    while let Ok(n) = read.read(&mut buf).await {
+                        if n == 0 || tx.send(frame(data, &buf[..n])).is_err() {
+                            break;
+                        }
+                    }
+                });
+                writers.push(Some(write));
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer within 10 s".into(),
+                };
+                let _ = tx.send(frame(error, format!("connecting to {addr} in the pod: {why}").as_bytes()));
+                writers.push(None);
+            }
+        }
+    }
+    while let Some(m) = source.next().await {
+        match m {
+            Ok(Message::Binary(b)) => {
+                let Some((&channel, data)) = b.split_first() else { continue };
+                if channel % 2 == 0 {
+                    if let Some(Some(w)) = writers.get_mut(channel as usize / 2) {
+                        if w.write_all(data).await.is_err() {
+                            writers[channel as usize / 2] = None;
+                        }
+                    }
+                }
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]
