@@ -15,16 +15,10 @@ mod cri;
 mod registry;
 
 use std::path::Path;
-use std::time::Duration;
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -70,7 +64,7 @@ async fn main() {
         a.push(x);
         b.push(y);
     }
-    let (x, y) = (median(a), median(b));
+    let (x, y) = (containerd::median(a), containerd::median(b));
     println!("RunPodSandbox -> container running, runv cri (median of {runs}): {} ms", x.as_millis());
     println!(
         "RunPodSandbox -> container running, containerd CRI, runv handler (median of {runs}): {} ms",

@@ -94,14 +94,27 @@ fn wait_for_log(path: &Path, needle: &str) -> String {
     }
 }
 
+/// Opens a streaming URL (the CRI hands out http; the client upgrades it to
+/// a WebSocket) offering `protocol`.
+async fn open_stream(
+    url: &str,
+    protocol: &str,
+) -> Result<
+    (tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, String),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let (ws, response) = tokio_tungstenite::connect_async(request).await?;
+    let chosen = response.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    Ok((ws, chosen.to_string()))
+}
+
 /// Runs an Exec URL as a WebSocket client: sends `stdin`, then closes it;
 /// returns stdout, stderr and the final status.
 async fn stream_exec(url: &str, stdin: &[u8]) -> (String, String, serde_json::Value) {
-    // The CRI hands out an http URL; the client upgrades it to a WebSocket.
-    let mut request = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
-    let (ws, response) = tokio_tungstenite::connect_async(request).await.expect("opening the exec stream");
-    assert_eq!(response.headers()["Sec-WebSocket-Protocol"], "v5.channel.k8s.io");
+    let (ws, protocol) = open_stream(url, "v5.channel.k8s.io").await.expect("opening the exec stream");
+    assert_eq!(protocol, "v5.channel.k8s.io");
     let (mut tx, mut rx) = ws.split();
     let mut frame = vec![0u8];
     frame.extend_from_slice(stdin);
@@ -232,9 +245,7 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
     assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
     assert_eq!(status["details"]["causes"][0]["message"], "5", "{status}");
     // A URL is good once.
-    let mut again = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
-    again.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
-    assert!(tokio_tungstenite::connect_async(again).await.is_err());
+    assert!(open_stream(&url, "v5.channel.k8s.io").await.is_err());
 
     // Attach to a container reading stdin: what goes in comes back out.
     let echo_config = ContainerConfig { stdin: true, ..container("echo", &app, "exec cat") };
@@ -245,9 +256,7 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
         .unwrap()
         .into_inner()
         .url;
-    let mut request = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("opening the attach stream");
+    let (ws, _) = open_stream(&url, "v4.channel.k8s.io").await.expect("opening the attach stream");
     let (mut tx, mut rx) = ws.split();
     tx.send(Message::Binary([&[0u8][..], b"marco\n"].concat().into())).await.unwrap();
     let mut echoed = Vec::new();
@@ -462,9 +471,7 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
         .unwrap()
         .into_inner()
         .url;
-    let mut request = url.replacen("http://", "ws://", 1).into_client_request().unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("opening the port-forward stream");
+    let (ws, _) = open_stream(&url, "v4.channel.k8s.io").await.expect("opening the port-forward stream");
     let (mut tx, mut rx) = ws.split();
     tx.send(Message::Binary([&[0u8][..], b"GET / HTTP/1.0\r\n\r\n"].concat().into())).await.unwrap();
     let (mut data, mut first) = (Vec::new(), true);

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{container_config, cri_client, networked_pod_config, ready, Containerd};
+use common::{container_config, cri_client, median, networked_pod_config, ready, Containerd};
 use k8s_cri::v1::*;
 
 const SUBNET: u8 = 245;
@@ -85,11 +85,6 @@ fn throughput(ip: &str, mib: usize) -> f64 {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     mib as f64 / t.elapsed().as_secs_f64()
-}
-
-fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

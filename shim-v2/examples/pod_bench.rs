@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{container_config, cri_client, pod_config, ready, time_pod_to_running, Containerd};
+use common::{container_config, cri_client, median, pod_config, ready, time_pod_to_running, Containerd};
 use k8s_cri::v1::*;
 
 async fn pod_to_running(
@@ -20,11 +20,6 @@ async fn pod_to_running(
     // Host-network pods keep the node's hostname (runc refuses one).
     let config = PodSandboxConfig { hostname: String::new(), ..pod_config(&format!("bench-{handler}-{n}"), log_dir) };
     time_pod_to_running(cri, handler, config, container_config("app", &["sleep", "1000"])).await
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

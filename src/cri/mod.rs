@@ -15,7 +15,7 @@ pub mod store;
 pub mod stream;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
@@ -32,10 +32,8 @@ pub const CRI_API_VERSION: &str = "v1";
 
 pub struct Cri {
     images: Arc<ImageStore>,
-    image_root: PathBuf,
     runtime: Arc<runtime::Runtime>,
     streams: Arc<stream::StreamServer>,
-    config: Config,
 }
 
 fn image_status(e: ImageError) -> Status {
@@ -160,14 +158,16 @@ impl ImageService for Cri {
     }
 
     async fn image_fs_info(&self, _req: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
-        let (bytes, inodes) = usage(&self.image_root);
+        let (bytes, inodes) = usage(&self.runtime.config().cri_image_root);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or_default();
         let fs = FilesystemUsage {
             timestamp: now,
-            fs_id: Some(FilesystemIdentifier { mountpoint: self.image_root.display().to_string() }),
+            fs_id: Some(FilesystemIdentifier {
+                mountpoint: self.runtime.config().cri_image_root.display().to_string(),
+            }),
             used_bytes: Some(UInt64Value { value: bytes }),
             inodes_used: Some(UInt64Value { value: inodes }),
         };
@@ -239,10 +239,10 @@ impl RuntimeService for Cri {
                 "config".into(),
                 serde_json::json!({
                     "handlers": runtime::HANDLERS,
-                    "shim": self.config.cri_shim,
-                    "sandboxImage": self.config.cri_sandbox_image,
+                    "shim": self.runtime.config().cri_shim,
+                    "sandboxImage": self.runtime.config().cri_sandbox_image,
                     "streamServer": self.streams.addr().to_string(),
-                    "cniConfDir": self.config.cni_conf_dir,
+                    "cniConfDir": self.runtime.config().cni_conf_dir,
                 })
                 .to_string(),
             );
@@ -252,7 +252,7 @@ impl RuntimeService for Cri {
             .map(|h| RuntimeHandler { name: h.to_string(), features: Some(RuntimeHandlerFeatures::default()) })
             .collect();
         Ok(Response::new(StatusResponse {
-            status: Some(RuntimeStatus { conditions: vec![runtime_ready, network_condition(&self.config)] }),
+            status: Some(RuntimeStatus { conditions: vec![runtime_ready, network_condition(self.runtime.config())] }),
             info,
             runtime_handlers: handlers,
             ..Default::default()
@@ -499,8 +499,7 @@ pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) ->
     runtime.follow_shim_events(shim_events.subscribe());
     let (streams, stream_listener) = stream::StreamServer::bind(&config.cri_stream_address).await?;
     streams.clone().serve(stream_listener, runtime.clone());
-    let cri =
-        Arc::new(Cri { images, image_root: config.cri_image_root.clone(), runtime, streams: streams.clone(), config });
+    let cri = Arc::new(Cri { images, runtime, streams: streams.clone() });
     let _ = std::fs::remove_file(listen);
     let listener =
         tokio::net::UnixListener::bind(listen).with_context(|| format!("listening on {}", listen.display()))?;

@@ -20,8 +20,6 @@ const IFNAME: &str = "eth0";
 pub struct PodNet {
     pub netns: PathBuf,
     pub ips: Vec<String>,
-    /// The CNI network's name.
-    pub network: String,
 }
 
 /// The first CNI configuration in `dir` by file name: a `.conflist`, or a
@@ -196,7 +194,7 @@ pub async fn setup(
         .filter_map(|ip| ip["address"].as_str())
         .map(|a| a.split('/').next().unwrap_or(a).to_string())
         .collect();
-    Ok(Some(PodNet { netns, ips, network: list["name"].as_str().unwrap_or_default().to_string() }))
+    Ok(Some(PodNet { netns, ips }))
 }
 
 /// Leaves the CNI network (DEL, plugins in reverse) and removes the namespace.

@@ -32,8 +32,15 @@ pub fn now_ns() -> i64 {
 /// A fresh 64-hex-digit id, as containerd makes them.
 pub fn new_id() -> String {
     let mut bytes = [0u8; 32];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: getrandom writes at most the given length into the buffer.
+        let n = unsafe { libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            panic!("getrandom: {}", std::io::Error::last_os_error());
+        }
     }
     hex::encode(bytes)
 }
@@ -147,6 +154,10 @@ impl Runtime {
         }
     }
 
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn events(&self) -> broadcast::Receiver<ContainerEventResponse> {
         self.events.subscribe()
     }
@@ -209,12 +220,16 @@ impl Runtime {
         let lowers = self.images.lower_dirs(image).map_err(|e| Status::internal(e.to_string()))?;
         let mut lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
         let rw = dir.join("rw");
-        let (upper, work, empty) = (rw.join("upper"), rw.join("work"), rw.join("empty"));
-        for d in [&upper, &work, &empty, &dir.join("rootfs")] {
-            std::fs::create_dir_all(d).map_err(internal("creating the container's directories"))?;
-        }
+        let (upper, work) = (rw.join("upper"), rw.join("work"));
+        let mut dirs = vec![upper.clone(), work.clone(), dir.join("rootfs")];
         if lowerdir.is_empty() {
+            // An image without layers: an empty lower directory.
+            let empty = rw.join("empty");
             lowerdir.push(empty.display().to_string());
+            dirs.push(empty);
+        }
+        for d in &dirs {
+            std::fs::create_dir_all(d).map_err(internal("creating the container's directories"))?;
         }
         let options = vec![
             format!("lowerdir={}", lowerdir.join(":")),
@@ -255,7 +270,6 @@ impl Runtime {
             shim_address: String::new(),
             netns: None,
             ips: Vec::new(),
-            network: None,
         };
         {
             // Checked and reserved under one lock: two requests for the
@@ -318,7 +332,6 @@ impl Runtime {
             if let Some(net) = network::setup(&self.config, &pod.id, config, dir).await? {
                 pod.netns = Some(net.netns.clone());
                 pod.ips = net.ips.clone();
-                pod.network = Some(net.network.clone());
                 self.store.save_pod(pod).map_err(internal("saving the pod record"))?;
             }
         }
@@ -412,6 +425,8 @@ impl Runtime {
             None if !pod.shim_address.is_empty() => Shim::connect(&pod.shim_address).await.ok(),
             None => None,
         };
+        // Whether the shim deleted every task and exited by itself.
+        let mut clean = false;
         if let Some(shim) = &shim {
             let live: Vec<&ContainerRecord> = containers.iter().filter(|c| c.state != ContainerState::Exited).collect();
             for c in &live {
@@ -431,15 +446,18 @@ impl Runtime {
             }
             // Every task goes, exited ones too: the shim stops the VM with
             // its last task.
+            let deleted =
+                |r: Result<(), super::shim::ShimError>| r.map_or_else(|e| e.code() == tonic::Code::NotFound, |()| true);
+            clean = true;
             for c in &containers {
-                let _ = shim.delete(&c.id, "").await;
+                clean &= deleted(shim.delete(&c.id, "").await);
             }
             let _ = shim.kill(id, "", libc::SIGKILL as u32, true).await;
             let _ = tokio::time::timeout(Duration::from_secs(10), shim.wait(id, "")).await;
-            let _ = shim.delete(id, "").await;
-            let _ = shim.shutdown(id).await;
+            clean &= deleted(shim.delete(id, "").await);
+            clean &= shim.shutdown(id).await.is_ok();
         }
-        if !pod.shim_address.is_empty() {
+        if !pod.shim_address.is_empty() && !clean {
             // Whatever a shim that died or did not answer left behind.
             self.launcher.delete(&self.store.pod_dir(id), id).await;
         }
@@ -455,7 +473,6 @@ impl Runtime {
             p.state = PodState::NotReady;
             p.shim_address.clear();
             p.netns = None;
-            p.network = None;
             self.store.save_pod(p).map_err(internal("saving the pod record"))?;
         }
         Ok(())

@@ -382,6 +382,9 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
         }
     }
     let ns = security.namespace_options.clone().unwrap_or_default();
+    // "Join the sandbox's namespace": a path the shim replaces with the
+    // sandbox container's namespace inside the guest (host paths mean
+    // nothing there); the path only has to be present.
     let sandbox_ns = |kind: &str| json!({"type": kind, "path": format!("/proc/sandbox/{}/ns/{kind}", cx.pod_id)});
     let mut namespaces = vec![json!({"type": "mount"}), sandbox_ns("ipc")];
     if !host_network(cx.pod_config) {

@@ -30,8 +30,6 @@ pub struct PodRecord {
     pub netns: Option<PathBuf>,
     /// The pod's addresses from CNI, first the primary one.
     pub ips: Vec<String>,
-    /// The CNI network the pod joined (its name), to leave on stop.
-    pub network: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -161,7 +159,6 @@ mod tests {
             shim_address: "unix:///x".into(),
             netns: None,
             ips: Vec::new(),
-            network: None,
         };
         store.save_pod(&pod).unwrap();
         std::fs::create_dir_all(store.container_dir("half")).unwrap();

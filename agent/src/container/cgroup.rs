@@ -118,11 +118,9 @@ impl Cgroup {
     }
 }
 
-/// `key value` lines of a cgroup v2 file (`cpu.stat`, `memory.stat`).
-fn keyed(dir: &Path, file: &str) -> std::collections::HashMap<String, u64> {
-    std::fs::read_to_string(dir.join(file))
-        .unwrap_or_default()
-        .lines()
+/// The `key value` lines of a cgroup v2 file (`cpu.stat`, `memory.stat`).
+fn keyed(text: &str) -> std::collections::HashMap<String, u64> {
+    text.lines()
         .filter_map(|l| {
             let (k, v) = l.split_once(' ')?;
             Some((k.to_string(), v.trim().parse().ok()?))
@@ -136,10 +134,11 @@ fn single(dir: &Path, file: &str) -> u64 {
 }
 
 fn v2_usage(dir: &Path) -> Result<Usage> {
-    let cpu = std::fs::read_to_string(dir.join("cpu.stat"))
-        .map(|_| keyed(dir, "cpu.stat"))
-        .with_context(|| format!("reading {}/cpu.stat", dir.display()))?;
-    let memory = keyed(dir, "memory.stat");
+    let cpu = keyed(
+        &std::fs::read_to_string(dir.join("cpu.stat"))
+            .with_context(|| format!("reading {}/cpu.stat", dir.display()))?,
+    );
+    let memory = keyed(&std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default());
     let usage = single(dir, "memory.current");
     let (mut read, mut write) = (0, 0);
     for line in std::fs::read_to_string(dir.join("io.stat")).unwrap_or_default().lines() {

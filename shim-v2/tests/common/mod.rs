@@ -421,3 +421,9 @@ pub async fn time_pod_to_running(
     let _ = cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await;
     elapsed
 }
+
+/// The median of the benchmarks' samples.
+pub fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
