@@ -89,9 +89,10 @@ enum Command {
     /// endpoint for nodes without containerd.
     ///
     /// Pods run on containerd-shim-runv-v2 (one microVM each), images come
-    /// from OCI registries, exec and attach stream over WebSocket from the
-    /// streaming server. Runs until SIGINT or SIGTERM; pods keep running
-    /// and a restarted server takes them back.
+    /// from OCI registries, pod networks from CNI; exec, attach and
+    /// port-forward stream over WebSocket from the streaming server. Runs
+    /// until SIGINT or SIGTERM; pods keep running and a restarted server
+    /// takes them back.
     Cri {
         /// The socket to serve on.
         #[arg(long, default_value = "/run/runv/cri.sock", value_name = "PATH")]
