@@ -56,6 +56,8 @@ while IFS= read -r line; do
     case "$line" in
         CONFIG_*=y) opt=${line%%=*}
             grep -qx "$opt=y" "$ksrc/.config" || { echo "guest-kernel: $opt=y did not stick" >&2; missing=1; } ;;
+        CONFIG_*=n) opt=${line%%=*}
+            if grep -q "^$opt=" "$ksrc/.config"; then echo "guest-kernel: $opt is set but the fragment turns it off" >&2; missing=1; fi ;;
     esac
 done < "$fragment"
 [ "$missing" = 0 ] || exit 1

@@ -85,6 +85,12 @@ pub struct Config {
     pub cni_conf_dir: PathBuf,
     /// CNI plugin binaries.
     pub cni_bin_dir: PathBuf,
+    /// Largest layer blob `runv cri` pulls (compressed), MiB.
+    pub image_max_layer_mib: u64,
+    /// Largest size one layer may unpack to, MiB (a decompression bomb stops here).
+    pub image_max_unpacked_mib: u64,
+    /// Most tar entries in one layer.
+    pub image_max_layer_entries: u64,
 }
 
 impl Default for Config {
@@ -115,6 +121,9 @@ impl Default for Config {
             cri_shim: PathBuf::from("containerd-shim-runv-v2"),
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
             cni_bin_dir: PathBuf::from("/usr/lib/cni"),
+            image_max_layer_mib: 8192,
+            image_max_unpacked_mib: 32768,
+            image_max_layer_entries: 1_000_000,
         }
     }
 }
@@ -158,10 +167,30 @@ impl Config {
                 format!("must be at most 4096 MiB, got {}", self.guest_overhead_mib),
             ));
         }
+        for (key, value) in [
+            ("image_max_layer_mib", self.image_max_layer_mib),
+            ("image_max_unpacked_mib", self.image_max_unpacked_mib),
+            ("image_max_layer_entries", self.image_max_layer_entries),
+        ] {
+            if value == 0 || value > 1 << 40 {
+                return Err(invalid(key, format!("must be between 1 and {}, got {value}", 1u64 << 40)));
+            }
+        }
         if self.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs", "must be at least 1".into()));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The image store's caps on one layer.
+    pub fn image_limits(&self) -> crate::image::ImageLimits {
+        crate::image::ImageLimits {
+            max_layer_bytes: self.image_max_layer_mib << 20,
+            max_unpacked_bytes: self.image_max_unpacked_mib << 20,
+            max_entries: self.image_max_layer_entries,
+        }
     }
 }
 

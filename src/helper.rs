@@ -195,6 +195,98 @@ pub fn unmount_below(dir: &Path) {
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     for p in points {
-        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW);
+    }
+}
+
+/// A process as recorded on disk for cleanup after a crash: its pid and its
+/// start time (clock ticks after boot, `/proc/PID/stat` field 22), so a pid
+/// that was reused by someone else's process is never signalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl ProcessIdentity {
+    /// The identity of a live process.
+    pub fn of(pid: u32) -> Option<Self> {
+        Some(Self { pid, start_time: start_time(pid)? })
+    }
+
+    /// `"<pid> <start time>"`, one record line.
+    pub fn record(&self) -> String {
+        format!("{} {}", self.pid, self.start_time)
+    }
+
+    /// Parses a record line; a bare pid (an older record) has no identity
+    /// to check and is refused.
+    pub fn parse(line: &str) -> Option<Self> {
+        let mut it = line.split_whitespace();
+        let pid = it.next()?.parse().ok()?;
+        let start_time = it.next()?.parse().ok()?;
+        it.next().is_none().then_some(Self { pid, start_time })
+    }
+
+    /// Whether the pid still names the same process.
+    pub fn is_alive(&self) -> bool {
+        start_time(self.pid) == Some(self.start_time)
+    }
+
+    /// SIGKILLs the process if it is still the one recorded; true if sent.
+    pub fn kill(&self) -> bool {
+        // A pidfd pins the process between the check and the signal.
+        let Ok(pidfd) = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(self.pid as i32).expect("nonzero"),
+            rustix::process::PidfdFlags::empty(),
+        ) else {
+            return false;
+        };
+        if !self.is_alive() {
+            return false;
+        }
+        rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).is_ok()
+    }
+}
+
+/// Field 22 of `/proc/PID/stat` (after the parenthesised command name,
+/// which may itself hold spaces and parentheses).
+fn start_time(pid: u32) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Removes `path` and everything below it without following symlinks or
+/// crossing a mount still in place (see `FsRoot::remove_all`).
+pub fn remove_tree(path: &Path) -> Result<(), crate::fsroot::FsRootError> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return Ok(()) };
+    match crate::fsroot::FsRoot::open(parent) {
+        Ok(root) => root.remove_all(Path::new(name)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_process_is_recognised_and_a_reused_pid_is_not() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let id = ProcessIdentity::of(child.id()).unwrap();
+        assert_eq!(ProcessIdentity::parse(&id.record()), Some(id));
+        assert!(id.is_alive());
+        let stranger = ProcessIdentity { start_time: id.start_time + 1, ..id };
+        assert!(!stranger.kill(), "a pid with another start time is not ours");
+        assert!(child.try_wait().unwrap().is_none(), "and it was not signalled");
+        assert!(id.kill());
+        assert!(!child.wait().unwrap().success());
+        assert!(!id.is_alive());
+        assert_eq!(ProcessIdentity::parse("1234"), None, "a bare pid is not an identity");
     }
 }

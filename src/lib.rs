@@ -5,6 +5,7 @@
 pub mod check;
 pub mod config;
 pub mod cri;
+pub mod fsroot;
 pub mod helper;
 pub mod hypervisor;
 pub mod image;

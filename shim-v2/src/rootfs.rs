@@ -3,12 +3,15 @@
 //! mounted under it, and the container's spec is rewritten to the paths
 //! the guest sees.
 
+use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use containerd_shim_protos::api::Mount as RootfsMount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use runv::fsroot::{proc_fd_path, FsRoot};
 use runv_proto::guest;
 
 use crate::{ANNOTATION_CONTAINER_TYPE, ANNOTATION_SANDBOX_ID};
@@ -25,87 +28,196 @@ pub fn sandbox_grouping(config_json: &Path) -> Option<String> {
     annotations.get(ANNOTATION_SANDBOX_ID)?.as_str().map(str::to_owned)
 }
 
+/// The sandbox's shared directory, in two trees (the layout Kata adopted
+/// after CVE-2020-2026):
+///
+/// - `mounts/`, the staging tree: host-only. Every rootfs and volume of the
+///   sandbox is mounted here, through fds (`FsRoot`), never through a path
+///   the guest could have redirected.
+/// - `shared/`, what virtiofsd serves: a read-only bind of the staging tree
+///   with slave propagation. Mounts made in `mounts/` appear here with their
+///   own flags (a rootfs stays writable), but the guest can create nothing
+///   where the host resolves paths: no symlink planted by root in the guest
+///   can point a host mount, write or removal elsewhere.
+///
+/// Both are nosuid and nodev on the host; the guest's own mount decides
+/// what setuid does inside.
 pub struct SharedDir {
-    path: PathBuf,
+    staging: FsRoot,
+    view: PathBuf,
 }
 
+/// Flags of every mount the host makes for the guest: the host never runs
+/// a setuid binary or opens a device node of a guest-writable tree.
+const HOST_SIDE: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
 impl SharedDir {
-    /// Creates the directory as a mount point of its own with shared
-    /// propagation, so mounts made under it later reach virtiofsd's mount
-    /// namespace too.
-    pub fn create(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-        mount(Some(path), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .with_context(|| format!("bind-mounting {} onto itself", path.display()))?;
-        let shared = Self { path: path.to_path_buf() };
-        mount(None::<&str>, path, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
-            .with_context(|| format!("making {} a shared mount", path.display()))?;
-        Ok(shared)
+    /// Creates both trees under `dir` (the shim's private directory).
+    pub fn create(dir: &Path) -> Result<Self> {
+        let (staging, view) = (dir.join("mounts"), dir.join("shared"));
+        for d in [&staging, &view] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .with_context(|| format!("creating {}", d.display()))?;
+        }
+        let remove = || {
+            let _ = umount2(&view, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+            let _ = umount2(&staging, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+            let _ = std::fs::remove_dir(&view);
+            let _ = std::fs::remove_dir(&staging);
+        };
+        let made = (|| -> Result<()> {
+            // The staging tree: a mount of its own in a fresh peer group, so
+            // what is mounted below reaches the view (and virtiofsd's copy of
+            // it) and nothing else.
+            mount(Some(&staging), &staging, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .with_context(|| format!("bind-mounting {} onto itself", staging.display()))?;
+            remount(&staging, HOST_SIDE)?;
+            mount(None::<&str>, &staging, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
+                .and_then(|()| mount(None::<&str>, &staging, None::<&str>, MsFlags::MS_SHARED, None::<&str>))
+                .with_context(|| format!("making {} a shared mount", staging.display()))?;
+            // The guest's view: read-only, receiving the staging tree's mounts.
+            mount(Some(&staging), &view, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .with_context(|| format!("bind-mounting {} on {}", staging.display(), view.display()))?;
+            mount(None::<&str>, &view, None::<&str>, MsFlags::MS_SLAVE, None::<&str>)
+                .with_context(|| format!("making {} a slave mount", view.display()))?;
+            remount(&view, HOST_SIDE | MsFlags::MS_RDONLY)
+        })();
+        if let Err(e) = made {
+            remove();
+            return Err(e);
+        }
+        match FsRoot::open(&staging) {
+            Ok(staging) => Ok(Self { staging, view }),
+            Err(e) => {
+                remove();
+                Err(e.into())
+            }
+        }
     }
 
+    /// The directory virtiofsd serves to the guest.
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn container_dir(&self, id: &str) -> PathBuf {
-        self.path.join(id)
+        &self.view
     }
 
     /// Mounts the container's rootfs (the snapshotter's mounts, or the
-    /// bundle's `rootfs` directory) under the shared directory.
+    /// bundle's `rootfs` directory) at `<id>/rootfs`.
     pub fn mount_rootfs(&self, id: &str, mounts: &[RootfsMount], bundle: &Path) -> Result<()> {
-        let target = self.container_dir(id).join("rootfs");
-        std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+        check_id(id)?;
+        let rel = Path::new(id).join("rootfs");
+        let target = self.staging.mkdir_all(&rel, 0o755)?;
         if mounts.is_empty() {
             let source = bundle.join("rootfs");
             if !source.is_dir() {
                 bail!("bundle {} has no rootfs directory and containerd passed no rootfs mounts", bundle.display());
             }
-            mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-                .with_context(|| format!("bind-mounting {}", source.display()))?;
-            return Ok(());
-        }
-        for m in mounts {
-            let (flags, data) = parse_options(&m.options);
-            let fstype = if m.type_ == "bind" { None } else { Some(m.type_.as_str()) };
-            let flags = if m.type_ == "bind" { flags | MsFlags::MS_BIND } else { flags };
-            mount(Some(m.source.as_str()), &target, fstype, flags, (!data.is_empty()).then_some(data.as_str()))
+            bind_onto(&source, &target).with_context(|| format!("bind-mounting {}", source.display()))?;
+        } else {
+            for m in mounts {
+                let (flags, data) = parse_options(&m.options);
+                let fstype = if m.type_ == "bind" { None } else { Some(m.type_.as_str()) };
+                let flags = if m.type_ == "bind" { flags | MsFlags::MS_BIND } else { flags };
+                mount(
+                    Some(m.source.as_str()),
+                    &proc_fd_path(&target),
+                    fstype,
+                    flags | HOST_SIDE,
+                    (!data.is_empty()).then_some(data.as_str()),
+                )
                 .with_context(|| format!("mounting the rootfs ({} {})", m.type_, m.source))?;
+            }
         }
-        Ok(())
+        let mounted = self.staging.open_path(&rel)?;
+        remount(&proc_fd_path(&mounted), HOST_SIDE)
     }
 
     /// Makes a host path (a volume, a hosts or resolv.conf file) visible in
-    /// the guest; returns the guest path to use in the spec.
-    pub fn bind_volume(&self, id: &str, index: usize, source: &Path) -> Result<PathBuf> {
+    /// the guest at `<id>/mounts/<index>-<name>`; returns the guest path to
+    /// use in the spec. A read-only volume is read-only on the host side too.
+    pub fn bind_volume(&self, id: &str, index: usize, source: &Path, read_only: bool) -> Result<PathBuf> {
+        check_id(id)?;
         let meta = std::fs::metadata(source).with_context(|| format!("mount source {}", source.display()))?;
-        let dir = self.container_dir(id).join("mounts");
-        std::fs::create_dir_all(&dir)?;
         let name = format!("{index}-{}", source.file_name().and_then(|n| n.to_str()).unwrap_or("volume"));
-        let target = dir.join(&name);
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target)?;
-        } else {
-            std::fs::write(&target, b"")?;
-        }
-        mount(Some(source), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .with_context(|| format!("bind-mounting {}", source.display()))?;
+        let rel = Path::new(id).join("mounts").join(&name);
+        let target = if meta.is_dir() { self.staging.mkdir_all(&rel, 0o755)? } else { self.staging.create_file(&rel, 0o644)? };
+        bind_onto(source, &target).with_context(|| format!("bind-mounting {}", source.display()))?;
+        let mounted = self.staging.open_path(&rel)?;
+        let ro = if read_only { MsFlags::MS_RDONLY } else { MsFlags::empty() };
+        remount(&proc_fd_path(&mounted), HOST_SIDE | ro)?;
         Ok(Path::new(guest::SHARED_MOUNT_POINT).join(id).join("mounts").join(name))
     }
 
-    /// Unmounts and removes everything of one container.
+    /// Unmounts and removes everything of one container. Removal never
+    /// crosses a mount that failed to come off.
     pub fn remove_container(&self, id: &str) {
-        let dir = self.container_dir(id);
-        unmount_below(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
+        if check_id(id).is_err() {
+            return;
+        }
+        unmount_below(&self.view.join(id));
+        unmount_below(&self.staging.path().join(id));
+        if let Err(e) = self.staging.remove_all(Path::new(id)) {
+            log::warn!("removing container {id}'s shared directory: {e}");
+        }
     }
 
-    /// Unmounts everything and removes the directory.
+    /// Unmounts everything and removes both trees.
     pub fn destroy(&self) {
-        unmount_below(&self.path);
-        let _ = umount2(&self.path, MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.path);
+        unmount_below(&self.view);
+        unmount_below(self.staging.path());
+        for d in [&self.view, self.staging.path()] {
+            let _ = umount2(d, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+        }
+        let _ = std::fs::remove_dir(&self.view);
+        if let Some(parent) = self.staging.path().parent() {
+            if let Ok(root) = FsRoot::open(parent) {
+                if let Err(e) = root.remove_all(Path::new("mounts")) {
+                    log::warn!("removing {}: {e}", self.staging.path().display());
+                }
+            }
+        }
     }
+}
+
+/// Container ids become path components here: containerd's identifier
+/// rule (letters and digits, with `.`, `_`, `-` between), at most 76.
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 76
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && !id.contains("..");
+    if !ok {
+        bail!("container id {id:?} is not a valid identifier (letters, digits and . _ - between them, at most 76)");
+    }
+    Ok(())
+}
+
+/// Bind-mounts `source` (a host path) recursively onto the opened target,
+/// with the new mount API: the target is the fd, not a path.
+fn bind_onto(source: &Path, target: &impl AsFd) -> std::io::Result<()> {
+    use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
+    let tree = open_tree(
+        rustix::fs::CWD,
+        source,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_RECURSIVE,
+    )?;
+    move_mount(
+        &tree,
+        "",
+        target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )?;
+    Ok(())
+}
+
+/// Sets the per-mount flags of the bind mount at `path`.
+fn remount(path: &Path, flags: MsFlags) -> Result<()> {
+    mount(None::<&str>, path, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags, None::<&str>)
+        .with_context(|| format!("setting mount flags {flags:?} on {}", path.display()))
 }
 
 pub use runv::helper::unmount_below;
@@ -143,7 +255,8 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir, sandbox_guest_pi
                 m.typ().as_deref() == Some("bind") || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
             if is_bind {
                 if let Some(source) = m.source().clone() {
-                    let guest_path = shared.bind_volume(id, i, &source)?;
+                    let read_only = m.options().iter().flatten().any(|o| o == "ro");
+                    let guest_path = shared.bind_volume(id, i, &source, read_only)?;
                     m.set_source(Some(guest_path));
                 }
             }

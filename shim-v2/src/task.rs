@@ -48,20 +48,24 @@ fn shim_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
 pub fn cleanup_leftovers(config: &Config, namespace: &str, id: &str) {
     let dir = shim_dir(config, namespace, id);
     if let Ok(text) = std::fs::read_to_string(dir.join("pids")) {
-        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            // SAFETY: signalling a pid we recorded; at worst it is gone.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        // Only processes that are still the ones this shim started.
+        for id in text.lines().filter_map(runv::helper::ProcessIdentity::parse) {
+            id.kill();
         }
     }
     if let Ok(record) = std::fs::read_to_string(dir.join("network")) {
         runv::network::detach_leftovers(&record);
     }
     if let Ok(text) = std::fs::read_to_string(dir.join("sandbox-dir")) {
-        let _ = std::fs::remove_dir_all(text.trim());
+        let _ = runv::helper::remove_tree(Path::new(text.trim()));
     }
     unmount_below(&dir);
-    let _ = nix::mount::umount2(&dir.join("shared"), nix::mount::MntFlags::MNT_DETACH);
-    let _ = std::fs::remove_dir_all(&dir);
+    for tree in ["shared", "mounts"] {
+        let _ = nix::mount::umount2(&dir.join(tree), nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW);
+    }
+    if let Err(e) = runv::helper::remove_tree(&dir) {
+        log::warn!("removing {}: {e}", dir.display());
+    }
 }
 
 fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -161,7 +165,13 @@ impl TaskService {
         let dir = shim_dir(&config, &self.namespace, &self.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", dir.display())))?;
-        let shared = SharedDir::create(&dir.join("shared")).map_err(|e| status(Code::INTERNAL, format!("{e:#}")))?;
+        let shared = match SharedDir::create(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(status(Code::INTERNAL, format!("{e:#}")));
+            }
+        };
         let spec = SandboxSpec {
             shared_dir: shared.path().to_path_buf(),
             read_only: false,
@@ -177,7 +187,12 @@ impl TaskService {
                 return Err(status(Code::FAILED_PRECONDITION, format!("starting the sandbox VM: {e}")));
             }
         };
-        let pids: Vec<String> = sandbox.pids().iter().map(u32::to_string).collect();
+        let pids: Vec<String> = sandbox
+            .pids()
+            .into_iter()
+            .filter_map(runv::helper::ProcessIdentity::of)
+            .map(|id| id.record())
+            .collect();
         let _ = std::fs::write(dir.join("pids"), pids.join("\n"));
         let _ = std::fs::write(dir.join("sandbox-dir"), sandbox.dir().to_string_lossy().as_bytes());
         if let Some(network) = sandbox.network() {
@@ -189,7 +204,12 @@ impl TaskService {
             hostname: hostname.unwrap_or_default().to_string(),
             ..Default::default()
         };
-        agent.create_sandbox(&req).await.map_err(|e| agent_error("preparing the sandbox", e))?;
+        if let Err(e) = agent.create_sandbox(&req).await {
+            sandbox.shutdown().await;
+            shared.destroy();
+            cleanup_leftovers(&config, &self.namespace, &self.id);
+            return Err(agent_error("preparing the sandbox", e));
+        }
         // OOM kills in the guest become containerd events.
         let service = self.clone();
         let oom_agent = agent.clone();
@@ -362,6 +382,7 @@ impl Task for TaskService {
         let bundle = Path::new(&req.bundle);
         let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display())))?;
+        crate::rootfs::check_id(&req.id).map_err(|e| status(Code::INVALID_ARGUMENT, format!("{e:#}")))?;
         let mut state = self.state.lock().await;
         if state.containers.contains_key(&req.id) {
             return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));

@@ -200,7 +200,7 @@ fn resolve_user(user: &str, lowers: &[PathBuf]) -> Result<(u32, u32), String> {
         Some((n, g)) => (n, Some(g)),
         None => (user, None),
     };
-    let passwd = lowers.iter().find_map(|d| std::fs::read_to_string(d.join("etc/passwd")).ok()).unwrap_or_default();
+    let passwd = image_passwd(lowers);
     let lookup = |name: &str| {
         passwd.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
@@ -220,6 +220,24 @@ fn resolve_user(user: &str, lowers: &[PathBuf]) -> Result<(u32, u32), String> {
         Some(g) => g.parse::<u32>().map_err(|_| format!("group {g:?} must be numeric"))?,
     };
     Ok((uid, gid))
+}
+
+/// Largest `/etc/passwd` read from an image.
+const MAX_PASSWD: usize = 1 << 20;
+
+/// The image's `/etc/passwd`: from the top layer that has one, read as if
+/// the layer were `/` (a symlink to a host file reads nothing of the host).
+fn image_passwd(lowers: &[PathBuf]) -> String {
+    for dir in lowers {
+        let Ok(root) = crate::fsroot::FsRoot::open(dir) else { continue };
+        match root.read_in_root(Path::new("etc/passwd"), MAX_PASSWD) {
+            Ok(bytes) => return String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            // A whiteout, a link to nowhere, something too big: no passwd.
+            Err(_) => return String::new(),
+        }
+    }
+    String::new()
 }
 
 fn passwd_gid_of(passwd: &str, uid: u32) -> Option<u32> {

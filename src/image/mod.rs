@@ -11,9 +11,15 @@
 //! `images/<hex of the reference>.json` (one record per reference).
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+
+use crate::fsroot::{remove_at, FsRoot};
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -73,6 +79,37 @@ impl ImageRecord {
 pub struct ImageStore {
     root: PathBuf,
     client: Client,
+    limits: ImageLimits,
+    /// Layers a pull in progress uses (by hex, counted): garbage collection
+    /// keeps them even before the pull has written its image record.
+    pinned: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// Keeps a pull's layers from garbage collection until dropped.
+struct Pins<'a> {
+    store: &'a ImageStore,
+    hexes: Vec<String>,
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        let mut pinned = self.store.pinned.lock().expect("pin lock");
+        for h in &self.hexes {
+            if let Some(n) = pinned.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    pinned.remove(h);
+                }
+            }
+        }
+    }
+}
+
+/// A name no other pull (in this or another process) uses.
+fn unique_suffix() -> String {
+    let mut b = [0u8; 8];
+    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).expect("getrandom");
+    hex::encode(b)
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -89,11 +126,30 @@ impl ImageStore {
     /// A store under `root`; registries in `insecure` (host[:port]) are
     /// reached over plain HTTP, every other one over HTTPS.
     pub fn open(root: &Path, insecure: &[String]) -> Result<Self, ImageError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        // Layers keep their setuid files, file capabilities and device
+        // nodes: nobody but root may reach them on the host.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(io_err(root))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(io_err(root))?;
         for dir in ["blobs/sha256", "layers", "images", "tmp"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(io_err(root))?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root.join(dir)).map_err(io_err(root))?;
         }
         let config = ClientConfig { protocol: ClientProtocol::HttpsExcept(insecure.to_vec()), ..Default::default() };
-        Ok(Self { root: root.to_path_buf(), client: Client::new(config) })
+        Ok(Self { root: root.to_path_buf(), client: Client::new(config), limits: ImageLimits::default(), pinned: Default::default() })
+    }
+
+    /// Sets the caps on what one layer may hold.
+    pub fn with_limits(mut self, limits: ImageLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    fn pin(&self, hexes: Vec<String>) -> Pins<'_> {
+        let mut pinned = self.pinned.lock().expect("pin lock");
+        for h in &hexes {
+            *pinned.entry(h.clone()).or_default() += 1;
+        }
+        Pins { store: self, hexes }
     }
 
     fn parse(reference: &str) -> Result<Reference, ImageError> {
@@ -138,12 +194,28 @@ impl ImageStore {
         }
         let config: serde_json::Value = serde_json::from_str(&config)
             .map_err(|e| ImageError::Pull { reference: name.clone(), reason: format!("image config: {e}") })?;
-        let mut layers = Vec::new();
+        let mut hexes = Vec::new();
         for layer in &manifest.layers {
             let hex = digest_hex(&layer.digest).ok_or_else(|| ImageError::Pull {
                 reference: name.clone(),
                 reason: format!("layer digest '{}' is not sha256", layer.digest),
             })?;
+            if layer.size < 0 || layer.size as u64 > self.limits.max_layer_bytes {
+                return Err(ImageError::Layer {
+                    digest: layer.digest.clone(),
+                    reason: format!(
+                        "its size {} is over the cap of {} MiB (image_max_layer_mib)",
+                        layer.size,
+                        self.limits.max_layer_bytes >> 20
+                    ),
+                });
+            }
+            hexes.push(hex.to_string());
+        }
+        let _pins = self.pin(hexes);
+        let mut layers = Vec::new();
+        for layer in &manifest.layers {
+            let hex = digest_hex(&layer.digest).expect("checked above");
             if !self.blob_path(hex).is_file() {
                 self.fetch_blob(&r, layer, hex).await?;
             }
@@ -156,7 +228,7 @@ impl ImageStore {
         }
         let record = ImageRecord { reference: name.clone(), digest, config_digest, config, layers };
         let path = self.record_path(&name);
-        let tmp = path.with_extension("tmp");
+        let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
         std::fs::write(&tmp, serde_json::to_vec_pretty(&record).expect("serialisable")).map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
         Ok(record)
@@ -168,13 +240,23 @@ impl ImageStore {
         layer: &oci_client::manifest::OciDescriptor,
         hex: &str,
     ) -> Result<(), ImageError> {
-        let tmp = self.root.join("tmp").join(format!("{hex}.{}", std::process::id()));
+        let tmp = self.root.join("tmp").join(format!("{hex}.{}", unique_suffix()));
         let result = async {
             let file = tokio::fs::File::create(&tmp).await.map_err(io_err(&tmp))?;
-            let mut writer = tokio::io::BufWriter::new(file);
+            // The registry's bytes are counted as they arrive: a blob longer
+            // than its cap is cut off, whatever its descriptor said.
+            let mut writer = CappedWrite { inner: tokio::io::BufWriter::new(file), left: self.limits.max_layer_bytes };
             self.client.pull_blob(r, layer, &mut writer).await.map_err(|e| {
                 let reason = e.to_string();
-                if reason.to_lowercase().contains("digest") {
+                if writer.left == 0 && reason.contains("cap") {
+                    ImageError::Layer {
+                        digest: layer.digest.clone(),
+                        reason: format!(
+                            "the registry sent more than {} MiB (image_max_layer_mib)",
+                            self.limits.max_layer_bytes >> 20
+                        ),
+                    }
+                } else if reason.to_lowercase().contains("digest") {
                     ImageError::DigestMismatch {
                         reference: r.whole(),
                         digest: layer.digest.clone(),
@@ -219,17 +301,19 @@ impl ImageStore {
         } else {
             return Err(layer_err(format!("media type '{media_type}' is not a layer runv can unpack")));
         };
-        let tmp = self.root.join("tmp").join(format!("layer-{hex}.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let result = unpack_layer(reader, &tmp).map_err(layer_err);
-        match result {
-            Ok(()) => std::fs::rename(&tmp, &dir).map_err(io_err(&dir)),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                Err(e)
-            }
+        let tmp = self.root.join("tmp").join(format!("layer-{hex}.{}", unique_suffix()));
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        let result = unpack_layer(reader, &tmp, &self.limits).map_err(layer_err);
+        let result = result.and_then(|()| match std::fs::rename(&tmp, &dir) {
+            Ok(()) => Ok(()),
+            // Another pull unpacked the same layer first: theirs stands.
+            Err(_) if dir.is_dir() => Ok(()),
+            Err(e) => Err(ImageError::Io { path: dir.clone(), source: e }),
+        });
+        if tmp.exists() {
+            let _ = crate::helper::remove_tree(&tmp);
         }
+        result
     }
 
     /// Every stored image.
@@ -267,10 +351,15 @@ impl ImageStore {
 
     /// Deletes blobs and unpacked layers that no stored image refers to.
     pub fn collect_garbage(&self) -> Result<(), ImageError> {
+        // Pins first: a pull that pins after this point also finds its
+        // blobs gone and fetches them again, never a half-deleted layer
+        // (layers are renamed into place whole).
+        let pinned: BTreeSet<String> = self.pinned.lock().expect("pin lock").keys().cloned().collect();
         let used: BTreeSet<String> = self
             .list()
             .iter()
             .flat_map(|i| i.layers.iter().filter_map(|l| digest_hex(&l.digest).map(str::to_owned)))
+            .chain(pinned)
             .collect();
         for dir in ["blobs/sha256", "layers"] {
             let base = self.root.join(dir);
@@ -278,8 +367,7 @@ impl ImageStore {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !used.contains(&name) {
                     let p = e.path();
-                    let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                    r.map_err(io_err(&p))?;
+                    crate::helper::remove_tree(&p).map_err(|e| ImageError::Io { path: p.clone(), source: e.into() })?;
                 }
             }
         }
@@ -334,6 +422,39 @@ impl ImageStore {
     }
 }
 
+/// An AsyncWrite that refuses bytes past its cap.
+struct CappedWrite<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedWrite<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            self.left = 0;
+            return std::task::Poll::Ready(Err(std::io::Error::other("blob over its size cap")));
+        }
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            this.left -= *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 fn file_sha256(path: &Path) -> Result<String, ImageError> {
     let mut f = File::open(path).map_err(io_err(path))?;
     let mut h = Sha256::new();
@@ -350,84 +471,317 @@ fn file_sha256(path: &Path) -> Result<String, ImageError> {
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+/// Largest PAX, GNU long-name or long-link header: tar keeps these in
+/// memory, so they get a cap of their own far below the layer's.
+const MAX_HEADER_ENTRY: u64 = 1 << 20;
+/// Extended attributes an image may carry onto the host: the `user.`
+/// namespace and file capabilities. `trusted.` (overlayfs's own: a forged
+/// opaque or redirect) and the rest of `security.` are never applied.
+fn xattr_allowed(name: &str) -> bool {
+    name.starts_with("user.") || name == "security.capability"
+}
 
-/// Unpacks a layer tar into `dest` as an overlayfs lower layer: entries stay
-/// inside `dest` (tar's own checks against `..` and symlinked parents),
-/// `.wh.NAME` becomes a whiteout (character device 0/0) for NAME, and
-/// `.wh..wh..opq` marks its directory opaque.
-pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<(), String> {
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_unpack_xattrs(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries().map_err(|e| format!("reading the tar stream: {e}"))? {
-        let mut entry = entry.map_err(|e| format!("reading a tar entry: {e}"))?;
-        let path = entry.path().map_err(|e| format!("a tar entry path: {e}"))?.into_owned();
-        let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-            // The root itself (`./`).
-            continue;
-        };
-        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            let parent = safe_join(dest, path.parent().unwrap_or(Path::new("")))?;
-            std::fs::create_dir_all(&parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-            if name == OPAQUE_WHITEOUT {
-                xattr_set(&parent, "trusted.overlay.opaque", b"y")?;
-            } else {
-                let target = parent.join(hidden);
-                let _ = std::fs::remove_file(&target);
-                nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0)
-                    .map_err(|e| format!("whiteout {}: {e}", target.display()))?;
+/// What an image may make the store hold (config keys
+/// `image_max_layer_mib`, `image_max_unpacked_mib`, `image_max_layer_entries`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Bytes of one layer blob as pulled (compressed).
+    pub max_layer_bytes: u64,
+    /// Bytes one layer's tar stream may expand to.
+    pub max_unpacked_bytes: u64,
+    /// Tar entries in one layer.
+    pub max_entries: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self { max_layer_bytes: 8 << 30, max_unpacked_bytes: 32 << 30, max_entries: 1_000_000 }
+    }
+}
+
+/// Counts what is read and fails past the cap; `exceeded` tells a cap hit
+/// apart from a broken stream after tar has wrapped the error.
+struct CappedRead<R> {
+    inner: R,
+    left: u64,
+    exceeded: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for CappedRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // One byte more than the cap is a stream past it.
+            let mut probe = [0u8; 1];
+            if self.inner.read(&mut probe)? == 0 {
+                return Ok(0);
             }
-            continue;
+            self.exceeded.set(true);
+            return Err(std::io::Error::other("the layer is larger than its cap"));
         }
-        entry.unpack_in(dest).map_err(|e| format!("{}: {}", path.display(), error_chain(&e)))?;
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
     }
-    Ok(())
 }
 
-/// An error with its causes ("a: b: c"); tar's errors name the path only
-/// and keep the reason as the source.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    out
+/// One entry's metadata, from its header and the PAX / GNU records before it.
+struct EntryMeta {
+    path: PathBuf,
+    link: Option<PathBuf>,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: i64,
+    xattrs: Vec<(String, Vec<u8>)>,
 }
 
-/// `dest/rel`, refusing absolute paths and `..`.
-fn safe_join(dest: &Path, rel: &Path) -> Result<PathBuf, String> {
-    let mut out = dest.to_path_buf();
-    for c in rel.components() {
-        match c {
-            std::path::Component::Normal(p) => out.push(p),
-            std::path::Component::CurDir => {}
-            _ => return Err(format!("entry path {} leaves the layer", rel.display())),
-        }
-    }
-    // A symlinked parent could lead outside: resolve and check.
-    if let Ok(real) = out.canonicalize() {
-        let root = dest.canonicalize().map_err(|e| e.to_string())?;
-        if !real.starts_with(&root) {
-            return Err(format!("entry path {} leaves the layer through a symlink", rel.display()));
-        }
-    }
-    Ok(out)
-}
-
-fn xattr_set(path: &Path, name: &str, value: &[u8]) -> Result<(), String> {
+fn bytes_path(b: &[u8]) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
-    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    let n = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
-    // SAFETY: NUL-terminated strings and a buffer we own.
-    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if r != 0 {
-        return Err(format!("{name} on {}: {}", path.display(), std::io::Error::last_os_error()));
+    let b = b.strip_suffix(b"\0").unwrap_or(b);
+    PathBuf::from(std::ffi::OsStr::from_bytes(b))
+}
+
+impl EntryMeta {
+    fn collect<R: Read>(
+        entry: &tar::Entry<'_, R>,
+        long_name: Option<Vec<u8>>,
+        long_link: Option<Vec<u8>>,
+        pax: Option<Vec<u8>>,
+    ) -> Result<Self, String> {
+        let h = entry.header();
+        let num = |v: std::io::Result<u64>, what: &str| v.map_err(|e| format!("its {what}: {e}"));
+        let id = |v: u64, what: &str| u32::try_from(v).map_err(|_| format!("its {what} {v} is out of range"));
+        let mut meta = Self {
+            path: long_name.as_deref().map(bytes_path).unwrap_or_else(|| bytes_path(&h.path_bytes())),
+            link: long_link.as_deref().map(bytes_path).or_else(|| h.link_name_bytes().map(|b| bytes_path(&b))),
+            uid: id(num(h.uid(), "uid")?, "uid")?,
+            gid: id(num(h.gid(), "gid")?, "gid")?,
+            mode: h.mode().map_err(|e| format!("its mode: {e}"))? & 0o7777,
+            mtime: num(h.mtime(), "mtime")?.min(i64::MAX as u64) as i64,
+            xattrs: Vec::new(),
+        };
+        for ext in tar::PaxExtensions::new(pax.as_deref().unwrap_or_default()) {
+            let ext = ext.map_err(|e| format!("a PAX record: {e}"))?;
+            let key = ext.key().map_err(|_| "a PAX record key is not UTF-8".to_string())?;
+            let value = ext.value_bytes();
+            let text = || std::str::from_utf8(value).map_err(|_| format!("PAX {key} is not UTF-8"));
+            match key {
+                "path" => meta.path = bytes_path(value),
+                "linkpath" => meta.link = Some(bytes_path(value)),
+                "uid" => meta.uid = text()?.parse().map_err(|_| format!("PAX uid {:?}", text()))?,
+                "gid" => meta.gid = text()?.parse().map_err(|_| format!("PAX gid {:?}", text()))?,
+                "mtime" => {
+                    let t = text()?;
+                    meta.mtime = t.split('.').next().unwrap_or(t).parse().map_err(|_| format!("PAX mtime {t:?}"))?
+                }
+                // Raw iteration frames entries by the header's size: a PAX
+                // size that disagrees would desynchronise the stream.
+                "size" if text()?.parse::<u64>().ok() != Some(entry.size()) => {
+                    return Err(format!("a PAX size ({}) that differs from its header's is not supported", text()?))
+                }
+                k => {
+                    if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                        if xattr_allowed(name) {
+                            meta.xattrs.push((name.to_string(), value.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(meta)
+    }
+}
+
+/// Reads a PAX / GNU header entry's data, bounded.
+fn read_header_entry(entry: &mut impl Read, size: u64) -> Result<Vec<u8>, String> {
+    if size > MAX_HEADER_ENTRY {
+        return Err(format!("a tar header record of {size} bytes (at most {MAX_HEADER_ENTRY})"));
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    entry.read_to_end(&mut data).map_err(|e| format!("reading a tar header record: {e}"))?;
+    Ok(data)
+}
+
+/// Unpacks a layer tar into `dest` as an overlayfs lower layer. Every
+/// entry is created through directory fds (`FsRoot`): an absolute name,
+/// `..`, a symlinked parent or a hard link to anything outside the layer
+/// is refused; `.wh.NAME` becomes a whiteout (character device 0/0) for
+/// NAME and `.wh..wh..opq` marks its directory opaque. The stream is
+/// bounded by `limits`. An error names the entry; `dest` is left for the
+/// caller to remove.
+pub fn unpack_layer(reader: impl Read, dest: &Path, limits: &ImageLimits) -> Result<(), String> {
+    let root = FsRoot::open(dest).map_err(|e| e.to_string())?;
+    let exceeded = std::rc::Rc::new(std::cell::Cell::new(false));
+    let capped = CappedRead { inner: reader, left: limits.max_unpacked_bytes, exceeded: exceeded.clone() };
+    let over = || {
+        format!(
+            "it unpacks to more than {} MiB (image_max_unpacked_mib)",
+            limits.max_unpacked_bytes.div_ceil(1 << 20)
+        )
+    };
+    let mut archive = tar::Archive::new(capped);
+    let entries = archive.entries().map_err(|e| format!("reading the tar stream: {e}"))?.raw(true);
+    let (mut long_name, mut long_link, mut pax) = (None, None, None);
+    for (count, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(|e| if exceeded.get() { over() } else { format!("reading a tar entry: {e}") })?;
+        if count as u64 >= limits.max_entries {
+            return Err(format!("it has more than {} entries (image_max_layer_entries)", limits.max_entries));
+        }
+        let size = entry.size();
+        let kind = entry.header().entry_type();
+        let record = match kind {
+            tar::EntryType::GNULongName => &mut long_name,
+            tar::EntryType::GNULongLink => &mut long_link,
+            tar::EntryType::XHeader => &mut pax,
+            tar::EntryType::XGlobalHeader => &mut None,
+            _ => {
+                let meta = EntryMeta::collect(&entry, long_name.take(), long_link.take(), pax.take())
+                    .map_err(|e| format!("entry {}: {e}", String::from_utf8_lossy(&entry.header().path_bytes())))?;
+                unpack_entry(&root, &mut entry, kind, &meta).map_err(|e| {
+                    if exceeded.get() {
+                        over()
+                    } else {
+                        format!("entry {}: {e}", meta.path.display())
+                    }
+                })?;
+                continue;
+            }
+        };
+        *record = Some(read_header_entry(&mut entry, size).map_err(|e| if exceeded.get() { over() } else { e })?);
     }
     Ok(())
+}
+
+fn os(e: impl Into<std::io::Error>) -> String {
+    e.into().to_string()
+}
+
+/// Removes whatever is at `name` in `dir` (an entry replaces it), without
+/// following a symlink or crossing a mount.
+fn clear(dir: &impl AsFd, name: &OsStr) -> Result<(), String> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(os(e)),
+        Ok(_) => remove_at(dir.as_fd(), name).map_err(os),
+    }
+}
+
+fn unpack_entry<R: Read>(
+    root: &FsRoot,
+    entry: &mut tar::Entry<'_, R>,
+    kind: tar::EntryType,
+    meta: &EntryMeta,
+) -> Result<(), String> {
+    use tar::EntryType as T;
+    let leaves = "its path is absolute, climbs out with `..` or is too long";
+    let parts = FsRoot::components(&meta.path).map_err(|_| leaves.to_string())?;
+    let Some((name, parents)) = parts.split_last() else {
+        return Ok(()); // the layer's root itself (`./`)
+    };
+    let parent_rel: PathBuf = parents.iter().collect();
+    let parent = root.mkdir_all(&parent_rel, 0o755).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::ENOTDIR) => "a parent directory is a symlink or not a directory".to_string(),
+        _ => e.to_string(),
+    })?;
+    let name_str = name.to_string_lossy();
+    if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
+        if *name == OsStr::new(OPAQUE_WHITEOUT) {
+            return rustix::fs::fsetxattr(&parent, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
+                .map_err(|e| format!("marking the directory opaque: {}", os(e)));
+        }
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err("a whiteout that names nothing".into());
+        }
+        let hidden = OsStr::new(hidden);
+        clear(&parent, hidden)?;
+        return rustix::fs::mknodat(&parent, hidden, FileType::CharacterDevice, Mode::empty(), 0)
+            .map_err(|e| format!("whiteout: {}", os(e)));
+    }
+    let (uid, gid) = (Some(rustix::fs::Uid::from_raw(meta.uid)), Some(rustix::fs::Gid::from_raw(meta.gid)));
+    let mode = Mode::from_raw_mode(meta.mode);
+    let time = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: meta.mtime, tv_nsec: 0 },
+        last_modification: rustix::fs::Timespec { tv_sec: meta.mtime, tv_nsec: 0 },
+    };
+    let open_strict = |flags: OFlags, mode: Mode| {
+        rustix::fs::openat2(
+            &parent,
+            name,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            mode,
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(os)
+    };
+    // chown clears setuid bits and file capabilities: mode and xattrs after it.
+    let finish = |fd: &OwnedFd| -> Result<(), String> {
+        rustix::fs::fchown(fd, uid, gid).map_err(|e| format!("owner: {}", os(e)))?;
+        rustix::fs::fchmod(fd, mode).map_err(|e| format!("mode: {}", os(e)))?;
+        for (k, v) in &meta.xattrs {
+            rustix::fs::fsetxattr(fd, k.as_str(), v, rustix::fs::XattrFlags::empty())
+                .map_err(|e| format!("xattr {k}: {}", os(e)))?;
+        }
+        Ok(())
+    };
+    match kind {
+        T::Directory => {
+            let is_dir = rustix::fs::statat(&parent, *name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+            if !is_dir {
+                clear(&parent, name)?;
+                rustix::fs::mkdirat(&parent, *name, Mode::from_raw_mode(0o700)).map_err(os)?;
+            }
+            finish(&open_strict(OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())?)
+        }
+        T::Regular | T::Continuous => {
+            clear(&parent, name)?;
+            let fd = open_strict(OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY, Mode::from_raw_mode(0o600))?;
+            let mut file = File::from(fd);
+            std::io::copy(entry, &mut file).map_err(|e| format!("writing: {e}"))?;
+            let fd = OwnedFd::from(file);
+            finish(&fd)?;
+            rustix::fs::futimens(&fd, &time).map_err(os)
+        }
+        T::Symlink => {
+            let target = meta.link.as_ref().ok_or("a symlink without a target")?;
+            clear(&parent, name)?;
+            // The target is only text here: nothing on the host follows it.
+            rustix::fs::symlinkat(target.as_path(), &parent, *name).map_err(os)?;
+            rustix::fs::chownat(&parent, *name, uid, gid, AtFlags::SYMLINK_NOFOLLOW).map_err(os)?;
+            rustix::fs::utimensat(&parent, *name, &time, AtFlags::SYMLINK_NOFOLLOW).map_err(os)
+        }
+        T::Link => {
+            let target = meta.link.as_ref().ok_or("a hard link without a target")?;
+            let outside = || format!("hard link target {} is not a file of this layer", target.display());
+            let (tdir, tname) = root.parent(target, false).map_err(|_| outside())?;
+            let st = rustix::fs::statat(&tdir, &tname, AtFlags::SYMLINK_NOFOLLOW).map_err(|_| outside())?;
+            if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                return Err(outside());
+            }
+            if (tdir.as_raw_fd(), &tname) != (parent.as_raw_fd(), &name.to_os_string()) {
+                clear(&parent, name)?;
+            }
+            // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink.
+            rustix::fs::linkat(&tdir, &tname, &parent, *name, AtFlags::empty()).map_err(os)
+        }
+        T::Char | T::Block | T::Fifo => {
+            let h = entry.header();
+            let dev = |v: std::io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
+            let (major, minor) = (dev(h.device_major()), dev(h.device_minor()));
+            let ft = match kind {
+                T::Char => FileType::CharacterDevice,
+                T::Block => FileType::BlockDevice,
+                _ => FileType::Fifo,
+            };
+            clear(&parent, name)?;
+            rustix::fs::mknodat(&parent, *name, ft, mode, rustix::fs::makedev(major, minor)).map_err(os)?;
+            rustix::fs::chownat(&parent, *name, uid, gid, AtFlags::SYMLINK_NOFOLLOW).map_err(os)?;
+            // mknod's mode went through the umask.
+            rustix::fs::chmodat(&parent, *name, mode, AtFlags::empty()).map_err(os)
+        }
+        other => Err(format!("entry type {other:?} is not supported in a layer")),
+    }
 }
 
 /// Helper for tests and tools: a layer tar built from `(path, contents)`
@@ -469,6 +823,50 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileTypeExt;
 
+    fn limits() -> ImageLimits {
+        ImageLimits::default()
+    }
+
+    /// A raw tar header: any name, type and link, as a hostile image would
+    /// write them (tar::Builder refuses some of these itself).
+    fn raw_entry(b: &mut tar::Builder<Vec<u8>>, name: &[u8], kind: tar::EntryType, link: &[u8], data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    fn hostile(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, link, data) in entries {
+            raw_entry(&mut b, name, *kind, link, data);
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// A layer dir beside an "outside" dir holding a file the layer must
+    /// never touch.
+    fn arena() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (dest, outside) = (dir.path().join("layer"), dir.path().join("outside"));
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"host").unwrap();
+        (dir, dest, outside)
+    }
+
+    fn untouched(outside: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let names: Vec<_> = std::fs::read_dir(outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [std::ffi::OsString::from("keep")], "nothing was added outside the layer");
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"host");
+        assert_eq!(std::fs::metadata(outside.join("keep")).unwrap().nlink(), 1, "no hard link to it");
+    }
+
     #[test]
     fn whiteouts_become_overlay_whiteouts_and_opaque_dirs() {
         let dir = tempfile::tempdir().unwrap();
@@ -480,7 +878,7 @@ mod tests {
             ("var/cache/.wh..wh..opq", Some(b"")),
             ("var/cache/new", Some(b"n")),
         ]);
-        unpack_layer(&layer[..], dir.path()).unwrap();
+        unpack_layer(&layer[..], dir.path(), &limits()).unwrap();
         assert_eq!(std::fs::read(dir.path().join("etc/kept")).unwrap(), b"k");
         let gone = std::fs::symlink_metadata(dir.path().join("etc/gone")).unwrap();
         assert!(gone.file_type().is_char_device());
@@ -493,23 +891,133 @@ mod tests {
     }
 
     #[test]
-    fn entries_cannot_leave_the_layer() {
+    fn names_that_climb_or_are_absolute_are_refused() {
+        for name in [&b"../x/.wh.evil"[..], b"../outside/pwned", b"a/../../outside/pwned", b"/tmp/pwned"] {
+            let (_d, dest, outside) = arena();
+            let layer = hostile(&[(name, tar::EntryType::Regular, b"", b"x")]);
+            let err = unpack_layer(&layer[..], &dest, &limits()).unwrap_err();
+            assert!(err.contains("climbs out"), "{}: {err}", String::from_utf8_lossy(name));
+            assert!(err.contains("entry "), "the error names the entry: {err}");
+            untouched(&outside);
+        }
+    }
+
+    #[test]
+    fn a_symlinked_parent_is_refused() {
+        let (_d, dest, outside) = arena();
+        let target = outside.to_str().unwrap().as_bytes().to_vec();
+        for second in [&b"evil/pwned"[..], b"evil/.wh.keep", b"evil/.wh..wh..opq", b"evil/sub/"] {
+            let kind = if second.ends_with(b"/") { tar::EntryType::Directory } else { tar::EntryType::Regular };
+            let layer = hostile(&[(b"evil", tar::EntryType::Symlink, &target, b""), (second, kind, b"", b"")]);
+            let err = unpack_layer(&layer[..], &dest, &limits()).unwrap_err();
+            assert!(err.contains("symlink"), "{}: {err}", String::from_utf8_lossy(second));
+            untouched(&outside);
+        }
+        // A relative link that climbs, and one to an absolute path, alike.
+        let layer = hostile(&[
+            (b"a/", tar::EntryType::Directory, b"", b""),
+            (b"a/up", tar::EntryType::Symlink, b"../../outside", b""),
+            (b"a/up/pwned", tar::EntryType::Regular, b"", b"x"),
+        ]);
+        assert!(unpack_layer(&layer[..], &dest, &limits()).is_err());
+        untouched(&outside);
+    }
+
+    #[test]
+    fn hard_links_stay_inside_the_layer() {
+        let (_d, dest, outside) = arena();
+        let abs = outside.join("keep").to_str().unwrap().as_bytes().to_vec();
+        for link in [&abs[..], b"../outside/keep", b"sym/keep"] {
+            let layer = hostile(&[
+                (b"sym", tar::EntryType::Symlink, outside.to_str().unwrap().as_bytes(), b""),
+                (b"stolen", tar::EntryType::Link, link, b""),
+            ]);
+            let err = unpack_layer(&layer[..], &dest, &limits()).unwrap_err();
+            assert!(err.contains("not a file of this layer"), "{}: {err}", String::from_utf8_lossy(link));
+            untouched(&outside);
+        }
+        // A link inside the layer works.
+        let layer = hostile(&[(b"f", tar::EntryType::Regular, b"", b"data"), (b"g", tar::EntryType::Link, b"f", b"")]);
+        let fresh = tempfile::tempdir().unwrap();
+        unpack_layer(&layer[..], fresh.path(), &limits()).unwrap();
+        assert_eq!(std::fs::read(fresh.path().join("g")).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_cap() {
         let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("layer");
-        std::fs::create_dir(&dest).unwrap();
-        // A whiteout whose parent climbs out.
+        let zeros = vec![0u8; 8 << 20];
+        let layer = gzip_layer(&[("bomb", Some(&zeros))]);
+        assert!(layer.len() < 64 << 10, "8 MiB of zeros gzip to {} bytes", layer.len());
+        let small = ImageLimits { max_unpacked_bytes: 1 << 20, ..limits() };
+        let gz = flate2::read::GzDecoder::new(&layer[..]);
+        let err = unpack_layer(gz, dir.path(), &small).unwrap_err();
+        assert!(err.contains("unpacks to more than 1 MiB"), "{err}");
+    }
+
+    #[test]
+    fn entry_count_and_header_records_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+        let entries: Vec<(&str, Option<&[u8]>)> = names.iter().map(|n| (n.as_str(), Some(&b""[..]))).collect();
+        let err = unpack_layer(&tar_layer(&entries)[..], dir.path(), &ImageLimits { max_entries: 10, ..limits() })
+            .unwrap_err();
+        assert!(err.contains("more than 10 entries"), "{err}");
+        // A PAX header that would be held in memory whole.
+        let big = vec![b'a'; (MAX_HEADER_ENTRY + 1) as usize];
+        let layer = hostile(&[(b"pax", tar::EntryType::XHeader, b"", &big), (b"f", tar::EntryType::Regular, b"", b"")]);
+        let err = unpack_layer(&layer[..], dir.path(), &limits()).unwrap_err();
+        assert!(err.contains("header record"), "{err}");
+    }
+
+    #[test]
+    fn ownership_modes_and_long_names_are_kept_and_trusted_xattrs_are_not() {
+        let dir = tempfile::tempdir().unwrap();
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(0);
-        // tar::Builder refuses `..` itself: write the name by hand.
-        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"../x/.wh.evil");
-        h.set_cksum();
-        b.append(&h, std::io::empty()).unwrap();
-        let bytes = b.into_inner().unwrap();
-        let err = unpack_layer(&bytes[..], &dest).unwrap_err();
-        assert!(err.contains("leaves the layer"), "{err}");
-        assert!(!dir.path().join("x").exists());
+        h.set_size(1);
+        h.set_mode(0o4755);
+        h.set_uid(1234);
+        h.set_gid(4321);
+        let long = format!("{}/file", "d".repeat(200));
+        b.append_pax_extensions([("SCHILY.xattr.trusted.overlay.redirect", &b"/etc"[..])]).unwrap();
+        b.append_data(&mut h, &long, &b"x"[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        unpack_layer(&layer[..], dir.path(), &limits()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(dir.path().join(&long)).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o4755, 1234, 4321));
+        let p = std::ffi::CString::new(dir.path().join(&long).to_str().unwrap()).unwrap();
+        let n = unsafe { libc::getxattr(p.as_ptr(), c"trusted.overlay.redirect".as_ptr(), std::ptr::null_mut(), 0) };
+        assert!(n < 0, "a trusted.* xattr from an image is never applied");
+    }
+
+    #[test]
+    fn a_rejected_layer_leaves_nothing_and_pins_keep_layers_from_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(&dir.path().join("store"), &[]).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("store")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "the store is private");
+        let bad = hostile(&[(b"ok", tar::EntryType::Regular, b"", b"x"), (b"../escape", tar::EntryType::Regular, b"", b"")]);
+        let hex = sha256_hex(&bad);
+        std::fs::write(store.blob_path(&hex), &bad).unwrap();
+        let err = store.unpack(&hex, "application/vnd.oci.image.layer.v1.tar").unwrap_err().to_string();
+        assert!(err.contains(&format!("layer sha256:{hex}")) && err.contains("entry ../escape"), "{err}");
+        assert!(!store.layer_dir(&hex).exists());
+        assert_eq!(std::fs::read_dir(store.root.join("tmp")).unwrap().count(), 0, "no temp dir left");
+        // A layer a pull is using survives garbage collection.
+        let good = tar_layer(&[("f", Some(b"1"))]);
+        let hex = sha256_hex(&good);
+        std::fs::write(store.blob_path(&hex), &good).unwrap();
+        let pins = store.pin(vec![hex.clone()]);
+        store.unpack(&hex, "application/vnd.oci.image.layer.v1.tar").unwrap();
+        store.collect_garbage().unwrap();
+        assert!(store.layer_dir(&hex).is_dir() && store.blob_path(&hex).is_file());
+        drop(pins);
+        store.collect_garbage().unwrap();
+        assert!(!store.layer_dir(&hex).exists() && !store.blob_path(&hex).exists());
     }
 
     #[test]
