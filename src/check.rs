@@ -228,6 +228,7 @@ pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Re
             memory_mib: 128,
             work_dir: dir.clone(),
             console_log: dir.join("console.log"),
+            console_fd: None,
             vsock_socket: dir.join("vsock.sock"),
             shared_fs_socket: None,
             shared_fs_tag: String::new(),

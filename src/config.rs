@@ -91,6 +91,9 @@ pub struct Config {
     pub image_max_unpacked_mib: u64,
     /// Most tar entries in one layer.
     pub image_max_layer_entries: u64,
+    /// Most of a guest's console kept on the host per sandbox, KiB
+    /// (`console.log` plus the rotated `console.log.1`).
+    pub console_log_max_kib: u64,
 }
 
 impl Default for Config {
@@ -124,6 +127,7 @@ impl Default for Config {
             image_max_layer_mib: 8192,
             image_max_unpacked_mib: 32768,
             image_max_layer_entries: 1_000_000,
+            console_log_max_kib: 1024,
         }
     }
 }
@@ -171,6 +175,7 @@ impl Config {
             ("image_max_layer_mib", self.image_max_layer_mib),
             ("image_max_unpacked_mib", self.image_max_unpacked_mib),
             ("image_max_layer_entries", self.image_max_layer_entries),
+            ("console_log_max_kib", self.console_log_max_kib),
         ] {
             if value == 0 || value > 1 << 40 {
                 return Err(invalid(key, format!("must be between 1 and {}, got {value}", 1u64 << 40)));

@@ -175,6 +175,26 @@ pub async fn wait_for_path(helper: &mut HelperProcess, path: &Path, timeout: Dur
     }
 }
 
+/// Lets the child inherit `fds` under the same numbers (they are opened
+/// close-on-exec here, so no other child gets them).
+pub fn inherit_fds(cmd: &mut Command, fds: Vec<std::os::fd::RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: between fork and exec only fcntl runs, which is
+    // async-signal-safe; the descriptors are the caller's, open.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Resolves a program name against PATH (a path with a '/' is taken as is).
 pub fn find_program(program: &Path) -> Option<PathBuf> {
     if program.components().count() > 1 {

@@ -135,9 +135,10 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
     let containers = container::Containers::new(processes.clone(), paths)?;
     let service = Arc::new(service::AgentService::new(processes, containers, pid1));
     let shutdown = service.shutdown_signal();
+    let listener = ttrpc::asynchronous::transport::Listener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener = if listen.starts_with("vsock://") { host_only(listener) } else { listener };
     let mut server = ttrpc::r#async::Server::new()
-        .bind(listen)
-        .with_context(|| format!("binding {listen}"))?
+        .add_listener(listener)
         .register_service(runv_proto::agent_ttrpc::create_agent(service));
     server.start().await.context("starting the ttrpc server")?;
     eprintln!("runv-agent {} serving on {listen}", env!("CARGO_PKG_VERSION"));
@@ -156,4 +157,29 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
         init::power_off();
     }
     Ok(())
+}
+
+/// The agent serves the host only: a vsock connection from any other CID
+/// (another guest, or this guest itself should a loopback transport exist)
+/// is closed unanswered. The guest kernel is also built without vsock
+/// loopback, so a container cannot reach this port at all.
+fn host_only(listener: ttrpc::asynchronous::transport::Listener) -> ttrpc::asynchronous::transport::Listener {
+    use futures::StreamExt;
+    ttrpc::asynchronous::transport::Listener::new(listener.filter_map(|conn| async move {
+        match conn {
+            Ok(socket) => {
+                let peer = socket
+                    .as_raw_fd()
+                    .and_then(|fd| nix::sys::socket::getpeername::<nix::sys::socket::VsockAddr>(fd).ok());
+                match peer {
+                    Some(addr) if addr.cid() == libc::VMADDR_CID_HOST => Some(Ok(socket)),
+                    other => {
+                        eprintln!("runv-agent: refused a vsock connection from {other:?}: only the host may connect");
+                        None
+                    }
+                }
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }))
 }

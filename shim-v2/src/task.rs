@@ -210,14 +210,27 @@ impl TaskService {
             cleanup_leftovers(&config, &self.namespace, &self.id);
             return Err(agent_error("preparing the sandbox", e));
         }
-        // OOM kills in the guest become containerd events.
+        // OOM kills in the guest become containerd events. The guest's word
+        // is data: only containers of this sandbox, deduplicated and rate
+        // limited (`OomFilter`), anything else dropped and counted.
         let service = self.clone();
         let oom_agent = agent.clone();
         tokio::spawn(async move {
+            let mut filter = crate::oom::OomFilter::default();
             while let Ok(container_id) = oom_agent.next_oom_event().await {
-                service
-                    .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() }))
-                    .await;
+                let known = service.state.lock().await.containers.contains_key(&container_id);
+                match filter.admit(&container_id, known, std::time::Instant::now()) {
+                    crate::oom::Verdict::Publish => {
+                        service
+                            .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() }))
+                            .await
+                    }
+                    crate::oom::Verdict::Drop { report: Some(line) } => {
+                        log::warn!("sandbox {}: {line}", service.id);
+                        tokio::time::sleep(crate::oom::DROP_PAUSE).await;
+                    }
+                    crate::oom::Verdict::Drop { report: None } => tokio::time::sleep(crate::oom::DROP_PAUSE).await,
+                }
             }
         });
         state.config = Some(config);

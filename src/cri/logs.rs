@@ -117,17 +117,19 @@ pub fn timestamp() -> String {
 /// Copies a FIFO opened read-write (which never reports its end) into
 /// `sink` until `finish` turns true, then takes what the pipe still holds:
 /// the shim writes all of a process's output before it reports the exit.
-pub fn pump(
-    mut rx: pipe::Receiver,
-    mut finish: watch::Receiver<bool>,
-    mut sink: impl FnMut(&[u8]) + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
+/// The sink is awaited before the next read: a slow consumer (a stream
+/// client) holds the pipe back, and so the process, instead of queueing.
+pub fn pump<F, Fut>(mut rx: pipe::Receiver, mut finish: watch::Receiver<bool>, mut sink: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut(Vec<u8>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     tokio::spawn(async move {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             tokio::select! {
                 r = rx.read(&mut buf) => match r {
-                    Ok(n) if n > 0 => sink(&buf[..n]),
+                    Ok(n) if n > 0 => sink(buf[..n].to_vec()).await,
                     _ => break,
                 },
                 _ = async { let _ = finish.wait_for(|f| *f).await; } => {
@@ -135,7 +137,7 @@ pub fn pump(
                         if n == 0 {
                             break;
                         }
-                        sink(&buf[..n]);
+                        sink(buf[..n].to_vec()).await;
                     }
                     break;
                 }
@@ -177,9 +179,10 @@ impl Output {
         let streams = pipes.len();
         for (stream, rx) in pipes {
             let (sink_log, attach, done) = (log.clone(), attach.clone(), done_tx.clone());
-            let sink = move |data: &[u8]| {
-                sink_log.lock().unwrap().write(stream, data);
-                let _ = attach.send((stream, data.to_vec()));
+            let sink = move |data: Vec<u8>| {
+                sink_log.lock().unwrap().write(stream, &data);
+                let _ = attach.send((stream, data));
+                std::future::ready(())
             };
             let pumped = pump(rx, finish.subscribe(), sink);
             let log = log.clone();

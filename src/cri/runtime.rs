@@ -54,6 +54,27 @@ fn internal(what: &str) -> impl Fn(std::io::Error) -> Status + '_ {
     move |e| Status::internal(format!("{what}: {e}"))
 }
 
+/// Most bytes of one ExecSync stream kept (containerd's cap since
+/// CVE-2022-31030): ExecSync answers in one message, so output past this is
+/// read and dropped, never held.
+pub const EXEC_SYNC_MAX_OUTPUT: usize = 16 << 20;
+
+/// One ExecSync stream, bounded.
+#[derive(Default)]
+struct CappedOutput {
+    data: Vec<u8>,
+    dropped: u64,
+}
+
+impl CappedOutput {
+    fn push(&mut self, d: &[u8]) {
+        let room = EXEC_SYNC_MAX_OUTPUT.saturating_sub(self.data.len());
+        let kept = d.len().min(room);
+        self.data.extend_from_slice(&d[..kept]);
+        self.dropped += (d.len() - kept) as u64;
+    }
+}
+
 #[derive(Default)]
 struct State {
     pods: HashMap<String, PodRecord>,
@@ -172,7 +193,11 @@ impl Runtime {
                     Ok(e) if e.topic == containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC => {
                         use containerd_shim_protos::protobuf::Message;
                         if let Ok(oom) = containerd_shim_protos::events::task::TaskOOM::parse_from_bytes(&e.value) {
-                            rt.state.lock().await.oom.insert(oom.container_id);
+                            // Guest-sent data: only a container of ours counts.
+                            let mut st = rt.state.lock().await;
+                            if st.containers.contains_key(&oom.container_id) {
+                                st.oom.insert(oom.container_id);
+                            }
                         }
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -927,10 +952,12 @@ impl Runtime {
         let mut session = self.exec(&req.container_id, &req.cmd, false, false).await?;
         let (finish_tx, finish_rx) = watch::channel(false);
         let collect = |rx: Option<tokio::net::unix::pipe::Receiver>| {
-            let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let buf = Arc::new(std::sync::Mutex::new(CappedOutput::default()));
             let sink_buf = buf.clone();
-            let handle =
-                rx.map(|rx| logs::pump(rx, finish_rx.clone(), move |d| sink_buf.lock().unwrap().extend_from_slice(d)));
+            let handle = rx.map(|rx| logs::pump(rx, finish_rx.clone(), move |d: Vec<u8>| {
+                sink_buf.lock().unwrap().push(&d);
+                std::future::ready(())
+            }));
             (buf, handle)
         };
         let (stdout, out_task) = collect(session.stdout.take());
@@ -958,8 +985,19 @@ impl Runtime {
         }
         session.close().await;
         let exit_code = waited?;
-        let take = |b: Arc<std::sync::Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().unwrap());
-        Ok(ExecSyncResponse { stdout: take(stdout), stderr: take(stderr), exit_code })
+        let take = |b: Arc<std::sync::Mutex<CappedOutput>>| std::mem::take(&mut *b.lock().unwrap());
+        let (stdout, mut stderr) = (take(stdout), take(stderr));
+        let mut err = std::mem::take(&mut stderr.data);
+        // The note goes on stderr, so stdout stays byte-exact up to the cap.
+        for (name, dropped) in [("stdout", stdout.dropped), ("stderr", stderr.dropped)] {
+            if dropped > 0 {
+                err.extend_from_slice(
+                    format!("\n[runv: ExecSync {name} truncated at {EXEC_SYNC_MAX_OUTPUT} bytes, {dropped} bytes dropped]\n")
+                        .as_bytes(),
+                );
+            }
+        }
+        Ok(ExecSyncResponse { stdout: stdout.data, stderr: err, exit_code })
     }
 
     /// What an attached client needs: the container's output and stdin.
@@ -1200,5 +1238,23 @@ fn container_status_of(c: &ContainerRecord) -> ContainerStatus {
         resources: None,
         image_id: c.image_ref.clone(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_sync_output_is_capped_and_counts_what_it_dropped() {
+        let mut out = CappedOutput::default();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..20 {
+            out.push(&chunk);
+        }
+        assert_eq!(out.data.len(), EXEC_SYNC_MAX_OUTPUT);
+        assert_eq!(out.dropped, 4 << 20);
+        out.push(b"more");
+        assert_eq!((out.data.len(), out.dropped), (EXEC_SYNC_MAX_OUTPUT, (4 << 20) + 4));
     }
 }

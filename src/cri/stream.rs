@@ -30,6 +30,9 @@ use super::runtime::Runtime;
 const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
 /// How long a URL stays valid unused (the kubelet's default).
 const TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Frames queued for one stream client (at most 32 KiB each): beyond this
+/// the copy waits for the client.
+const STREAM_QUEUE_FRAMES: usize = 64;
 
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
@@ -150,7 +153,8 @@ impl StreamServer {
         let (Ok(ws), Some(request)) = (accepted, request) else { return };
         let v5 = protocol.starts_with("v5.");
         let (sink, source) = ws.split();
-        let (tx, rx) = mpsc::unbounded_channel::<Message>();
+        // Bounded: a client that reads slowly slows the copy, not the host.
+        let (tx, rx) = mpsc::channel::<Message>(STREAM_QUEUE_FRAMES);
         let writer = tokio::spawn(write_all(sink, rx));
         match request {
             Pending::Exec(req) => exec(&runtime, req, &tx, source, v5).await,
@@ -162,7 +166,7 @@ impl StreamServer {
                 port_forward(&runtime, req, &tx, source).await
             }
         }
-        let _ = tx.send(Message::Close(None));
+        let _ = tx.send(Message::Close(None)).await;
         drop(tx);
         let _ = writer.await;
     }
@@ -170,7 +174,7 @@ impl StreamServer {
 
 async fn write_all(
     mut sink: futures::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>,
-    mut rx: mpsc::UnboundedReceiver<Message>,
+    mut rx: mpsc::Receiver<Message>,
 ) {
     while let Some(m) = rx.recv().await {
         let close = matches!(m, Message::Close(_));
@@ -232,14 +236,14 @@ fn parse_input(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>
 async fn exec(
     runtime: &Runtime,
     req: ExecRequest,
-    tx: &mpsc::UnboundedSender<Message>,
+    tx: &mpsc::Sender<Message>,
     mut source: futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<TcpStream>>,
     v5: bool,
 ) {
     let mut session = match runtime.exec(&req.container_id, &req.cmd, req.tty, req.stdin).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = tx.send(status_frame(Err(e.message().to_string())));
+            let _ = tx.send(status_frame(Err(e.message().to_string()))).await;
             return;
         }
     };
@@ -250,9 +254,12 @@ async fn exec(
     {
         if let Some(rx) = rx {
             let tx = tx.clone();
-            pumps.push(logs::pump(rx, finish_rx.clone(), move |d| {
-                if wanted {
-                    let _ = tx.send(frame(channel, d));
+            pumps.push(logs::pump(rx, finish_rx.clone(), move |d: Vec<u8>| {
+                let tx = tx.clone();
+                async move {
+                    if wanted {
+                        let _ = tx.send(frame(channel, &d)).await;
+                    }
                 }
             }));
         }
@@ -294,20 +301,20 @@ async fn exec(
     }
     drop(stdin);
     session.close().await;
-    let _ = tx.send(status_frame(exit.map_err(|e| e.message().to_string())));
+    let _ = tx.send(status_frame(exit.map_err(|e| e.message().to_string()))).await;
 }
 
 async fn attach(
     runtime: &Runtime,
     req: AttachRequest,
-    tx: &mpsc::UnboundedSender<Message>,
+    tx: &mpsc::Sender<Message>,
     mut source: futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<TcpStream>>,
     v5: bool,
 ) {
     let (mut output, stdin_path, mut finished) = match runtime.attach(&req.container_id).await {
         Ok(a) => a,
         Err(e) => {
-            let _ = tx.send(status_frame(Err(e.message().to_string())));
+            let _ = tx.send(status_frame(Err(e.message().to_string()))).await;
             return;
         }
     };
@@ -318,8 +325,8 @@ async fn attach(
     loop {
         tokio::select! {
             o = output.recv() => match o {
-                Ok((Stream::Stdout, d)) if req.stdout => { let _ = tx.send(frame(STDOUT, &d)); }
-                Ok((Stream::Stderr, d)) if req.stderr => { let _ = tx.send(frame(STDERR, &d)); }
+                Ok((Stream::Stdout, d)) if req.stdout => { let _ = tx.send(frame(STDOUT, &d)).await; }
+                Ok((Stream::Stderr, d)) if req.stderr => { let _ = tx.send(frame(STDERR, &d)).await; }
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
@@ -327,7 +334,7 @@ async fn attach(
                 // The container exited: what it wrote last, then the end.
                 while let Ok((s, d)) = output.try_recv() {
                     let channel = if s == Stream::Stdout { STDOUT } else { STDERR };
-                    let _ = tx.send(frame(channel, &d));
+                    let _ = tx.send(frame(channel, &d)).await;
                 }
                 break;
             }
@@ -343,32 +350,32 @@ async fn attach(
             },
         }
     }
-    let _ = tx.send(status_frame(Ok(0)));
+    let _ = tx.send(status_frame(Ok(0))).await;
 }
 
 async fn port_forward(
     runtime: &Runtime,
     req: PortForwardRequest,
-    tx: &mpsc::UnboundedSender<Message>,
+    tx: &mpsc::Sender<Message>,
     mut source: futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<TcpStream>>,
 ) {
     let ip = match runtime.pod_ip(&req.pod_sandbox_id).await {
         Ok(ip) => ip,
         Err(e) => {
-            let _ = tx.send(frame(1, e.message().as_bytes()));
+            let _ = tx.send(frame(1, e.message().as_bytes())).await;
             return;
         }
     };
     if req.port.is_empty() || req.port.len() > 127 || req.port.iter().any(|p| !(1..=65535).contains(p)) {
-        let _ = tx.send(frame(1, format!("bad ports {:?}", req.port).as_bytes()));
+        let _ = tx.send(frame(1, format!("bad ports {:?}", req.port).as_bytes())).await;
         return;
     }
     let mut writers = Vec::new();
     for (i, port) in req.port.iter().enumerate() {
         let (data, error) = ((2 * i) as u8, (2 * i + 1) as u8);
         let port_bytes = (*port as u16).to_le_bytes();
-        let _ = tx.send(frame(data, &port_bytes));
-        let _ = tx.send(frame(error, &port_bytes));
+        let _ = tx.send(frame(data, &port_bytes)).await;
+        let _ = tx.send(frame(error, &port_bytes)).await;
         let addr = format!("{ip}:{port}");
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr)).await {
             Ok(Ok(conn)) => {
@@ -378,7 +385,7 @@ async fn port_forward(
                     use tokio::io::AsyncReadExt;
                     let mut buf = vec![0u8; 32 * 1024];
                     while let Ok(n) = read.read(&mut buf).await {
-                        if n == 0 || tx.send(frame(data, &buf[..n])).is_err() {
+                        if n == 0 || tx.send(frame(data, &buf[..n])).await.is_err() {
                             break;
                         }
                     }
@@ -390,7 +397,7 @@ async fn port_forward(
                     Ok(Err(e)) => e.to_string(),
                     _ => "no answer within 10 s".into(),
                 };
-                let _ = tx.send(frame(error, format!("connecting to {addr} in the pod: {why}").as_bytes()));
+                let _ = tx.send(frame(error, format!("connecting to {addr} in the pod: {why}").as_bytes())).await;
                 writers.push(None);
             }
         }

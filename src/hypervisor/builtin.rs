@@ -45,7 +45,7 @@ impl Builtin {
             .args(["--vcpus", &vm.vcpus.to_string()])
             .args(["--memory", &vm.memory_mib.to_string()])
             .arg("--console")
-            .arg(&vm.console_log)
+            .arg(vm.console_path())
             .arg("--vsock")
             .arg(&vm.vsock_socket)
             .args(["--vsock-cid", &guest::GUEST_CID.to_string()])
@@ -54,6 +54,7 @@ impl Builtin {
         if let Some(sock) = &vm.shared_fs_socket {
             cmd.arg("--fs-socket").arg(sock).args(["--fs-tag", &vm.shared_fs_tag]);
         }
+        crate::helper::inherit_fds(&mut cmd, vm.console_fd.into_iter().collect());
         Ok(cmd)
     }
 }
@@ -133,6 +134,7 @@ mod tests {
             memory_mib: 300,
             work_dir: "/w".into(),
             console_log: "/w/console.log".into(),
+            console_fd: None,
             vsock_socket: "/w/vsock.sock".into(),
             shared_fs_socket: Some("/w/fs.sock".into()),
             shared_fs_tag: "runv".into(),

@@ -23,8 +23,11 @@ pub struct VmConfig {
     pub memory_mib: u32,
     /// Directory for the VM's sockets and logs (owned by the sandbox).
     pub work_dir: PathBuf,
-    /// Guest console output goes here.
+    /// Guest console output goes here, unless `console_fd` is set.
     pub console_log: PathBuf,
+    /// The write end of a pipe the VM process inherits for the console
+    /// (the sandbox reads the other end into a bounded log).
+    pub console_fd: Option<std::os::fd::RawFd>,
     /// Host Unix socket of the guest's hybrid vsock: the host connects here
     /// and writes `CONNECT <port>\n`; guest-initiated connections to port P
     /// arrive at `<vsock_socket>_P`.
@@ -34,6 +37,16 @@ pub struct VmConfig {
     pub shared_fs_tag: String,
     /// virtio-net devices, each on a tap the VM process inherits.
     pub net_devices: Vec<NetDeviceConfig>,
+}
+
+impl VmConfig {
+    /// The path the VM process opens for its console.
+    pub fn console_path(&self) -> PathBuf {
+        match self.console_fd {
+            Some(fd) => PathBuf::from(format!("/proc/self/fd/{fd}")),
+            None => self.console_log.clone(),
+        }
+    }
 }
 
 /// One virtio-net device: an open tap queue and the guest NIC's MAC.

@@ -2,7 +2,6 @@
 //! served by vhost-device-vsock (hybrid vsock on the host) and the shared
 //! directory by a vhost-user-fs daemon.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -49,7 +48,7 @@ impl Qemu {
             .arg(&vm.initramfs)
             .args(["-append", &vm.cmdline])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            .args(["-serial", &format!("file:{}", vm.console_log.display())]);
+            .args(["-serial", &format!("file:{}", vm.console_path().display())]);
         if let Some(sock) = vsock_socket {
             cmd.args(["-chardev", &format!("socket,id=vsock,path={}", sock.display())])
                 .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
@@ -62,22 +61,9 @@ impl Qemu {
             cmd.args(["-netdev", &format!("tap,id=net{i},fd={}", net.tap_fd)])
                 .args(["-device", &format!("virtio-net-device,netdev=net{i},mac={}", net.mac)]);
         }
-        if !vm.net_devices.is_empty() {
-            // QEMU inherits the taps under the same numbers.
-            let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).collect();
-            // SAFETY: between fork and exec only fcntl runs, which is
-            // async-signal-safe; the descriptors are the caller's open taps.
-            unsafe {
-                cmd.pre_exec(move || {
-                    for &fd in &fds {
-                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
+        // QEMU inherits the taps and the console pipe under the same numbers.
+        let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).chain(vm.console_fd).collect();
+        crate::helper::inherit_fds(&mut cmd, fds);
         cmd
     }
 
@@ -163,6 +149,7 @@ mod tests {
             memory_mib: 300,
             work_dir: "/w".into(),
             console_log: "/w/console.log".into(),
+            console_fd: None,
             vsock_socket: "/w/vsock.sock".into(),
             shared_fs_socket: Some("/w/fs.sock".into()),
             shared_fs_tag: "runv".into(),

@@ -367,7 +367,8 @@ impl ImageStore {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !used.contains(&name) {
                     let p = e.path();
-                    crate::helper::remove_tree(&p).map_err(|e| ImageError::Io { path: p.clone(), source: e.into() })?;
+                    crate::helper::remove_tree(&p)
+                        .map_err(|e| ImageError::Io { path: p.clone(), source: std::io::Error::other(e) })?;
                 }
             }
         }
@@ -707,7 +708,7 @@ fn unpack_entry<R: Read>(
     let open_strict = |flags: OFlags, mode: Mode| {
         rustix::fs::openat2(
             &parent,
-            name,
+            *name,
             flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             mode,
             ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,

@@ -3,6 +3,7 @@
 //! started and removes its directory, on every path.
 
 pub mod agent;
+mod console;
 pub mod sizing;
 mod virtiofsd;
 
@@ -68,6 +69,7 @@ pub struct Sandbox {
     id: String,
     dir: PathBuf,
     console_log: PathBuf,
+    console: Option<console::ConsoleLog>,
     hypervisor: Box<dyn Hypervisor>,
     virtiofsd: Option<Virtiofsd>,
     agent: Option<AgentClient>,
@@ -94,6 +96,7 @@ impl Sandbox {
         let mut sandbox = Sandbox {
             id,
             console_log: dir.join("console.log"),
+            console: None,
             dir,
             hypervisor,
             virtiofsd: None,
@@ -125,6 +128,8 @@ impl Sandbox {
         let ready_path = PathBuf::from(format!("{}_{}", vsock_socket.display(), guest::AGENT_READY_VSOCK_PORT));
         let ready = tokio::net::UnixListener::bind(&ready_path)
             .map_err(|source| SandboxError::WorkDir { path: ready_path.clone(), source })?;
+        let console = console::ConsoleLog::start(&self.console_log, config.console_log_max_kib << 10)
+            .map_err(|source| SandboxError::WorkDir { path: self.console_log.clone(), source })?;
         let vm = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -133,6 +138,7 @@ impl Sandbox {
             memory_mib: spec.memory_mib,
             work_dir: self.dir.clone(),
             console_log: self.console_log.clone(),
+            console_fd: console.write_fd(),
             vsock_socket: vsock_socket.clone(),
             shared_fs_socket: Some(virtiofsd.socket().to_path_buf()),
             shared_fs_tag: guest::SHARED_FS_TAG.to_string(),
@@ -145,7 +151,11 @@ impl Sandbox {
         };
         self.virtiofsd = Some(virtiofsd);
         tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
-        self.hypervisor.start(&vm).await?;
+        let started = self.hypervisor.start(&vm).await;
+        let mut console = console;
+        console.close_write_end();
+        self.console = Some(console);
+        started?;
         let agent = self.wait_for_agent(&ready, &vsock_socket, Duration::from_secs(config.boot_timeout_secs)).await?;
         agent.mount_shared(guest::SHARED_FS_TAG, guest::SHARED_MOUNT_POINT, spec.read_only).await?;
         if let Some(network) = &self.network {

@@ -34,6 +34,10 @@ const MAX_CONNECT_LINE: usize = 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Connections a guest may hold open at once.
 const MAX_CONNECTIONS: usize = 1024;
+/// Control packets owed to the guest. Each connection needs a few at most;
+/// past this the guest is not reading its rx queue while sending garbage,
+/// and resets (advisory) are dropped instead of growing host memory.
+pub const MAX_CONTROL: usize = 2 * MAX_CONNECTIONS + 64;
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum State {
@@ -157,10 +161,19 @@ impl Muxer {
         }
     }
 
+    /// Queues a control packet; false (nothing queued) when the queue is full.
+    fn push_control(&mut self, h: Header) -> bool {
+        if self.control.len() >= MAX_CONTROL {
+            return false;
+        }
+        self.control.push_back(h);
+        true
+    }
+
     fn reset(&mut self, key: (u32, u32)) {
         self.conns.remove(&key);
         let rst = self.reply(key, OP_RST, 0, None);
-        self.control.push_back(rst);
+        self.push_control(rst);
     }
 
     /// A packet the guest sent (the tx queue).
@@ -249,8 +262,9 @@ impl Muxer {
                 conn.peer_buf_alloc = h.buf_alloc;
                 conn.peer_fwd_cnt = h.fwd_cnt;
                 let resp = self.reply(key, OP_RESPONSE, 0, Some(&conn));
-                self.conns.insert(key, conn);
-                self.control.push_back(resp);
+                if self.push_control(resp) {
+                    self.conns.insert(key, conn);
+                }
             }
             Err(_) => self.reset(key),
         }
@@ -262,7 +276,9 @@ impl Muxer {
             c.state = State::Closing;
             c.readable = false;
             let h = self.reply(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, None);
-            self.control.push_back(h);
+            if !self.push_control(h) {
+                self.conns.remove(&key);
+            }
         }
     }
 
@@ -319,8 +335,10 @@ impl Muxer {
         let key = (local, port);
         let conn = Conn::new(stream, State::Connecting);
         let req = self.reply(key, OP_REQUEST, 0, Some(&conn));
-        self.conns.insert(key, conn);
-        self.control.push_back(req);
+        // No room to announce it: the host stream is closed (dropped here).
+        if self.push_control(req) {
+            self.conns.insert(key, conn);
+        }
     }
 
     pub fn conn_readable(&mut self, key: (u32, u32)) {
@@ -548,6 +566,26 @@ mod tests {
         m.recv_from_guest(creq, &[]);
         let pkts = drain(&mut m);
         assert_eq!((pkts[0].0.op, pkts[0].0.buf_alloc), (OP_CREDIT_UPDATE, CONN_BUF_ALLOC));
+    }
+
+    #[test]
+    fn a_guest_flooding_garbage_without_reading_cannot_grow_the_control_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut m = Muxer::new(GUEST, &uds).unwrap();
+        for port in 0..100_000u32 {
+            let mut rw = from_guest(1, port, OP_RW);
+            rw.len = 1;
+            m.recv_from_guest(rw, b"x");
+        }
+        assert_eq!(m.control.len(), MAX_CONTROL, "bounded");
+        // Once the guest reads again, the device still works.
+        drain(&mut m);
+        let port_listener = UnixListener::bind(format!("{}_8", uds.display())).unwrap();
+        m.recv_from_guest(from_guest(10, 8, OP_REQUEST), &[]);
+        let (_host, _) = port_listener.accept().unwrap();
+        let ops: Vec<_> = drain(&mut m).iter().map(|p| p.0.op).collect();
+        assert_eq!(ops, [OP_RESPONSE]);
     }
 
     #[test]
