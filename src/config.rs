@@ -94,6 +94,9 @@ pub struct Config {
     /// Most of a guest's console kept on the host per sandbox, KiB
     /// (`console.log` plus the rotated `console.log.1`).
     pub console_log_max_kib: u64,
+    /// The agent's debug console (a root command in the guest, outside any
+    /// container, through `runv debug-console`): for debugging and tests only.
+    pub debug_console: bool,
 }
 
 impl Default for Config {
@@ -128,6 +131,7 @@ impl Default for Config {
             image_max_unpacked_mib: 32768,
             image_max_layer_entries: 1_000_000,
             console_log_max_kib: 1024,
+            debug_console: false,
         }
     }
 }

@@ -98,6 +98,21 @@ enum Command {
         #[arg(long, default_value = "/run/runv/cri.sock", value_name = "PATH")]
         listen: PathBuf,
     },
+    /// Run CMD as root in a sandbox's guest, outside every container.
+    ///
+    /// Needs `debug_console = true` in the config the sandbox started with
+    /// (off by default; for debugging and the attack tests). SOCKET is the
+    /// sandbox's `vsock.sock` (under runtime_dir/sandboxes/<id>/). CMD runs
+    /// from the guest's own files, e.g. a container's rootfs under
+    /// /run/runv/shared/<container>/rootfs; its output is printed and its
+    /// exit status returned.
+    DebugConsole {
+        /// The sandbox's vsock socket.
+        socket: PathBuf,
+        /// The command and its arguments, after `--`.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Report what this host offers runv and whether KVM can boot the guest.
     ///
     /// Exit status 0 when sandboxes can run (perhaps only under TCG
@@ -136,6 +151,26 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("runv: error: {e:#}");
+                    ExitCode::from(EXIT_RUNV_ERROR as u8)
+                }
+            }
+        }
+        Command::DebugConsole { socket, command } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runv: error: starting the async runtime: {e}");
+                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
+                }
+            };
+            match runtime.block_on(runv::sandbox::debug_console::run(&socket, &command)) {
+                Ok((output, status)) => {
+                    use std::io::Write;
+                    let _ = std::io::stdout().write_all(&output);
+                    ExitCode::from(status.clamp(0, 255) as u8)
+                }
+                Err(e) => {
+                    eprintln!("runv: error: debug console {}: {e}", socket.display());
                     ExitCode::from(EXIT_RUNV_ERROR as u8)
                 }
             }

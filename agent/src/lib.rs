@@ -2,6 +2,7 @@
 //! fuzz targets.
 
 pub mod container;
+pub mod debug_console;
 pub mod init;
 pub mod network;
 pub mod process;

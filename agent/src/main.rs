@@ -132,6 +132,10 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
         let _ = std::fs::remove_file(path);
     }
     let processes = process::ProcessTable::new()?;
+    if pid1 && runv_agent::debug_console::requested() {
+        runv_agent::debug_console::serve(processes.clone(), tokio::runtime::Handle::current())
+            .context("starting the debug console")?;
+    }
     let containers = container::Containers::new(processes.clone(), paths)?;
     let service = Arc::new(service::AgentService::new(processes, containers, pid1));
     let shutdown = service.shutdown_signal();

@@ -12,6 +12,16 @@ pub const AGENT_READY_VSOCK_PORT: u32 = 1025;
 /// What the agent sends on the readiness connection.
 pub const AGENT_READY_MESSAGE: &[u8] = b"READY\n";
 
+/// vsock port of the opt-in debug console (see the agent's `debug_console`).
+pub const DEBUG_CONSOLE_VSOCK_PORT: u32 = 1026;
+
+/// Kernel command line flag that enables the debug console; the host adds
+/// it only when runv's config sets `debug_console = true`.
+pub const DEBUG_CONSOLE_CMDLINE_FLAG: &str = "runv.debug_console=1";
+
+/// The debug console's last line: this prefix, then the exit status.
+pub const DEBUG_CONSOLE_EXIT_PREFIX: &str = "runv-debug-console-exit: ";
+
 /// The host's vsock context id, as the guest addresses it.
 pub const HOST_CID: u32 = 2;
 

@@ -328,3 +328,116 @@ pub fn sandbox_of(spec: &Spec) -> Option<String> {
     }
     annotations.get(ANNOTATION_SANDBOX_ID).cloned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn mount_options(path: &Path) -> Option<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines()
+            .filter(|l| l.split_whitespace().nth(4) == Some(path.to_str().unwrap()))
+            .last()
+            .and_then(|l| l.split_whitespace().nth(5).map(str::to_owned))
+    }
+
+    fn mounts_below(dir: &Path) -> usize {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines().filter(|l| l.split_whitespace().nth(4).is_some_and(|p| Path::new(p).starts_with(dir))).count()
+    }
+
+    fn root_or_skip(test: &str) -> bool {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIP {test}: needs root to mount");
+            return false;
+        }
+        true
+    }
+
+    /// A private mount namespace for the test thread's process would hide
+    /// nothing here: the test mounts under its own temp dir and removes
+    /// every mount before it returns, even on failure (`Cleanup`).
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            unmount_below(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_guest_view_is_read_only_and_receives_the_hosts_mounts() {
+        if !root_or_skip("the_guest_view_is_read_only_and_receives_the_hosts_mounts") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(tmp.path().to_path_buf());
+        let dir = tmp.path().join("shim");
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        std::fs::write(bundle.join("rootfs/bin/tool"), b"image").unwrap();
+        let volume = tmp.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        std::fs::write(volume.join("data"), b"volume").unwrap();
+        let hosts = tmp.path().join("hosts");
+        std::fs::write(&hosts, b"127.0.0.1 localhost\n").unwrap();
+
+        let shared = SharedDir::create(&dir).unwrap();
+        let view = shared.path().to_path_buf();
+        assert_eq!(view, dir.join("shared"));
+        // Root in the guest (through virtiofsd) cannot create anything where
+        // the host resolves paths: not a symlink for the next container, not
+        // a file beside a rootfs.
+        let e = symlink("/etc", view.join("c2")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+
+        shared.mount_rootfs("c1", &[], &bundle).unwrap();
+        let guest_vol = shared.bind_volume("c1", 0, &volume, false).unwrap();
+        assert_eq!(guest_vol, Path::new(guest::SHARED_MOUNT_POINT).join("c1/mounts/0-volume"));
+        shared.bind_volume("c1", 1, &hosts, true).unwrap();
+        // The mounts made in the staging tree appear in the view...
+        assert_eq!(std::fs::read(view.join("c1/rootfs/bin/tool")).unwrap(), b"image");
+        assert_eq!(std::fs::read(view.join("c1/mounts/0-volume/data")).unwrap(), b"volume");
+        assert_eq!(std::fs::read(view.join("c1/mounts/1-hosts")).unwrap(), b"127.0.0.1 localhost\n");
+        // ...writable where the container may write, read-only where not.
+        std::fs::write(view.join("c1/rootfs/new"), b"w").unwrap();
+        assert_eq!(std::fs::read(bundle.join("rootfs/new")).unwrap(), b"w");
+        let e = std::fs::write(view.join("c1/mounts/1-hosts"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        let e = std::fs::write(view.join("c1/evil"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        // The host never runs setuid files or opens devices from these trees.
+        for p in [view.join("c1/rootfs"), view.join("c1/mounts/0-volume"), dir.join("mounts/c1/rootfs")] {
+            let opts = mount_options(&p).unwrap_or_else(|| panic!("{} is not a mount", p.display()));
+            assert!(opts.contains("nosuid") && opts.contains("nodev"), "{}: {opts}", p.display());
+        }
+
+        // A guest that writes through the rootfs and the volume plants
+        // symlinks there; teardown follows none of them.
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"host").unwrap();
+        symlink(&outside, view.join("c1/rootfs/escape")).unwrap();
+        symlink(&outside, volume.join("escape")).unwrap();
+        shared.remove_container("c1");
+        assert_eq!(mounts_below(&dir.join("mounts/c1")) + mounts_below(&view.join("c1")), 0);
+        assert!(!dir.join("mounts/c1").exists());
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"host");
+        assert_eq!(std::fs::read(bundle.join("rootfs/bin/tool")).unwrap(), b"image", "the image is untouched");
+        assert_eq!(std::fs::read(volume.join("data")).unwrap(), b"volume", "the volume is untouched");
+
+        shared.destroy();
+        assert_eq!(mounts_below(&dir), 0);
+        assert!(!view.exists() && !dir.join("mounts").exists());
+    }
+
+    #[test]
+    fn ids_that_are_not_identifiers_never_become_paths() {
+        for bad in ["", "..", "../x", "a/b", "-x", ".hidden", "x\ny", &"a".repeat(77)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+        for good in ["c1", "a.b_c-d", &"f".repeat(64)] {
+            check_id(good).unwrap();
+        }
+    }
+}

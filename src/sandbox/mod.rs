@@ -4,6 +4,7 @@
 
 pub mod agent;
 mod console;
+pub mod debug_console;
 pub mod sizing;
 mod virtiofsd;
 
@@ -119,6 +120,11 @@ impl Sandbox {
             .await
             .map_err(SandboxError::Virtiofsd)?;
         let mut cmdline = guest::KERNEL_CMDLINE_BASE.to_string();
+        if config.debug_console {
+            tracing::warn!(sandbox = %self.id, "debug_console is on: root in this guest is one host command away");
+            cmdline.push(' ');
+            cmdline.push_str(guest::DEBUG_CONSOLE_CMDLINE_FLAG);
+        }
         if !config.kernel_params.trim().is_empty() {
             cmdline.push(' ');
             cmdline.push_str(config.kernel_params.trim());
