@@ -46,6 +46,8 @@ set -e
 # What was skipped and why, then one closing line for the whole run,
 # summed over every test binary (a skipped test is counted as passed by
 # cargo; it is counted once more here as skipped, with its reason above).
+echo "==> attacks (tests/security.sh)" >&2
+tests/security.sh --from-log "$log" || status=1
 grep -E '^SKIP ' "$log" | sort -u || true
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      /^SKIP / { if (!seen[$0]++) s++ }

@@ -114,24 +114,28 @@ impl SharedDir {
             if !source.is_dir() {
                 bail!("bundle {} has no rootfs directory and containerd passed no rootfs mounts", bundle.display());
             }
-            bind_onto(&source, &target).with_context(|| format!("bind-mounting {}", source.display()))?;
-        } else {
-            for m in mounts {
-                let (flags, data) = parse_options(&m.options);
-                let fstype = if m.type_ == "bind" { None } else { Some(m.type_.as_str()) };
-                let flags = if m.type_ == "bind" { flags | MsFlags::MS_BIND } else { flags };
-                mount(
-                    Some(m.source.as_str()),
-                    &proc_fd_path(&target),
-                    fstype,
-                    flags | HOST_SIDE,
-                    (!data.is_empty()).then_some(data.as_str()),
-                )
-                .with_context(|| format!("mounting the rootfs ({} {})", m.type_, m.source))?;
-            }
+            bind_onto(&source, &target, false).with_context(|| format!("bind-mounting {}", source.display()))?;
+            return Ok(());
         }
-        let mounted = self.staging.open_path(&rel)?;
-        remount(&proc_fd_path(&mounted), HOST_SIDE)
+        for m in mounts {
+            let (flags, data) = parse_options(&m.options);
+            if m.type_ == "bind" || flags.contains(MsFlags::MS_BIND) {
+                bind_onto(Path::new(&m.source), &target, flags.contains(MsFlags::MS_RDONLY))
+                    .with_context(|| format!("bind-mounting the rootfs {}", m.source))?;
+                continue;
+            }
+            // A new filesystem (containerd's overlay): its flags are set at
+            // mount time, so the copy in the guest's view has them too.
+            mount(
+                Some(m.source.as_str()),
+                &proc_fd_path(&target),
+                Some(m.type_.as_str()),
+                flags | HOST_SIDE,
+                (!data.is_empty()).then_some(data.as_str()),
+            )
+            .with_context(|| format!("mounting the rootfs ({} {})", m.type_, m.source))?;
+        }
+        Ok(())
     }
 
     /// Makes a host path (a volume, a hosts or resolv.conf file) visible in
@@ -143,10 +147,7 @@ impl SharedDir {
         let name = format!("{index}-{}", source.file_name().and_then(|n| n.to_str()).unwrap_or("volume"));
         let rel = Path::new(id).join("mounts").join(&name);
         let target = if meta.is_dir() { self.staging.mkdir_all(&rel, 0o755)? } else { self.staging.create_file(&rel, 0o644)? };
-        bind_onto(source, &target).with_context(|| format!("bind-mounting {}", source.display()))?;
-        let mounted = self.staging.open_path(&rel)?;
-        let ro = if read_only { MsFlags::MS_RDONLY } else { MsFlags::empty() };
-        remount(&proc_fd_path(&mounted), HOST_SIDE | ro)?;
+        bind_onto(source, &target, read_only).with_context(|| format!("bind-mounting {}", source.display()))?;
         Ok(Path::new(guest::SHARED_MOUNT_POINT).join(id).join("mounts").join(name))
     }
 
@@ -196,14 +197,37 @@ pub fn check_id(id: &str) -> Result<()> {
 }
 
 /// Bind-mounts `source` (a host path) recursively onto the opened target,
-/// with the new mount API: the target is the fd, not a path.
-fn bind_onto(source: &Path, target: &impl AsFd) -> std::io::Result<()> {
+/// with the new mount API: the target is the fd, not a path. The detached
+/// tree gets nosuid, nodev (and ro) before it is attached, so the copy that
+/// propagates into the guest's view has them too (a remount afterwards
+/// would change the staging mount only).
+fn bind_onto(source: &Path, target: &impl AsFd, read_only: bool) -> std::io::Result<()> {
     use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
     let tree = open_tree(
         rustix::fs::CWD,
         source,
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_RECURSIVE,
     )?;
+    let mut attr = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    if read_only {
+        attr |= libc::MOUNT_ATTR_RDONLY;
+    }
+    let attr = libc::mount_attr { attr_set: attr, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: a valid fd, a NUL-terminated empty path and a mount_attr of
+    // the size given.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            std::os::fd::AsRawFd::as_raw_fd(&tree),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     move_mount(
         &tree,
         "",
@@ -366,10 +390,11 @@ mod tests {
     }
 
     #[test]
-    fn the_guest_view_is_read_only_and_receives_the_hosts_mounts() {
-        if !root_or_skip("the_guest_view_is_read_only_and_receives_the_hosts_mounts") {
+    fn attack_shared_dir_guest_view_is_read_only_and_teardown_follows_nothing() {
+        if !root_or_skip("attack_shared_dir_guest_view_is_read_only_and_teardown_follows_nothing") {
             return;
         }
+        println!("ATTACK symlinks in the shared directory (host mounts, unit): tried");
         let tmp = tempfile::tempdir().unwrap();
         let _cleanup = Cleanup(tmp.path().to_path_buf());
         let dir = tmp.path().join("shim");
@@ -429,6 +454,7 @@ mod tests {
         shared.destroy();
         assert_eq!(mounts_below(&dir), 0);
         assert!(!view.exists() && !dir.join("mounts").exists());
+        println!("ATTACK symlinks in the shared directory (host mounts, unit): held");
     }
 
     #[test]

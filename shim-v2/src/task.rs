@@ -163,7 +163,7 @@ impl TaskService {
         let config = load_config().map_err(|e| status(Code::FAILED_PRECONDITION, format!("runv config: {e}")))?;
         let size = vm_size_for(first, &config).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let dir = shim_dir(&config, &self.namespace, &self.id);
-        std::fs::create_dir_all(&dir)
+        runv::helper::create_private_dir_all(&dir)
             .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", dir.display())))?;
         let shared = match SharedDir::create(&dir) {
             Ok(s) => s,
@@ -193,10 +193,10 @@ impl TaskService {
             .filter_map(runv::helper::ProcessIdentity::of)
             .map(|id| id.record())
             .collect();
-        let _ = std::fs::write(dir.join("pids"), pids.join("\n"));
-        let _ = std::fs::write(dir.join("sandbox-dir"), sandbox.dir().to_string_lossy().as_bytes());
+        let _ = runv::helper::write_private(&dir.join("pids"), pids.join("\n").as_bytes());
+        let _ = runv::helper::write_private(&dir.join("sandbox-dir"), sandbox.dir().to_string_lossy().as_bytes());
         if let Some(network) = sandbox.network() {
-            let _ = std::fs::write(dir.join("network"), network.record());
+            let _ = runv::helper::write_private(&dir.join("network"), network.record().as_bytes());
         }
         let agent = sandbox.agent().clone();
         let req = runv_proto::agent::CreateSandboxRequest {

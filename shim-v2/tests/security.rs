@@ -23,6 +23,7 @@ struct Attacks {
 
 impl Attacks {
     fn record(&mut self, name: &str, escaped: Option<String>) {
+        println!("ATTACK {name}: tried");
         match escaped {
             None => println!("ATTACK {name}: held"),
             Some(what) => {

@@ -485,7 +485,7 @@ pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) ->
     if let Some(dir) = listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::create_dir_all(&config.cri_state_root)
+    crate::helper::create_private_dir_all(&config.cri_state_root)
         .with_context(|| format!("creating {}", config.cri_state_root.display()))?;
     let events_socket = config.cri_state_root.join("events.sock");
     let (events_server, shim_events) = shim::serve_events(&events_socket).await?;
@@ -503,6 +503,12 @@ pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) ->
     let _ = std::fs::remove_file(listen);
     let listener =
         tokio::net::UnixListener::bind(listen).with_context(|| format!("listening on {}", listen.display()))?;
+    {
+        // The CRI socket is root's (as containerd's), whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(listen, std::fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("setting the mode of {}", listen.display()))?;
+    }
     let incoming = async_stream_of(listener);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -77,8 +77,10 @@ pub struct Store {
 
 impl Store {
     pub fn open(root: &Path) -> std::io::Result<Self> {
+        // Records hold pods' environments and bundles: root's eyes only.
+        crate::helper::create_private_dir_all(root)?;
         for d in ["pods", "containers"] {
-            std::fs::create_dir_all(root.join(d))?;
+            crate::helper::create_private_dir_all(&root.join(d))?;
         }
         Ok(Self { root: root.to_path_buf() })
     }
@@ -128,7 +130,7 @@ impl Store {
 fn write_record<T: Serialize>(dir: &Path, record: &T) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{RECORD}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
+    crate::helper::write_private(&tmp, &serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
     std::fs::rename(&tmp, dir.join(RECORD))
 }
 

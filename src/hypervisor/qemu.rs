@@ -22,6 +22,9 @@ pub struct Qemu {
     vm: Option<HelperProcess>,
 }
 
+/// QEMU's `-sandbox` setting (its seccomp filter, Debian's QEMU has it).
+pub const QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 impl Qemu {
     pub fn new(qemu: &Path, vhost_vsock: &Path, accel: &'static str) -> Self {
         Self { qemu: qemu.to_path_buf(), vhost_vsock: vhost_vsock.to_path_buf(), accel, vsock: None, vm: None }
@@ -48,6 +51,10 @@ impl Qemu {
             .arg(&vm.initramfs)
             .args(["-append", &vm.cmdline])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            // QEMU's own seccomp filter: no obsolete syscalls, no setuid or
+            // other privilege changes, no fork/exec, no scheduler or
+            // resource changes, from the start of guest execution on.
+            .args(["-sandbox", QEMU_SANDBOX])
             .args(["-serial", &format!("file:{}", vm.console_path().display())]);
         if let Some(sock) = vsock_socket {
             cmd.args(["-chardev", &format!("socket,id=vsock,path={}", sock.display())])

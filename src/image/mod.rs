@@ -835,6 +835,9 @@ mod tests {
         h.set_entry_type(kind);
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
         h.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link);
         h.set_cksum();
@@ -892,7 +895,8 @@ mod tests {
     }
 
     #[test]
-    fn names_that_climb_or_are_absolute_are_refused() {
+    fn attack_layer_names_that_climb_or_are_absolute_are_refused() {
+        println!("ATTACK a layer entry named ../ or /: tried");
         for name in [&b"../x/.wh.evil"[..], b"../outside/pwned", b"a/../../outside/pwned", b"/tmp/pwned"] {
             let (_d, dest, outside) = arena();
             let layer = hostile(&[(name, tar::EntryType::Regular, b"", b"x")]);
@@ -901,10 +905,12 @@ mod tests {
             assert!(err.contains("entry "), "the error names the entry: {err}");
             untouched(&outside);
         }
+        println!("ATTACK a layer entry named ../ or /: held");
     }
 
     #[test]
-    fn a_symlinked_parent_is_refused() {
+    fn attack_layer_symlinked_parents_are_refused() {
+        println!("ATTACK a layer writing through a symlinked parent or whiteout: tried");
         let (_d, dest, outside) = arena();
         let target = outside.to_str().unwrap().as_bytes().to_vec();
         for second in [&b"evil/pwned"[..], b"evil/.wh.keep", b"evil/.wh..wh..opq", b"evil/sub/"] {
@@ -922,10 +928,12 @@ mod tests {
         ]);
         assert!(unpack_layer(&layer[..], &dest, &limits()).is_err());
         untouched(&outside);
+        println!("ATTACK a layer writing through a symlinked parent or whiteout: held");
     }
 
     #[test]
-    fn hard_links_stay_inside_the_layer() {
+    fn attack_layer_hard_links_stay_inside_the_layer() {
+        println!("ATTACK a layer hard-linking a host file: tried");
         let (_d, dest, outside) = arena();
         let abs = outside.join("keep").to_str().unwrap().as_bytes().to_vec();
         for link in [&abs[..], b"../outside/keep", b"sym/keep"] {
@@ -942,10 +950,12 @@ mod tests {
         let fresh = tempfile::tempdir().unwrap();
         unpack_layer(&layer[..], fresh.path(), &limits()).unwrap();
         assert_eq!(std::fs::read(fresh.path().join("g")).unwrap(), b"data");
+        println!("ATTACK a layer hard-linking a host file: held");
     }
 
     #[test]
-    fn a_decompression_bomb_stops_at_the_cap() {
+    fn attack_layer_decompression_bomb_stops_at_the_cap() {
+        println!("ATTACK a decompression bomb: tried");
         let dir = tempfile::tempdir().unwrap();
         let zeros = vec![0u8; 8 << 20];
         let layer = gzip_layer(&[("bomb", Some(&zeros))]);
@@ -954,10 +964,12 @@ mod tests {
         let gz = flate2::read::GzDecoder::new(&layer[..]);
         let err = unpack_layer(gz, dir.path(), &small).unwrap_err();
         assert!(err.contains("unpacks to more than 1 MiB"), "{err}");
+        println!("ATTACK a decompression bomb: held");
     }
 
     #[test]
-    fn entry_count_and_header_records_are_capped() {
+    fn attack_layer_entry_count_and_header_records_are_capped() {
+        println!("ATTACK a layer with endless entries or a huge PAX header: tried");
         let dir = tempfile::tempdir().unwrap();
         let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
         let entries: Vec<(&str, Option<&[u8]>)> = names.iter().map(|n| (n.as_str(), Some(&b""[..]))).collect();
@@ -969,10 +981,12 @@ mod tests {
         let layer = hostile(&[(b"pax", tar::EntryType::XHeader, b"", &big), (b"f", tar::EntryType::Regular, b"", b"")]);
         let err = unpack_layer(&layer[..], dir.path(), &limits()).unwrap_err();
         assert!(err.contains("header record"), "{err}");
+        println!("ATTACK a layer with endless entries or a huge PAX header: held");
     }
 
     #[test]
-    fn ownership_modes_and_long_names_are_kept_and_trusted_xattrs_are_not() {
+    fn attack_layer_trusted_xattrs_are_never_applied() {
+        println!("ATTACK a layer forging overlayfs trusted.* xattrs: tried");
         let dir = tempfile::tempdir().unwrap();
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
@@ -992,10 +1006,12 @@ mod tests {
         let p = std::ffi::CString::new(dir.path().join(&long).to_str().unwrap()).unwrap();
         let n = unsafe { libc::getxattr(p.as_ptr(), c"trusted.overlay.redirect".as_ptr(), std::ptr::null_mut(), 0) };
         assert!(n < 0, "a trusted.* xattr from an image is never applied");
+        println!("ATTACK a layer forging overlayfs trusted.* xattrs: held");
     }
 
     #[test]
-    fn a_rejected_layer_leaves_nothing_and_pins_keep_layers_from_gc() {
+    fn attack_layer_rejected_leaves_nothing_and_gc_keeps_pinned_layers() {
+        println!("ATTACK a rejected layer leaving files behind: tried");
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(&dir.path().join("store"), &[]).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -1019,6 +1035,7 @@ mod tests {
         drop(pins);
         store.collect_garbage().unwrap();
         assert!(!store.layer_dir(&hex).exists() && !store.blob_path(&hex).exists());
+        println!("ATTACK a rejected layer leaving files behind: held");
     }
 
     #[test]

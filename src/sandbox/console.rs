@@ -79,7 +79,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_flood_keeps_the_newest_lines_within_the_cap() {
+    fn attack_console_flood_stays_within_the_cap() {
+        println!("ATTACK a console flood (unit): tried");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         let mut console = ConsoleLog::start(&path, 64 * 1024).unwrap();
@@ -100,5 +101,6 @@ mod tests {
         assert!(total <= 64 * 1024, "{total} bytes kept, 4 MiB written");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        println!("ATTACK a console flood (unit): held");
     }
 }

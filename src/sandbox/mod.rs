@@ -378,7 +378,7 @@ fn new_sandbox_id() -> String {
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)?;
+        crate::helper::create_private_dir_all(parent)?;
     }
     std::fs::DirBuilder::new().mode(0o700).create(dir)
 }

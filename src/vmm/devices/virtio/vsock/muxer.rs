@@ -569,7 +569,8 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_flooding_garbage_without_reading_cannot_grow_the_control_queue() {
+    fn attack_vsock_garbage_flood_cannot_grow_the_control_queue() {
+        println!("ATTACK a vsock packet flood with the rx queue never read: tried");
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
         let mut m = Muxer::new(GUEST, &uds).unwrap();
@@ -586,6 +587,7 @@ mod tests {
         let (_host, _) = port_listener.accept().unwrap();
         let ops: Vec<_> = drain(&mut m).iter().map(|p| p.0.op).collect();
         assert_eq!(ops, [OP_RESPONSE]);
+        println!("ATTACK a vsock packet flood with the rx queue never read: held");
     }
 
     #[test]
