@@ -136,7 +136,25 @@ pub fn check(config: &Config) -> Report {
         Some(v) => r.add(Level::Ok, "cgroup", v),
         None => r.add(Level::Warn, "cgroup", "no cgroup filesystem mounted at /sys/fs/cgroup"),
     }
+    r.add(Level::Warn, "confinement", confinement());
+    if config.debug_console {
+        r.add(
+            Level::Warn,
+            "debug-console",
+            "ON: root in every guest is one host command away; never for untrusted pods",
+        );
+    }
     r
+}
+
+/// What confines the host processes of a sandbox today, said as it is.
+pub fn confinement() -> String {
+    format!(
+        "qemu -sandbox {}; runv-vmm: no capabilities, no_new_privs, seccomp (no argument filters); \
+         shared dir: host-only staging tree, read-only guest view, nosuid,nodev; \
+         not yet: a jailer (own uid, namespaces, pivot_root, the pod's cgroup) for the VMM, virtiofsd and vhost-device-vsock, which run as root",
+        crate::hypervisor::QEMU_SANDBOX
+    )
 }
 
 fn program_version(path: &Path, arg: &str) -> String {

@@ -56,8 +56,17 @@ impl FsRoot {
     /// Opens `path`, a directory the host chose (its last component must
     /// not be a symlink).
     pub fn open(path: &Path) -> Result<Self, FsRootError> {
-        let fd = rustix::fs::open(path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| FsRootError { root: path.into(), rel: PathBuf::new(), what: "opening", source: e.into() })?;
+        let fd = rustix::fs::open(
+            path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| FsRootError {
+            root: path.into(),
+            rel: PathBuf::new(),
+            what: "opening",
+            source: e.into(),
+        })?;
         Ok(Self { fd, path: path.to_path_buf() })
     }
 
@@ -200,10 +209,7 @@ impl FsRoot {
             return Err(self.err(rel, "reading")(std::io::Error::other("not a regular file")));
         }
         let mut out = Vec::new();
-        std::fs::File::from(fd)
-            .take(max as u64 + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| self.err(rel, "reading")(e))?;
+        std::fs::File::from(fd).take(max as u64 + 1).read_to_end(&mut out).map_err(|e| self.err(rel, "reading")(e))?;
         if out.len() > max {
             return Err(self.err(rel, "reading")(std::io::Error::other(format!("larger than {max} bytes"))));
         }

@@ -291,6 +291,24 @@ pub fn remove_tree(path: &Path) -> Result<(), crate::fsroot::FsRootError> {
     }
 }
 
+/// Creates `dir` and its missing parents as 0700 (root's state: nobody else
+/// may look in), and makes `dir` itself 0700 if it already existed.
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes `data` to `path` as a 0600 file (records may hold a pod's
+/// environment, secrets included).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = File::options().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(data)
+}
+
 #[cfg(test)]
 mod identity_tests {
     use super::*;
@@ -309,22 +327,4 @@ mod identity_tests {
         assert!(!id.is_alive());
         assert_eq!(ProcessIdentity::parse("1234"), None, "a bare pid is not an identity");
     }
-}
-
-/// Creates `dir` and its missing parents as 0700 (root's state: nobody else
-/// may look in), and makes `dir` itself 0700 if it already existed.
-pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// Writes `data` to `path` as a 0600 file (records may hold a pod's
-/// environment, secrets included).
-pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = File::options().create(true).write(true).truncate(true).mode(0o600).open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(data)
 }

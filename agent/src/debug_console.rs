@@ -6,7 +6,7 @@
 //!
 //! Protocol on vsock port `guest::DEBUG_CONSOLE_VSOCK_PORT`, host only: the
 //! host sends one line, a JSON array (the argv); the process runs with the
-//! connection as its stdin, stdout and stderr; when it exits the agent
+//! connection as its stdout and stderr (stdin is /dev/null); when it exits the agent
 //! writes `guest::DEBUG_CONSOLE_EXIT_PREFIX<status>\n` and closes. The
 //! initramfs holds no shell: the program comes from the guest's files (a
 //! container's rootfs under the shared directory, for instance).
@@ -17,7 +17,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use nix::sys::socket::{accept, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
+use nix::sys::socket::{
+    accept, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+};
 use runv_proto::guest;
 
 use crate::process::{ProcessIo, ProcessTable};
@@ -69,7 +71,9 @@ fn session(conn: OwnedFd, processes: &ProcessTable, runtime: &tokio::runtime::Ha
     cmd.args(args)
         .env_clear()
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::from(conn.try_clone()?))
+        // No stdin: a half-closed hybrid vsock stream closes whole on some
+        // backends, so the host never closes its side early.
+        .stdin(Stdio::null())
         .stdout(Stdio::from(conn.try_clone()?))
         .stderr(Stdio::from(conn.try_clone()?));
     let status = match processes.spawn_command(&mut cmd, ProcessIo::default()) {
@@ -89,6 +93,6 @@ fn session(conn: OwnedFd, processes: &ProcessTable, runtime: &tokio::runtime::Ha
     };
     drop(cmd);
     let mut out = std::fs::File::from(conn);
-    let _ = write!(out, "{}{status}\n", guest::DEBUG_CONSOLE_EXIT_PREFIX);
+    let _ = writeln!(out, "{}{status}", guest::DEBUG_CONSOLE_EXIT_PREFIX);
     Ok(())
 }

@@ -139,7 +139,8 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
     let containers = container::Containers::new(processes.clone(), paths)?;
     let service = Arc::new(service::AgentService::new(processes, containers, pid1));
     let shutdown = service.shutdown_signal();
-    let listener = ttrpc::asynchronous::transport::Listener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener =
+        ttrpc::asynchronous::transport::Listener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let listener = if listen.starts_with("vsock://") { host_only(listener) } else { listener };
     let mut server = ttrpc::r#async::Server::new()
         .add_listener(listener)

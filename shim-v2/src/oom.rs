@@ -17,7 +17,9 @@ pub const DROP_PAUSE: Duration = Duration::from_millis(10);
 pub enum Verdict {
     Publish,
     /// `report`: the log line for this window's drops, once per window.
-    Drop { report: Option<String> },
+    Drop {
+        report: Option<String>,
+    },
 }
 
 #[derive(Default)]

@@ -146,7 +146,8 @@ impl SharedDir {
         let meta = std::fs::metadata(source).with_context(|| format!("mount source {}", source.display()))?;
         let name = format!("{index}-{}", source.file_name().and_then(|n| n.to_str()).unwrap_or("volume"));
         let rel = Path::new(id).join("mounts").join(&name);
-        let target = if meta.is_dir() { self.staging.mkdir_all(&rel, 0o755)? } else { self.staging.create_file(&rel, 0o644)? };
+        let target =
+            if meta.is_dir() { self.staging.mkdir_all(&rel, 0o755)? } else { self.staging.create_file(&rel, 0o644)? };
         bind_onto(source, &target, read_only).with_context(|| format!("bind-mounting {}", source.display()))?;
         Ok(Path::new(guest::SHARED_MOUNT_POINT).join(id).join("mounts").join(name))
     }
@@ -361,8 +362,7 @@ mod tests {
     fn mount_options(path: &Path) -> Option<String> {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         info.lines()
-            .filter(|l| l.split_whitespace().nth(4) == Some(path.to_str().unwrap()))
-            .last()
+            .rfind(|l| l.split_whitespace().nth(4) == Some(path.to_str().unwrap()))
             .and_then(|l| l.split_whitespace().nth(5).map(str::to_owned))
     }
 

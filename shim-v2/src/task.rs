@@ -61,7 +61,10 @@ pub fn cleanup_leftovers(config: &Config, namespace: &str, id: &str) {
     }
     unmount_below(&dir);
     for tree in ["shared", "mounts"] {
-        let _ = nix::mount::umount2(&dir.join(tree), nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW);
+        let _ = nix::mount::umount2(
+            &dir.join(tree),
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        );
     }
     if let Err(e) = runv::helper::remove_tree(&dir) {
         log::warn!("removing {}: {e}", dir.display());
@@ -187,12 +190,8 @@ impl TaskService {
                 return Err(status(Code::FAILED_PRECONDITION, format!("starting the sandbox VM: {e}")));
             }
         };
-        let pids: Vec<String> = sandbox
-            .pids()
-            .into_iter()
-            .filter_map(runv::helper::ProcessIdentity::of)
-            .map(|id| id.record())
-            .collect();
+        let pids: Vec<String> =
+            sandbox.pids().into_iter().filter_map(runv::helper::ProcessIdentity::of).map(|id| id.record()).collect();
         let _ = runv::helper::write_private(&dir.join("pids"), pids.join("\n").as_bytes());
         let _ = runv::helper::write_private(&dir.join("sandbox-dir"), sandbox.dir().to_string_lossy().as_bytes());
         if let Some(network) = sandbox.network() {
@@ -222,7 +221,10 @@ impl TaskService {
                 match filter.admit(&container_id, known, std::time::Instant::now()) {
                     crate::oom::Verdict::Publish => {
                         service
-                            .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() }))
+                            .publish(
+                                topics::TASK_OOM_EVENT_TOPIC,
+                                Box::new(TaskOOM { container_id, ..Default::default() }),
+                            )
                             .await
                     }
                     crate::oom::Verdict::Drop { report: Some(line) } => {

@@ -52,14 +52,16 @@ impl GuestRoot {
 }
 
 /// Whether a user that is neither the owner nor in the group could read
-/// `path`: every directory above it searchable by others, itself readable.
-fn readable_by_others(path: &Path) -> bool {
+/// `path` if `base` (the runtime dir runv made) were reachable: every
+/// directory from `base` down searchable by others, the file readable.
+/// (The test's own temp dir above `base` is private and does not count.)
+fn readable_by_others(path: &Path, base: &Path) -> bool {
     let mut p = path.to_path_buf();
     let Ok(m) = std::fs::symlink_metadata(&p) else { return false };
     if m.file_type().is_symlink() || m.permissions().mode() & 0o004 == 0 {
         return false;
     }
-    while p.pop() {
+    while p.pop() && p.starts_with(base) {
         match std::fs::metadata(&p) {
             Ok(d) if d.permissions().mode() & 0o001 != 0 => {}
             _ => return false,
@@ -172,8 +174,12 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
     );
 
     // 2. Remount the share read-write from the guest and plant again.
-    let (out, _) =
-        guest.sh(&format!("mount -o remount,rw /run/runv/shared 2>&1; ln -s {} /run/runv/shared/next3 2>&1; true", canary.display())).await;
+    let (out, _) = guest
+        .sh(&format!(
+            "mount -o remount,rw /run/runv/shared 2>&1; ln -s {} /run/runv/shared/next3 2>&1; true",
+            canary.display()
+        ))
+        .await;
     attacks.record(
         "the share remounted read-write in the guest",
         std::fs::symlink_metadata(staging.join("next3")).is_ok().then(|| format!("planted on the host: {out}")),
@@ -189,8 +195,9 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
     let rootfs_mounted = mounts_below(&staging).iter().any(|m| m.ends_with(&format!("{c1}/rootfs")));
     attacks.record(
         "a container's rootfs mount point replaced by a symlink",
-        (!rootfs_mounted || std::fs::symlink_metadata(staging.join(&c1).join("rootfs")).unwrap().file_type().is_symlink())
-            .then(|| format!("guest said {out:?}")),
+        (!rootfs_mounted
+            || std::fs::symlink_metadata(staging.join(&c1).join("rootfs")).unwrap().file_type().is_symlink())
+        .then(|| format!("guest said {out:?}")),
     );
 
     // 4. Symlinks inside what the guest may write (a rootfs, a volume),
@@ -224,8 +231,7 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
     );
 
     // 5. Flood the serial console.
-    let (out, _) =
-        guest.sh("head -c 4194304 /dev/zero | tr '\\0' 'x' > /dev/ttyS0 2>&1; echo flooded").await;
+    let (out, _) = guest.sh("head -c 4194304 /dev/zero | tr '\\0' 'x' > /dev/ttyS0 2>&1; echo flooded").await;
     let console = Path::new(sandbox_dir.trim()).join("console.log");
     let kept = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0)
         + std::fs::metadata(console.with_extension("log.1")).map(|m| m.len()).unwrap_or(0);
@@ -254,7 +260,7 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
     //    (the pod's own mounts aside).
     let mut files = Vec::new();
     files_below(&tmp.join("run"), &mut files);
-    let exposed: Vec<_> = files.into_iter().filter(|p| readable_by_others(p)).collect();
+    let exposed: Vec<_> = files.into_iter().filter(|p| readable_by_others(p, &tmp.join("run"))).collect();
     attacks.record(
         "host users reading the sandbox's state files",
         (!exposed.is_empty()).then(|| format!("readable by others: {exposed:#?}")),

@@ -119,7 +119,11 @@ pub fn timestamp() -> String {
 /// the shim writes all of a process's output before it reports the exit.
 /// The sink is awaited before the next read: a slow consumer (a stream
 /// client) holds the pipe back, and so the process, instead of queueing.
-pub fn pump<F, Fut>(mut rx: pipe::Receiver, mut finish: watch::Receiver<bool>, mut sink: F) -> tokio::task::JoinHandle<()>
+pub fn pump<F, Fut>(
+    mut rx: pipe::Receiver,
+    mut finish: watch::Receiver<bool>,
+    mut sink: F,
+) -> tokio::task::JoinHandle<()>
 where
     F: FnMut(Vec<u8>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,

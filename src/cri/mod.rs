@@ -481,7 +481,9 @@ impl RuntimeService for Cri {
 /// back). `config_path` is handed to the shims.
 pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) -> anyhow::Result<()> {
     use anyhow::Context;
-    let images = Arc::new(ImageStore::open(&config.cri_image_root, &config.insecure_registries)?.with_limits(config.image_limits()));
+    let images = Arc::new(
+        ImageStore::open(&config.cri_image_root, &config.insecure_registries)?.with_limits(config.image_limits()),
+    );
     if let Some(dir) = listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

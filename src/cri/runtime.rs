@@ -963,10 +963,12 @@ impl Runtime {
         let collect = |rx: Option<tokio::net::unix::pipe::Receiver>| {
             let buf = Arc::new(std::sync::Mutex::new(CappedOutput::default()));
             let sink_buf = buf.clone();
-            let handle = rx.map(|rx| logs::pump(rx, finish_rx.clone(), move |d: Vec<u8>| {
-                sink_buf.lock().unwrap().push(&d);
-                std::future::ready(())
-            }));
+            let handle = rx.map(|rx| {
+                logs::pump(rx, finish_rx.clone(), move |d: Vec<u8>| {
+                    sink_buf.lock().unwrap().push(&d);
+                    std::future::ready(())
+                })
+            });
             (buf, handle)
         };
         let (stdout, out_task) = collect(session.stdout.take());

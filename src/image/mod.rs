@@ -135,7 +135,12 @@ impl ImageStore {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root.join(dir)).map_err(io_err(root))?;
         }
         let config = ClientConfig { protocol: ClientProtocol::HttpsExcept(insecure.to_vec()), ..Default::default() };
-        Ok(Self { root: root.to_path_buf(), client: Client::new(config), limits: ImageLimits::default(), pinned: Default::default() })
+        Ok(Self {
+            root: root.to_path_buf(),
+            client: Client::new(config),
+            limits: ImageLimits::default(),
+            pinned: Default::default(),
+        })
     }
 
     /// Sets the caps on what one layer may hold.
@@ -447,11 +452,17 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedWrite<W> 
         r
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -616,10 +627,7 @@ pub fn unpack_layer(reader: impl Read, dest: &Path, limits: &ImageLimits) -> Res
     let exceeded = std::rc::Rc::new(std::cell::Cell::new(false));
     let capped = CappedRead { inner: reader, left: limits.max_unpacked_bytes, exceeded: exceeded.clone() };
     let over = || {
-        format!(
-            "it unpacks to more than {} MiB (image_max_unpacked_mib)",
-            limits.max_unpacked_bytes.div_ceil(1 << 20)
-        )
+        format!("it unpacks to more than {} MiB (image_max_unpacked_mib)", limits.max_unpacked_bytes.div_ceil(1 << 20))
     };
     let mut archive = tar::Archive::new(capped);
     let entries = archive.entries().map_err(|e| format!("reading the tar stream: {e}"))?.raw(true);
@@ -844,7 +852,10 @@ mod tests {
         b.append(&h, data).unwrap();
     }
 
-    fn hostile(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+    /// (name, type, link target, data) of one raw entry.
+    type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+    fn hostile(entries: &[RawEntry<'_>]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (name, kind, link, data) in entries {
             raw_entry(&mut b, name, *kind, link, data);
@@ -1017,7 +1028,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("store")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700, "the store is private");
-        let bad = hostile(&[(b"ok", tar::EntryType::Regular, b"", b"x"), (b"../escape", tar::EntryType::Regular, b"", b"")]);
+        let bad =
+            hostile(&[(b"ok", tar::EntryType::Regular, b"", b"x"), (b"../escape", tar::EntryType::Regular, b"", b"")]);
         let hex = sha256_hex(&bad);
         std::fs::write(store.blob_path(&hex), &bad).unwrap();
         let err = store.unpack(&hex, "application/vnd.oci.image.layer.v1.tar").unwrap_err().to_string();

@@ -21,8 +21,6 @@ pub async fn run(vsock_socket: &Path, argv: &[String]) -> Result<(Vec<u8>, i32),
     let mut line = serde_json::to_vec(argv).map_err(|e| e.to_string())?;
     line.push(b'\n');
     stream.write_all(&line).await.map_err(|e| format!("sending the command: {e}"))?;
-    // Our end of the command's stdin: closed, so a program reading it ends.
-    stream.shutdown().await.map_err(|e| format!("closing stdin: {e}"))?;
     let mut out = Vec::new();
     (&mut stream).take(MAX_OUTPUT as u64 + 256).read_to_end(&mut out).await.map_err(|e| format!("reading: {e}"))?;
     parse_reply(out)
