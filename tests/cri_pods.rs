@@ -224,6 +224,28 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+    // A container writing more than ExecSync may hold (containerd's
+    // CVE-2022-31030): the reply keeps 16 MiB of stdout and says on stderr
+    // what it dropped. (The kubelet accepts replies of 16 MiB and more.)
+    println!("ATTACK ExecSync output past 16 MiB (end to end through runv cri): tried");
+    let r = rt
+        .clone()
+        .max_decoding_message_size(64 << 20)
+        .exec_sync(ExecSyncRequest {
+            container_id: first.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "head -c 25165824 /dev/zero; echo done >&2".into()],
+            timeout: 120,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!((r.stdout.len(), r.exit_code), (16 << 20, 0), "stderr: {err}");
+    assert!(
+        err.starts_with("done\n") && err.contains("stdout truncated at 16777216 bytes, 8388608 bytes dropped"),
+        "{err}"
+    );
+    println!("ATTACK ExecSync output past 16 MiB (end to end through runv cri): held");
 
     // Exec over the streaming server: stdin in, stdout out, the exit code.
     let url = rt
