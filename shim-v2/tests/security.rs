@@ -266,6 +266,34 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
         (!exposed.is_empty()).then(|| format!("readable by others: {exposed:#?}")),
     );
 
+    // What /proc shows of the sandbox's host processes: QEMU under its own
+    // seccomp filter (-sandbox), virtiofsd in a mount namespace of its own
+    // with seccomp. (No per-sandbox uid yet: the jailer is still to come.)
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        if !cmdline.contains(sandbox_dir.trim()) {
+            continue;
+        }
+        let name = cmdline.split_whitespace().next().unwrap_or("").rsplit('/').next().unwrap_or("").to_string();
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("?").trim().to_string();
+        let mnt_own = std::fs::read_link(e.path().join("ns/mnt")).map(|m| m != own_mnt).unwrap_or(false);
+        println!(
+            "CONFINEMENT {name} (pid {}): Seccomp {}, NoNewPrivs {}, CapEff {}, Uid {}, own mount namespace {mnt_own}",
+            e.file_name().to_string_lossy(),
+            field("Seccomp:"),
+            field("NoNewPrivs:"),
+            field("CapEff:"),
+            field("Uid:").split_whitespace().next().unwrap_or("?"),
+        );
+        seen.push((name, field("Seccomp:"), mnt_own));
+    }
+    assert!(seen.iter().any(|(n, s, _)| n.starts_with("qemu-system") && s == "2"), "QEMU under seccomp: {seen:?}");
+    assert!(seen.iter().any(|(n, s, m)| n == "virtiofsd" && s == "2" && *m), "virtiofsd sandboxed: {seen:?}");
+
     // The sandbox still serves after all of this.
     let alive = cri
         .exec_sync(ExecSyncRequest { container_id: c1.clone(), cmd: vec!["echo".into(), "alive".into()], timeout: 30 })
