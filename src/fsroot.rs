@@ -131,14 +131,8 @@ impl FsRoot {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(self.err(rel, "creating a directory")(e.into())),
             }
-            dir = rustix::fs::openat2(
-                &dir,
-                part,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-                STRICT,
-            )
-            .map_err(|e| self.err(rel, "opening a directory")(e.into()))?;
+            dir = open_child(&dir, part, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
+                .map_err(self.err(rel, "opening a directory"))?;
         }
         Ok(dir)
     }
@@ -159,14 +153,8 @@ impl FsRoot {
     /// parents) if missing; never truncates, never follows a symlink.
     pub fn create_file(&self, rel: &Path, mode: u32) -> Result<OwnedFd, FsRootError> {
         let (dir, name) = self.parent(rel, true)?;
-        let fd = rustix::fs::openat2(
-            &dir,
-            &name,
-            OFlags::CREATE | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(mode),
-            STRICT,
-        )
-        .map_err(|e| self.err(rel, "creating a file")(e.into()))?;
+        let fd = open_child(&dir, &name, OFlags::CREATE | OFlags::WRONLY, Mode::from_raw_mode(mode))
+            .map_err(self.err(rel, "creating a file"))?;
         let st = rustix::fs::fstat(&fd).map_err(|e| self.err(rel, "stat")(e.into()))?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(self.err(rel, "creating a file")(std::io::Error::from_raw_os_error(libc::EEXIST)));
@@ -184,11 +172,7 @@ impl FsRoot {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         };
-        match remove_at(dir.as_fd(), &name) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(self.err(rel, "removing")(e)),
-        }
+        remove_child(&dir, &name).map_err(self.err(rel, "removing"))
     }
 
     /// Reads the regular file `rel` as if this root were `/` (symlinks in
@@ -214,6 +198,22 @@ impl FsRoot {
             return Err(self.err(rel, "reading")(std::io::Error::other(format!("larger than {max} bytes"))));
         }
         Ok(out)
+    }
+}
+
+/// Opens `name`, one entry of `dir`, with `flags`: never through a
+/// symlink or magic link, never anywhere but in `dir` (`O_NOFOLLOW`,
+/// `O_CLOEXEC` always). Every single-step open of the walks here and of
+/// the layer unpacker goes through this one call.
+pub fn open_child(dir: &impl AsFd, name: &OsStr, flags: OFlags, mode: Mode) -> std::io::Result<OwnedFd> {
+    Ok(rustix::fs::openat2(dir, name, flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, mode, STRICT)?)
+}
+
+/// Removes whatever is at `name` in `dir` as `remove_at` does; missing is fine.
+pub fn remove_child(dir: &impl AsFd, name: &OsStr) -> std::io::Result<()> {
+    match remove_at(dir.as_fd(), name) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
 }
 

@@ -124,6 +124,18 @@ enum Command {
     },
 }
 
+/// The async runtime a command runs on; None (the reason printed) when it
+/// cannot start.
+fn async_runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("runv: error: starting the async runtime: {e}");
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
@@ -140,12 +152,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Vmm(args) => runv::vmm::process::main(args, &config),
         Command::Cri { listen } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runv: error: starting the async runtime: {e}");
-                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
-                }
+            let Some(runtime) = async_runtime(tokio::runtime::Builder::new_multi_thread()) else {
+                return ExitCode::from(EXIT_RUNV_ERROR as u8);
             };
             match runtime.block_on(runv::cri::serve(&listen, config.clone(), cli.config.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -156,12 +164,8 @@ fn main() -> ExitCode {
             }
         }
         Command::DebugConsole { socket, command } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runv: error: starting the async runtime: {e}");
-                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
-                }
+            let Some(runtime) = async_runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::from(EXIT_RUNV_ERROR as u8);
             };
             match runtime.block_on(runv::sandbox::debug_console::run(&socket, &command)) {
                 Ok((output, status)) => {
@@ -194,12 +198,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Overhead { format, settle, window, margin } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runv: error: starting the async runtime: {e}");
-                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
-                }
+            let Some(runtime) = async_runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::from(EXIT_RUNV_ERROR as u8);
             };
             let measured = runtime.block_on(runv::overhead::measure(
                 &config,
@@ -224,12 +224,8 @@ fn main() -> ExitCode {
         Command::Run { rootfs, cpus, memory, tty, env, workdir, command } => {
             // One thread: helpers are tied to the thread that starts them
             // (PR_SET_PDEATHSIG), which must outlive them.
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runv: error: starting the async runtime: {e}");
-                    return ExitCode::from(EXIT_RUNV_ERROR as u8);
-                }
+            let Some(runtime) = async_runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::from(EXIT_RUNV_ERROR as u8);
             };
             let opts = RunOptions { rootfs, cpus, memory_mib: memory, tty, env, workdir, command };
             let status = match runtime.block_on(runv::run::run(&config, opts)) {

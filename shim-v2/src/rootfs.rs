@@ -143,12 +143,17 @@ impl SharedDir {
     /// use in the spec. A read-only volume is read-only on the host side too.
     pub fn bind_volume(&self, id: &str, index: usize, source: &Path, read_only: bool) -> Result<PathBuf> {
         check_id(id)?;
-        let meta = std::fs::metadata(source).with_context(|| format!("mount source {}", source.display()))?;
+        // The source is resolved once: the tree taken from it says whether
+        // its mount point must be a directory or a file.
+        let tree = detached_tree(source, read_only).with_context(|| format!("mount source {}", source.display()))?;
+        let is_dir = rustix::fs::fstat(&tree)
+            .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory)
+            .with_context(|| format!("mount source {}", source.display()))?;
         let name = format!("{index}-{}", source.file_name().and_then(|n| n.to_str()).unwrap_or("volume"));
         let rel = Path::new(id).join("mounts").join(&name);
         let target =
-            if meta.is_dir() { self.staging.mkdir_all(&rel, 0o755)? } else { self.staging.create_file(&rel, 0o644)? };
-        bind_onto(source, &target, read_only).with_context(|| format!("bind-mounting {}", source.display()))?;
+            if is_dir { self.staging.mkdir_all(&rel, 0o755)? } else { self.staging.create_file(&rel, 0o644)? };
+        attach(&tree, &target).with_context(|| format!("bind-mounting {}", source.display()))?;
         Ok(Path::new(guest::SHARED_MOUNT_POINT).join(id).join("mounts").join(name))
     }
 
@@ -173,12 +178,8 @@ impl SharedDir {
             let _ = umount2(d, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
         }
         let _ = std::fs::remove_dir(&self.view);
-        if let Some(parent) = self.staging.path().parent() {
-            if let Ok(root) = FsRoot::open(parent) {
-                if let Err(e) = root.remove_all(Path::new("mounts")) {
-                    log::warn!("removing {}: {e}", self.staging.path().display());
-                }
-            }
+        if let Err(e) = runv::helper::remove_tree(self.staging.path()) {
+            log::warn!("removing {}: {e}", self.staging.path().display());
         }
     }
 }
@@ -198,12 +199,17 @@ pub fn check_id(id: &str) -> Result<()> {
 }
 
 /// Bind-mounts `source` (a host path) recursively onto the opened target,
-/// with the new mount API: the target is the fd, not a path. The detached
-/// tree gets nosuid, nodev (and ro) before it is attached, so the copy that
-/// propagates into the guest's view has them too (a remount afterwards
-/// would change the staging mount only).
+/// with the new mount API: the target is the fd, not a path.
 fn bind_onto(source: &Path, target: &impl AsFd, read_only: bool) -> std::io::Result<()> {
-    use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
+    attach(&detached_tree(source, read_only)?, target)
+}
+
+/// A recursive clone of the mount tree at `source`, not attached anywhere
+/// yet, with nosuid, nodev (and ro) set: set before it is attached, so the
+/// copy that propagates into the guest's view has them too (a remount
+/// afterwards would change the staging mount only).
+fn detached_tree(source: &Path, read_only: bool) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::mount::{open_tree, OpenTreeFlags};
     let tree = open_tree(
         rustix::fs::CWD,
         source,
@@ -229,8 +235,14 @@ fn bind_onto(source: &Path, target: &impl AsFd, read_only: bool) -> std::io::Res
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(tree)
+}
+
+/// Attaches a detached tree onto the opened target.
+fn attach(tree: &impl AsFd, target: &impl AsFd) -> std::io::Result<()> {
+    use rustix::mount::{move_mount, MoveMountFlags};
     move_mount(
-        &tree,
+        tree,
         "",
         target,
         "",

@@ -171,7 +171,7 @@ impl TaskService {
         let shared = match SharedDir::create(&dir) {
             Ok(s) => s,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = runv::helper::remove_tree(&dir);
                 return Err(status(Code::INTERNAL, format!("{e:#}")));
             }
         };
@@ -186,7 +186,7 @@ impl TaskService {
             Ok(s) => s,
             Err(e) => {
                 shared.destroy();
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = runv::helper::remove_tree(&dir);
                 return Err(status(Code::FAILED_PRECONDITION, format!("starting the sandbox VM: {e}")));
             }
         };
@@ -227,11 +227,12 @@ impl TaskService {
                             )
                             .await
                     }
-                    crate::oom::Verdict::Drop { report: Some(line) } => {
-                        log::warn!("sandbox {}: {line}", service.id);
+                    crate::oom::Verdict::Drop { report } => {
+                        if let Some(line) = report {
+                            log::warn!("sandbox {}: {line}", service.id);
+                        }
                         tokio::time::sleep(crate::oom::DROP_PAUSE).await;
                     }
-                    crate::oom::Verdict::Drop { report: None } => tokio::time::sleep(crate::oom::DROP_PAUSE).await,
                 }
             }
         });

@@ -54,11 +54,10 @@ fn internal(what: &str) -> impl Fn(std::io::Error) -> Status + '_ {
     move |e| Status::internal(format!("{what}: {e}"))
 }
 
-/// A spec holds the pod's environment (secrets too): 0600.
-fn private(path: &Path) -> Result<(), Status> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Status::internal(format!("making {} private: {e}", path.display())))
+/// Writes a bundle's `config.json`: 0600 from the start, since a spec holds
+/// the pod's environment (secrets too).
+fn save_spec(spec: &oci_spec::runtime::Spec, bundle: &Path) -> std::io::Result<()> {
+    crate::helper::write_private(&bundle.join("config.json"), &serde_json::to_vec(spec).map_err(std::io::Error::other)?)
 }
 
 /// Most bytes of one ExecSync stream kept (containerd's cap since
@@ -370,8 +369,7 @@ impl Runtime {
         spec::write_pod_files(dir, config, &pod.ips)
             .map_err(internal("writing the pod's hosts/resolv.conf/hostname"))?;
         let oci = spec::sandbox_spec(&pod.id, config, image, pod.netns.as_deref())?;
-        oci.save(dir.join("config.json")).map_err(|e| Status::internal(format!("writing the sandbox spec: {e}")))?;
-        private(&dir.join("config.json"))?;
+        save_spec(&oci, dir).map_err(|e| Status::internal(format!("writing the sandbox spec: {e}")))?;
         let rootfs = self.rootfs_mount(image, dir)?;
         let address = self.launcher.start(dir, &pod.id).await?;
         pod.shim_address = address.clone();
@@ -648,8 +646,7 @@ impl Runtime {
         let dir = self.store.container_dir(&id);
         let made = async {
             std::fs::create_dir_all(&dir).map_err(internal("creating the container directory"))?;
-            oci.save(dir.join("config.json")).map_err(|e| Status::internal(format!("writing the spec: {e}")))?;
-            private(&dir.join("config.json"))?;
+            save_spec(&oci, &dir).map_err(|e| Status::internal(format!("writing the spec: {e}")))?;
             let rootfs = self.rootfs_mount(&image, &dir)?;
             mkfifo(&dir.join("stdout"))?;
             if !config.tty {

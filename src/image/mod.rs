@@ -17,9 +17,9 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
-use crate::fsroot::{remove_at, FsRoot};
+use crate::fsroot::{open_child, remove_child, FsRoot};
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -126,13 +126,11 @@ impl ImageStore {
     /// A store under `root`; registries in `insecure` (host[:port]) are
     /// reached over plain HTTP, every other one over HTTPS.
     pub fn open(root: &Path, insecure: &[String]) -> Result<Self, ImageError> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         // Layers keep their setuid files, file capabilities and device
         // nodes: nobody but root may reach them on the host.
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(io_err(root))?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(io_err(root))?;
+        crate::helper::create_private_dir_all(root).map_err(io_err(root))?;
         for dir in ["blobs/sha256", "layers", "images", "tmp"] {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root.join(dir)).map_err(io_err(root))?;
+            crate::helper::create_private_dir_all(&root.join(dir)).map_err(io_err(root))?;
         }
         let config = ClientConfig { protocol: ClientProtocol::HttpsExcept(insecure.to_vec()), ..Default::default() };
         Ok(Self {
@@ -217,10 +215,9 @@ impl ImageStore {
             }
             hexes.push(hex.to_string());
         }
-        let _pins = self.pin(hexes);
+        let pins = self.pin(hexes);
         let mut layers = Vec::new();
-        for layer in &manifest.layers {
-            let hex = digest_hex(&layer.digest).expect("checked above");
+        for (layer, hex) in manifest.layers.iter().zip(&pins.hexes) {
             if !self.blob_path(hex).is_file() {
                 self.fetch_blob(&r, layer, hex).await?;
             }
@@ -250,10 +247,14 @@ impl ImageStore {
             let file = tokio::fs::File::create(&tmp).await.map_err(io_err(&tmp))?;
             // The registry's bytes are counted as they arrive: a blob longer
             // than its cap is cut off, whatever its descriptor said.
-            let mut writer = CappedWrite { inner: tokio::io::BufWriter::new(file), left: self.limits.max_layer_bytes };
+            let mut writer = CappedWrite {
+                inner: tokio::io::BufWriter::new(file),
+                left: self.limits.max_layer_bytes,
+                exceeded: false,
+            };
             self.client.pull_blob(r, layer, &mut writer).await.map_err(|e| {
                 let reason = e.to_string();
-                if writer.left == 0 && reason.contains("cap") {
+                if writer.exceeded {
                     ImageError::Layer {
                         digest: layer.digest.clone(),
                         reason: format!(
@@ -428,10 +429,12 @@ impl ImageStore {
     }
 }
 
-/// An AsyncWrite that refuses bytes past its cap.
+/// An AsyncWrite that refuses bytes past its cap; `exceeded` tells a cap
+/// hit apart from any other failure once the pull has wrapped the error.
 struct CappedWrite<W> {
     inner: W,
     left: u64,
+    exceeded: bool,
 }
 
 impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedWrite<W> {
@@ -441,7 +444,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedWrite<W> 
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         if buf.len() as u64 > self.left {
-            self.left = 0;
+            self.exceeded = true;
             return std::task::Poll::Ready(Err(std::io::Error::other("blob over its size cap")));
         }
         let this = &mut *self;
@@ -669,11 +672,7 @@ fn os(e: impl Into<std::io::Error>) -> String {
 /// Removes whatever is at `name` in `dir` (an entry replaces it), without
 /// following a symlink or crossing a mount.
 fn clear(dir: &impl AsFd, name: &OsStr) -> Result<(), String> {
-    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(e) => Err(os(e)),
-        Ok(_) => remove_at(dir.as_fd(), name).map_err(os),
-    }
+    remove_child(dir, name).map_err(os)
 }
 
 fn unpack_entry<R: Read>(
@@ -713,16 +712,7 @@ fn unpack_entry<R: Read>(
         last_access: rustix::fs::Timespec { tv_sec: meta.mtime, tv_nsec: 0 },
         last_modification: rustix::fs::Timespec { tv_sec: meta.mtime, tv_nsec: 0 },
     };
-    let open_strict = |flags: OFlags, mode: Mode| {
-        rustix::fs::openat2(
-            &parent,
-            *name,
-            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            mode,
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        )
-        .map_err(os)
-    };
+    let open_strict = |flags: OFlags, mode: Mode| open_child(&parent, name, flags, mode).map_err(os);
     // chown clears setuid bits and file capabilities: mode and xattrs after it.
     let finish = |fd: &OwnedFd| -> Result<(), String> {
         rustix::fs::fchown(fd, uid, gid).map_err(|e| format!("owner: {}", os(e)))?;

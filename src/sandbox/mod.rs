@@ -303,10 +303,9 @@ impl Drop for Sandbox {
             eprintln!("runv: kept sandbox directory {} (RUNV_KEEP_SANDBOX_DIR)", self.dir.display());
             return;
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(sandbox = %self.id, "removing {}: {e}", self.dir.display());
-            }
+        // Missing is fine (remove_tree says nothing then).
+        if let Err(e) = crate::helper::remove_tree(&self.dir) {
+            tracing::warn!(sandbox = %self.id, "removing {}: {e}", self.dir.display());
         }
     }
 }
