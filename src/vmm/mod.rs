@@ -3,5 +3,7 @@
 pub mod devices;
 pub mod layout;
 pub mod process;
+pub mod seccomp;
+mod syscall_names;
 pub mod vm;
 pub mod x86_64;

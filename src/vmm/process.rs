@@ -7,15 +7,12 @@
 //! Control socket protocol (one line per request): `stop` ends the VM
 //! (answer `ok`); `status` answers `running`.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use super::devices::virtio::block::Block;
 use super::devices::virtio::fs::VhostUserFs;
@@ -214,21 +211,29 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
     }
     vm.load_kernel(&opts.kernel, opts.initramfs.as_deref(), &opts.cmdline)?;
     let stop = Arc::new(AtomicBool::new(false));
-    if let Some(path) = &opts.api_socket {
-        serve_api(path, stop.clone())?;
-    }
+    let api = match &opts.api_socket {
+        Some(path) => Some((path, bind_api(path)?)),
+        None => None,
+    };
     if opts.sandbox {
         confine()?;
+    }
+    if let Some((path, listener)) = api {
+        serve_api(path, listener, stop.clone())?;
     }
     Ok(vm.run(stop)?)
 }
 
-fn serve_api(path: &PathBuf, stop: Arc<AtomicBool>) -> Result<(), VmmError> {
+fn bind_api(path: &PathBuf) -> Result<UnixListener, VmmError> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| VmmError::Api { path: path.clone(), source })?;
+    UnixListener::bind(path).map_err(|source| VmmError::Api { path: path.clone(), source })
+}
+
+fn serve_api(path: &PathBuf, listener: UnixListener, stop: Arc<AtomicBool>) -> Result<(), VmmError> {
     std::thread::Builder::new()
         .name("vmm-api".into())
         .spawn(move || {
+            super::seccomp::enter(super::seccomp::Role::Api);
             for conn in listener.incoming().flatten() {
                 let Ok(mut out) = conn.try_clone() else { continue };
                 for line in BufReader::new(conn).lines() {
@@ -252,15 +257,15 @@ fn serve_api(path: &PathBuf, stop: Arc<AtomicBool>) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Drops every capability and installs the seccomp filter on every thread.
+/// Drops every capability and installs the seccomp filters (see
+/// `super::seccomp`).
 pub fn confine() -> Result<(), VmmError> {
     drop_capabilities()?;
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(VmmError::Confine(format!("no_new_privs: {}", std::io::Error::last_os_error())));
     }
-    let filter = seccomp_filter()?;
-    seccompiler::apply_filter_all_threads(&filter).map_err(|e| VmmError::Confine(format!("seccomp: {e}")))
+    super::seccomp::confine().map_err(VmmError::Confine)
 }
 
 fn drop_capabilities() -> Result<(), VmmError> {
@@ -291,85 +296,6 @@ fn drop_capabilities() -> Result<(), VmmError> {
         return Err(VmmError::Confine(format!("dropping capabilities: {}", std::io::Error::last_os_error())));
     }
     Ok(())
-}
-
-/// The system calls the running VMM makes (vCPU threads in KVM_RUN, device
-/// emulation, the control socket, thread teardown); anything else kills the
-/// process. ioctl is allowed whole: the VMM's ioctls are KVM's.
-pub fn allowed_syscalls() -> Vec<i64> {
-    vec![
-        libc::SYS_read,
-        libc::SYS_write,
-        libc::SYS_readv,
-        libc::SYS_writev,
-        libc::SYS_pread64,
-        libc::SYS_pwrite64,
-        libc::SYS_preadv,
-        libc::SYS_pwritev,
-        libc::SYS_lseek,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_statx,
-        libc::SYS_close,
-        libc::SYS_fcntl,
-        libc::SYS_dup,
-        libc::SYS_fsync,
-        libc::SYS_fdatasync,
-        libc::SYS_ioctl,
-        libc::SYS_futex,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigaction,
-        libc::SYS_sigaltstack,
-        libc::SYS_mmap,
-        libc::SYS_munmap,
-        libc::SYS_mprotect,
-        libc::SYS_madvise,
-        libc::SYS_mremap,
-        libc::SYS_brk,
-        libc::SYS_clock_gettime,
-        libc::SYS_clock_nanosleep,
-        libc::SYS_nanosleep,
-        libc::SYS_sched_yield,
-        libc::SYS_sched_getaffinity,
-        libc::SYS_getrandom,
-        libc::SYS_gettid,
-        libc::SYS_getpid,
-        libc::SYS_tgkill,
-        libc::SYS_tkill,
-        libc::SYS_accept4,
-        libc::SYS_socket,
-        libc::SYS_connect,
-        libc::SYS_accept,
-        libc::SYS_recvfrom,
-        libc::SYS_sendto,
-        libc::SYS_recvmsg,
-        libc::SYS_sendmsg,
-        libc::SYS_shutdown,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
-        libc::SYS_epoll_wait,
-        libc::SYS_epoll_pwait,
-        libc::SYS_epoll_ctl,
-        libc::SYS_clone,
-        libc::SYS_clone3,
-        libc::SYS_set_robust_list,
-        libc::SYS_rseq,
-        libc::SYS_prctl,
-        libc::SYS_restart_syscall,
-    ]
-}
-
-fn seccomp_filter() -> Result<BpfProgram, VmmError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        allowed_syscalls().into_iter().map(|nr| (nr, Vec::new())).collect();
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| VmmError::Confine(format!("building the seccomp filter: {e}")))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| VmmError::Confine(format!("compiling the seccomp filter: {e}")))
 }
 
 /// A minimal ELF64 guest with a PVH entry note (Xen PHYS32_ENTRY), whose
@@ -453,11 +379,6 @@ mod tests {
         assert_eq!("/d.img".parse::<Disk>().unwrap(), Disk { path: "/d.img".into(), read_only: false });
         assert!("/d.img,fast".parse::<Disk>().unwrap_err().contains("unknown disk option 'fast'"));
         assert!(",ro".parse::<Disk>().is_err());
-    }
-
-    #[test]
-    fn the_seccomp_filter_compiles() {
-        assert!(seccomp_filter().is_ok());
     }
 
     #[test]

@@ -338,6 +338,7 @@ impl Vm {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    super::seccomp::enter(super::seccomp::Role::Vcpu);
                     let reason = run_vcpu(vcpu, &pio, &mmio, &stop);
                     let _ = tx.send(reason);
                 })
@@ -345,6 +346,7 @@ impl Vm {
             threads.push(t);
         }
         drop(tx);
+        super::seccomp::enter(super::seccomp::Role::Main);
         // The first vCPU to stop decides; then the others are kicked out of
         // KVM_RUN until they see `stop`.
         let reason = loop {

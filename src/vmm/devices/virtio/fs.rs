@@ -142,6 +142,7 @@ impl VhostUserFs {
 
 /// Forwards the backend's "used buffers" signals to the guest interrupt.
 fn relay(calls: Vec<EventFd>, wake: Arc<EventFd>, stop: Arc<AtomicBool>, interrupt: Interrupt) {
+    crate::vmm::seccomp::enter(crate::vmm::seccomp::Role::FsIrq);
     while !stop.load(Ordering::SeqCst) {
         let mut fds: Vec<libc::pollfd> =
             calls.iter().map(|c| libc::pollfd { fd: c.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();

@@ -146,6 +146,7 @@ fn fill_rx(s: &mut Shared) {
 }
 
 fn worker(shared: Arc<Mutex<Shared>>, kick: Arc<EventFd>, stop: Arc<AtomicBool>) {
+    crate::vmm::seccomp::enter(crate::vmm::seccomp::Role::VsockWorker);
     while !stop.load(Ordering::SeqCst) {
         let interests = Vsock::lock(&shared).muxer.interests();
         let mut fds: Vec<libc::pollfd> = interests
