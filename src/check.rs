@@ -13,8 +13,86 @@ use crate::helper::{find_program, HelperProcess};
 use crate::hypervisor::{Qemu, VmConfig};
 
 /// A Linux guest reaches init in well under a second on hardware KVM; a
-/// KVM that cannot run it stalls or fails, which this bounds.
+/// KVM that cannot run it stalls or fails, which this bounds on a host of
+/// ordinary speed. Slower hosts (nested virtualization, emulated CPUs) get
+/// it scaled by their measured speed (`probe_timeout`), up to
+/// `PROBE_TIMEOUT_MAX`; `boot_probe_timeout_secs` overrides both.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(300);
+/// How long a cached probe answer holds: a success a week, a failure a
+/// day (a host's KVM changes with its kernel, modules and firmware, which
+/// the cache key covers only in part).
+const PROBE_OK_TTL_SECS: u64 = 7 * 86_400;
+const PROBE_FAIL_TTL_SECS: u64 = 86_400;
+
+/// Why a boot probe gave no answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeError {
+    /// The guest did not boot: the hypervisor failed or exited.
+    Failed(String),
+    /// The guest had not reached init when the probe's time ran out: no
+    /// verdict on KVM, and never cached.
+    TimedOut { after: Duration, speed: f64 },
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Failed(why) => f.write_str(why),
+            ProbeError::TimedOut { after, speed } => write!(
+                f,
+                "the boot probe timed out after {}s before the guest reached init (this host measured {speed:.1}x \
+                 slower than the reference; raise boot_probe_timeout_secs to wait longer)",
+                after.as_secs()
+            ),
+        }
+    }
+}
+
+impl From<String> for ProbeError {
+    fn from(why: String) -> Self {
+        ProbeError::Failed(why)
+    }
+}
+
+impl From<&str> for ProbeError {
+    fn from(why: &str) -> Self {
+        ProbeError::Failed(why.to_string())
+    }
+}
+
+/// How much slower than the reference host this one runs a fixed CPU
+/// workload (at least 1): the best of three short runs, so a busy moment
+/// does not count.
+pub fn host_slowdown() -> f64 {
+    // The reference host (one core of a 2020s x86 server) does this loop
+    // in about 20 ms.
+    const REFERENCE: Duration = Duration::from_millis(20);
+    let best = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for _ in 0..20_000_000u32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+            }
+            std::hint::black_box(x);
+            started.elapsed()
+        })
+        .min()
+        .unwrap_or(REFERENCE);
+    (best.as_secs_f64() / REFERENCE.as_secs_f64()).max(1.0)
+}
+
+/// The boot probe's time limit here, and the slowdown it was scaled by.
+pub fn probe_timeout(config: &Config) -> (Duration, f64) {
+    if config.boot_probe_timeout_secs > 0 {
+        return (Duration::from_secs(config.boot_probe_timeout_secs), 1.0);
+    }
+    let speed = host_slowdown();
+    (PROBE_TIMEOUT.mul_f64(speed).min(PROBE_TIMEOUT_MAX), speed)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -70,20 +148,24 @@ pub fn check(config: &Config) -> Report {
     match kvm_ioctls::Kvm::new() {
         Ok(kvm) => {
             r.add(Level::Ok, "kvm", format!("/dev/kvm present, API version {}", kvm.get_api_version()));
-            match kvm_boots_guest(config) {
+            match kvm_probe(config) {
                 Ok(()) => {
                     r.kvm_boots_guest = true;
                     r.add(Level::Ok, "kvm-boot", "KVM boots the guest kernel");
                 }
+                Err(why @ ProbeError::TimedOut { .. }) => r.add(Level::Warn, "kvm-boot", format!("unknown: {why}")),
                 Err(why) => r.add(Level::Warn, "kvm-boot", format!("KVM cannot boot the guest: {why}")),
             }
         }
         Err(e) => r.add(Level::Warn, "kvm", format!("/dev/kvm unusable ({e}); guests run under TCG only")),
     }
-    match builtin_boots_guest(config) {
+    match builtin_probe(config) {
         Ok(()) => {
             r.builtin_boots_guest = true;
             r.add(Level::Ok, "builtin-vmm", "runv-vmm boots the guest kernel; `hypervisor = auto` uses it");
+        }
+        Err(why @ ProbeError::TimedOut { .. }) => {
+            r.add(Level::Warn, "builtin-vmm", format!("unknown, sandboxes use QEMU: {why}"))
         }
         Err(why) => r.add(
             Level::Warn,
@@ -181,28 +263,83 @@ fn cgroup_version() -> Option<String> {
 /// The answer is cached per host kernel, guest kernel and initramfs and
 /// hypervisor binaries (see `probe_cache_path`).
 pub fn kvm_boots_guest(config: &Config) -> Result<(), String> {
-    kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm unusable: {e}"))?;
-    cached_probe(&probe_cache_path(config), || probe_boot(config, "kvm", PROBE_TIMEOUT))
+    kvm_probe(config).map_err(|e| e.to_string())
 }
 
-/// The cached answer at `cache`, else `probe`'s, which is then cached.
-pub(crate) fn cached_probe(cache: &Path, probe: impl FnOnce() -> Result<Duration, String>) -> Result<(), String> {
-    if let Ok(text) = std::fs::read_to_string(cache) {
-        return match text.strip_prefix("ok") {
-            Some(_) => Ok(()),
-            None => Err(text.trim().to_string()),
-        };
+fn kvm_probe(config: &Config) -> Result<(), ProbeError> {
+    kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm unusable: {e}"))?;
+    cached_probe(&probe_cache_path(config), || {
+        let (timeout, speed) = probe_timeout(config);
+        probe_boot(config, "kvm", timeout).map_err(|e| e.scaled(speed))
+    })
+}
+
+impl ProbeError {
+    fn scaled(self, speed: f64) -> Self {
+        match self {
+            ProbeError::TimedOut { after, .. } => ProbeError::TimedOut { after, speed },
+            other => other,
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The cached answer at `cache` while it holds (see `PROBE_OK_TTL_SECS`),
+/// else `probe`'s, which is then cached unless it timed out.
+pub(crate) fn cached_probe(
+    cache: &Path,
+    probe: impl FnOnce() -> Result<Duration, ProbeError>,
+) -> Result<(), ProbeError> {
+    if let Some(answer) = cached_answer(cache) {
+        return answer.map_err(ProbeError::Failed);
     }
     let result = probe();
-    let text = match &result {
-        Ok(elapsed) => format!("ok {}ms", elapsed.as_millis()),
-        Err(why) => why.clone(),
+    record_probe(cache, &result);
+    result.map(|_| ())
+}
+
+/// The answer cached at `cache`, if it still holds. A record is
+/// `ok <ms> <unix time>` or `fail <unix time> <why>`; anything else (an
+/// older format) counts as absent.
+pub(crate) fn cached_answer(cache: &Path) -> Option<Result<(), String>> {
+    std::fs::read_to_string(cache).ok().and_then(|t| parse_probe_record(&t, now_secs()))
+}
+
+/// Records a probe's answer at `cache`; a timed-out probe has none.
+pub(crate) fn record_probe(cache: &Path, result: &Result<Duration, ProbeError>) {
+    let text = match result {
+        Ok(elapsed) => format!("ok {} {}", elapsed.as_millis(), now_secs()),
+        Err(ProbeError::Failed(why)) => format!("fail {} {why}", now_secs()),
+        Err(ProbeError::TimedOut { .. }) => {
+            let _ = std::fs::remove_file(cache);
+            return;
+        }
     };
     if let Some(parent) = cache.parent() {
         let _ = std::fs::create_dir_all(parent);
     }
     let _ = std::fs::write(cache, text);
-    result.map(|_| ())
+}
+
+/// A cached probe answer that still holds at `now`.
+fn parse_probe_record(text: &str, now: u64) -> Option<Result<(), String>> {
+    let mut words = text.trim().splitn(3, ' ');
+    match words.next()? {
+        "ok" => {
+            words.next()?.parse::<u64>().ok()?;
+            let at: u64 = words.next()?.trim().parse().ok()?;
+            (now.saturating_sub(at) < PROBE_OK_TTL_SECS && at <= now).then_some(Ok(()))
+        }
+        "fail" => {
+            let at: u64 = words.next()?.parse().ok()?;
+            let why = words.next().unwrap_or("").to_string();
+            (now.saturating_sub(at) < PROBE_FAIL_TTL_SECS && at <= now).then_some(Err(why))
+        }
+        _ => None,
+    }
 }
 
 /// Where boot probe answers are kept: host-wide, since they depend on the
@@ -223,6 +360,25 @@ pub(crate) fn probe_cache_path(config: &Config) -> PathBuf {
         }
     }
     nix::sys::utsname::uname().ok().map(|u| u.release().to_owned()).hash(&mut h);
+    // The CPU and what KVM was loaded with.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo.lines().find(|l| l.starts_with("model name")).hash(&mut h);
+    cpuinfo.lines().find(|l| l.starts_with("flags")).hash(&mut h);
+    for module in ["kvm", "kvm_amd", "kvm_intel"] {
+        let dir = Path::new("/sys/module").join(module).join("parameters");
+        let mut params: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                let value = std::fs::read_to_string(e.path()).unwrap_or_default();
+                (e.file_name().to_string_lossy().into_owned(), value)
+            })
+            .collect();
+        params.sort();
+        params.hash(&mut h);
+    }
+    config.boot_probe_timeout_secs.hash(&mut h);
     let name = format!("kvm-probe-{:016x}", h.finish());
     match std::fs::create_dir_all(PROBE_CACHE_DIR) {
         Ok(()) => Path::new(PROBE_CACHE_DIR).join(name),
@@ -232,12 +388,12 @@ pub(crate) fn probe_cache_path(config: &Config) -> PathBuf {
 
 /// Boots the guest with the probe flag under `accel` and waits for the
 /// agent's marker on the console; returns the time to the marker.
-pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Result<Duration, String> {
+pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Result<Duration, ProbeError> {
     if !config.kernel.is_file() || !config.initramfs.is_file() {
         return Err("guest kernel or initramfs missing".into());
     }
     let dir = tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
-    let result = (|| {
+    let result = (|| -> Result<Duration, ProbeError> {
         let vm = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -265,16 +421,17 @@ pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Re
                 return Err(format!(
                     "KVM internal error (emulation failure) {:.1}s into the boot",
                     started.elapsed().as_secs_f64()
-                ));
+                )
+                .into());
             }
             if let Some(status) = qemu.try_wait() {
                 let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
                 let mut first = log.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
                 first.truncate(160);
-                return Err(format!("QEMU exited ({status}) before the guest reached init: {first}"));
+                return Err(format!("QEMU exited ({status}) before the guest reached init: {first}").into());
             }
             if started.elapsed() >= timeout {
-                return Err(format!("the guest did not reach init within {}s", timeout.as_secs()));
+                return Err(ProbeError::TimedOut { after: timeout, speed: 1.0 });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -294,19 +451,26 @@ fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
 /// Whether the built-in VMM (`runv-vmm`) boots the configured guest to its
 /// agent: `Ok` or why not. Cached like `kvm_boots_guest`.
 pub fn builtin_boots_guest(config: &Config) -> Result<(), String> {
+    builtin_probe(config).map_err(|e| e.to_string())
+}
+
+fn builtin_probe(config: &Config) -> Result<(), ProbeError> {
     let vmm = find_program(&config.vmm).ok_or_else(|| format!("'{}' not found", config.vmm.display()))?;
     kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm unusable: {e}"))?;
-    cached_probe(&probe_cache_path(config).with_extension("builtin"), || probe_builtin(config, &vmm, PROBE_TIMEOUT))
+    cached_probe(&probe_cache_path(config).with_extension("builtin"), || {
+        let (timeout, speed) = probe_timeout(config);
+        probe_builtin(config, &vmm, timeout).map_err(|e| e.scaled(speed))
+    })
 }
 
 /// Boots the guest with the probe flag under `runv-vmm` and waits for the
 /// agent's marker on the console; returns the time to the marker.
-pub fn probe_builtin(config: &Config, vmm: &Path, timeout: Duration) -> Result<Duration, String> {
+pub fn probe_builtin(config: &Config, vmm: &Path, timeout: Duration) -> Result<Duration, ProbeError> {
     if !config.kernel.is_file() || !config.initramfs.is_file() {
         return Err("guest kernel or initramfs missing".into());
     }
     let dir = tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
-    let result = (|| {
+    let result = (|| -> Result<Duration, ProbeError> {
         let console = dir.join("console.log");
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| e.to_string())?;
         let started = Instant::now();
@@ -332,10 +496,10 @@ pub fn probe_builtin(config: &Config, vmm: &Path, timeout: Duration) -> Result<D
                 let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
                 let mut why = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
                 why.truncate(200);
-                break Err(format!("runv-vmm exited ({status}) before the guest reached init: {why}"));
+                break Err(format!("runv-vmm exited ({status}) before the guest reached init: {why}").into());
             }
             if started.elapsed() >= timeout {
-                break Err(format!("the guest did not reach init within {}s", timeout.as_secs()));
+                break Err(ProbeError::TimedOut { after: timeout, speed: 1.0 });
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -345,4 +509,55 @@ pub fn probe_builtin(config: &Config, vmm: &Path, timeout: Duration) -> Result<D
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_record_holds_until_it_expires_and_old_formats_count_as_absent() {
+        let now = 1_000_000_000;
+        assert_eq!(parse_probe_record(&format!("ok 1200 {}", now - 60), now), Some(Ok(())));
+        assert_eq!(parse_probe_record(&format!("ok 1200 {}", now - PROBE_OK_TTL_SECS), now), None);
+        assert_eq!(
+            parse_probe_record(&format!("fail {} KVM internal error", now - 60), now),
+            Some(Err("KVM internal error".into()))
+        );
+        assert_eq!(parse_probe_record(&format!("fail {} x", now - PROBE_FAIL_TTL_SECS), now), None);
+        // A record from the future (a clock set back) does not hold.
+        assert_eq!(parse_probe_record(&format!("ok 5 {}", now + 10), now), None);
+        assert_eq!(parse_probe_record("ok 1200ms", now), None);
+        assert_eq!(parse_probe_record("the guest did not reach init within 10s", now), None);
+    }
+
+    #[test]
+    fn a_timed_out_probe_is_reported_as_such_and_never_cached() {
+        let dir = std::env::temp_dir().join(format!("runv-probe-test-{}", std::process::id()));
+        let cache = dir.join("kvm-probe-x");
+        let timed_out = ProbeError::TimedOut { after: Duration::from_secs(40), speed: 4.0 };
+        let e = cached_probe(&cache, || Err(timed_out.clone())).unwrap_err();
+        assert_eq!(e, timed_out);
+        assert!(e.to_string().contains("timed out after 40s") && e.to_string().contains("boot_probe_timeout_secs"));
+        assert!(!cache.exists());
+        // A failure is cached, and answers the next call without probing.
+        let failed = cached_probe(&cache, || Err(ProbeError::Failed("emulation failure".into())));
+        assert_eq!(failed, Err(ProbeError::Failed("emulation failure".into())));
+        let again = cached_probe(&cache, || panic!("probed although an answer was cached"));
+        assert_eq!(again, Err(ProbeError::Failed("emulation failure".into())));
+        std::fs::remove_file(&cache).unwrap();
+        assert_eq!(cached_probe(&cache, || Ok(Duration::from_millis(900))), Ok(()));
+        assert!(std::fs::read_to_string(&cache).unwrap().starts_with("ok 900 "));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_probe_timeout_scales_with_the_host_unless_configured() {
+        let mut config = Config::default();
+        let (timeout, speed) = probe_timeout(&config);
+        assert!(speed >= 1.0);
+        assert!(timeout >= PROBE_TIMEOUT && timeout <= PROBE_TIMEOUT_MAX, "{timeout:?}");
+        config.boot_probe_timeout_secs = 77;
+        assert_eq!(probe_timeout(&config), (Duration::from_secs(77), 1.0));
+    }
 }

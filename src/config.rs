@@ -59,6 +59,9 @@ pub struct Config {
     pub guest_overhead_mib: u32,
     /// Seconds to wait for the agent to answer after the VM starts.
     pub boot_timeout_secs: u64,
+    /// Seconds the boot probe (`runv check`, `hypervisor = auto`) waits for
+    /// the guest to reach init; 0 scales 10 s by the host's measured speed.
+    pub boot_probe_timeout_secs: u64,
     /// Per-sandbox state (sockets, logs), removed with the sandbox.
     pub runtime_dir: PathBuf,
     pub qemu: PathBuf,
@@ -113,6 +116,7 @@ impl Default for Config {
             memory_mib: 256,
             guest_overhead_mib: 64,
             boot_timeout_secs: 30,
+            boot_probe_timeout_secs: 0,
             runtime_dir: PathBuf::from("/run/runv"),
             qemu: PathBuf::from("qemu-system-x86_64"),
             vmm: PathBuf::from("runv-vmm"),

@@ -346,23 +346,24 @@ async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("boot probe: {e}"))??;
     let cache = crate::check::probe_cache_path(config).with_extension("builtin-sandbox");
-    if let Ok(text) = std::fs::read_to_string(&cache) {
-        return if text.starts_with("ok") { Ok(()) } else { Err(text.trim().to_string()) };
-    }
     let mut forced = config.clone();
     forced.hypervisor = HypervisorKind::Builtin;
     let spec =
         SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: 1, memory_mib: 128, netns: None };
+    // Recorded the same way as the boot probes (this probe is async).
+    if let Some(answer) = crate::check::cached_answer(&cache) {
+        return answer;
+    }
     let started = Instant::now();
     let result = match Box::pin(Sandbox::start(&forced, &spec)).await {
         Ok(sandbox) => {
             sandbox.shutdown().await;
             Ok(started.elapsed())
         }
-        Err(e) => Err(format!("a sandbox on the built-in VMM failed: {e}")),
+        Err(e) => Err(crate::check::ProbeError::Failed(format!("a sandbox on the built-in VMM failed: {e}"))),
     };
-    // Recorded the same way as the boot probes (the probe itself is async).
-    crate::check::cached_probe(&cache, || result)
+    crate::check::record_probe(&cache, &result);
+    result.map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn new_sandbox_id() -> String {
