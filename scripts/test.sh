@@ -43,6 +43,38 @@ set +e
 cargo test --release --workspace -- --show-output 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+# The built-in VMM end to end on a real KVM: inside the L1 rig
+# (scripts/l1.sh, QEMU TCG with nested SVM), where `runv check` must find
+# that the built-in VMM boots the guest. The e2e_builtin test, and the
+# `runv run` tests of e2e_run on the built-in VMM (RUNV_TEST_HYPERVISOR).
+echo "==> the built-in VMM in L1 (scripts/l1.sh)" >&2
+test_bin() {
+    cargo test --release --test "$1" --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["executable"])'
+}
+builtin_bin=$(test_bin e2e_builtin)
+run_bin=$(test_bin e2e_run)
+l1_tests="run_prints_the_guest_kernel_release_not_the_hosts run_streams_stdout_and_stderr_and_returns_the_exit_code \
+run_reports_death_by_signal_as_128_plus_signal run_forwards_stdin_byte_for_byte run_gives_a_terminal_with_tty \
+command_not_found_exits_127_with_one_line the_command_runs_in_an_isolated_container"
+set +e
+# One boot probe for both binaries: the L1 tmpfs keeps its cache.
+RUNV_EXPECT_BUILTIN=1 scripts/l1.sh --timeout 1500 -- sh -c "
+    runv check | grep -E '^(ok|warn|fail) +(kvm|builtin-vmm)|^verdict' &&
+    '$builtin_bin' --color never --test-threads=1 --show-output &&
+    RUNV_TEST_HYPERVISOR=builtin '$run_bin' --color never --test-threads=1 --exact $l1_tests" 2>&1 | grep -v 'Unhandled WRMSR' | tee -a "$log"
+l1_status=${PIPESTATUS[0]}
+set -e
+if [ "$l1_status" != 0 ]; then
+    echo "FAILED: the built-in VMM in L1 (exit status $l1_status)" | tee -a "$log" >&2
+    status=1
+fi
+
 # What was skipped and why, then one closing line for the whole run,
 # summed over every test binary (a skipped test is counted as passed by
 # cargo; it is counted once more here as skipped, with its reason above).
@@ -51,5 +83,6 @@ tests/security.sh --from-log "$log" || status=1
 grep -E '^SKIP ' "$log" | sort -u || true
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      /^SKIP / { if (!seen[$0]++) s++ }
+     /^FAILED: / { f++ }
      END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"

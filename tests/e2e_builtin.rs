@@ -6,7 +6,9 @@
 //! probe's reason, and what is checked instead is that the failure is one
 //! clear line and leaves nothing behind.
 //!
-//! Run alone with `cargo test --release --test e2e_builtin`.
+//! Run alone with `cargo test --release --test e2e_builtin`; scripts/test.sh
+//! also runs it inside the L1 rig (scripts/l1.sh), where KVM boots Linux
+//! and `RUNV_EXPECT_BUILTIN=1` turns a skip into a failure.
 
 mod common;
 
@@ -24,6 +26,9 @@ fn builtin_boots(env: &TestEnv, test: &str) -> bool {
     let config = runv::config::Config::load(Some(&env.config)).unwrap();
     match runv::check::builtin_boots_guest(&config) {
         Ok(()) => true,
+        Err(why) if std::env::var_os("RUNV_EXPECT_BUILTIN").is_some() => {
+            panic!("{test}: RUNV_EXPECT_BUILTIN is set (the L1 rig) but runv check says the built-in VMM cannot boot the guest: {why}")
+        }
         Err(why) => {
             eprintln!("SKIP {test} on the built-in VMM: runv check says it cannot boot the guest here ({why})");
             false

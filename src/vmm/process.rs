@@ -229,7 +229,7 @@ fn bind_api(path: &PathBuf) -> Result<UnixListener, VmmError> {
     UnixListener::bind(path).map_err(|source| VmmError::Api { path: path.clone(), source })
 }
 
-fn serve_api(path: &PathBuf, listener: UnixListener, stop: Arc<AtomicBool>) -> Result<(), VmmError> {
+fn serve_api(path: &std::path::Path, listener: UnixListener, stop: Arc<AtomicBool>) -> Result<(), VmmError> {
     std::thread::Builder::new()
         .name("vmm-api".into())
         .spawn(move || {
@@ -253,7 +253,7 @@ fn serve_api(path: &PathBuf, listener: UnixListener, stop: Arc<AtomicBool>) -> R
                 }
             }
         })
-        .map_err(|source| VmmError::Api { path: path.clone(), source })?;
+        .map_err(|source| VmmError::Api { path: path.to_path_buf(), source })?;
     Ok(())
 }
 

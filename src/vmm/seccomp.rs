@@ -48,7 +48,9 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// One allowed system call, with the argument conditions (any of which
 /// allows it) or none for any arguments. Conditions compare the low 32
 /// bits: every argument filtered here is an int (or ioctl's 32-bit command).
-type Allow = (i64, Vec<Vec<(u8, Op, u64)>>);
+type Allow = (i64, Vec<Conditions>);
+/// Conditions that must all hold: (argument index, comparison, value).
+type Conditions = Vec<(u8, Op, u64)>;
 
 const KVMIO: u64 = 0xAE;
 
@@ -125,7 +127,7 @@ pub fn allowed(role: Role) -> Vec<Allow> {
         Role::Process => {
             // The union, one entry per call: any-argument entries win over
             // conditional ones.
-            let mut merged: BTreeMap<i64, Option<Vec<Vec<(u8, Op, u64)>>>> = BTreeMap::new();
+            let mut merged: BTreeMap<i64, Option<Vec<Conditions>>> = BTreeMap::new();
             for role in ALL_ROLES {
                 for (nr, rules) in allowed(role) {
                     let entry = merged.entry(nr).or_insert_with(|| Some(Vec::new()));
