@@ -112,7 +112,7 @@ trap 'exit 130' INT TERM
             PATH | HOME | TERM | RUNV_* | RUST_* | CARGO_* | CI) printf 'export %s=%q\n' "$v" "${!v}" ;;
         esac
     done
-    printf 'cd %q\n' "$PWD"
+    printf 'cd %q || exit 125\n' "$PWD"
     echo "set +e"
     printf 'exec'
     printf ' %q' "$@"
