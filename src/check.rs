@@ -360,10 +360,14 @@ pub(crate) fn probe_cache_path(config: &Config) -> PathBuf {
         }
     }
     nix::sys::utsname::uname().ok().map(|u| u.release().to_owned()).hash(&mut h);
-    // The CPU and what KVM was loaded with.
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    cpuinfo.lines().find(|l| l.starts_with("model name")).hash(&mut h);
-    cpuinfo.lines().find(|l| l.starts_with("flags")).hash(&mut h);
+    // The CPU (its first entry in /proc/cpuinfo, which on a large host is
+    // long and computed on every read) and what KVM was loaded with.
+    use std::io::BufRead;
+    let first_cpu: Vec<String> = std::fs::File::open("/proc/cpuinfo")
+        .map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok).take_while(|l| !l.is_empty()).collect())
+        .unwrap_or_default();
+    first_cpu.iter().find(|l| l.starts_with("model name")).hash(&mut h);
+    first_cpu.iter().find(|l| l.starts_with("flags")).hash(&mut h);
     for module in ["kvm", "kvm_amd", "kvm_intel"] {
         let dir = Path::new("/sys/module").join(module).join("parameters");
         let mut params: Vec<(String, String)> = std::fs::read_dir(&dir)
@@ -378,7 +382,6 @@ pub(crate) fn probe_cache_path(config: &Config) -> PathBuf {
         params.sort();
         params.hash(&mut h);
     }
-    config.boot_probe_timeout_secs.hash(&mut h);
     let name = format!("kvm-probe-{:016x}", h.finish());
     match std::fs::create_dir_all(PROBE_CACHE_DIR) {
         Ok(()) => Path::new(PROBE_CACHE_DIR).join(name),

@@ -346,14 +346,14 @@ async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("boot probe: {e}"))??;
     let cache = crate::check::probe_cache_path(config).with_extension("builtin-sandbox");
-    let mut forced = config.clone();
-    forced.hypervisor = HypervisorKind::Builtin;
-    let spec =
-        SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: 1, memory_mib: 128, netns: None };
     // Recorded the same way as the boot probes (this probe is async).
     if let Some(answer) = crate::check::cached_answer(&cache) {
         return answer;
     }
+    let mut forced = config.clone();
+    forced.hypervisor = HypervisorKind::Builtin;
+    let spec =
+        SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: 1, memory_mib: 128, netns: None };
     let started = Instant::now();
     let result = match Box::pin(Sandbox::start(&forced, &spec)).await {
         Ok(sandbox) => {

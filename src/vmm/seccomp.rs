@@ -13,7 +13,7 @@
 //! exits with `EXIT_SECCOMP`. The caller's error carries that line.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
@@ -43,7 +43,9 @@ pub enum Role {
 
 const ALL_ROLES: [Role; 5] = [Role::Main, Role::Api, Role::Vcpu, Role::VsockWorker, Role::FsIrq];
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Each role's compiled filter, set by `confine`: its presence is what
+/// makes `enter` narrow a thread.
+static FILTERS: OnceLock<Vec<(Role, BpfProgram)>> = OnceLock::new();
 
 /// One allowed system call, with the argument conditions (any of which
 /// allows it) or none for any arguments. Conditions compare the low 32
@@ -244,23 +246,23 @@ pub fn filter(role: Role) -> Result<BpfProgram, String> {
 pub fn confine() -> Result<(), String> {
     install_sigsys_handler()?;
     let process = filter(Role::Process)?;
-    // Compile every role's filter now, so a thread never fails to narrow.
-    for role in ALL_ROLES {
-        filter(role)?;
-    }
+    // Every role's filter is compiled now, once, so a thread never fails
+    // to build its own.
+    let roles = ALL_ROLES.into_iter().map(|role| Ok((role, filter(role)?))).collect::<Result<Vec<_>, String>>()?;
     seccompiler::apply_filter_all_threads(&process).map_err(|e| format!("seccomp: {e}"))?;
-    ENABLED.store(true, Ordering::SeqCst);
-    Ok(())
+    FILTERS.set(roles).map_err(|_| "seccomp: the VMM was confined twice".to_string())
 }
 
 /// Narrows the calling thread to `role` once the process is confined (a
 /// no-op under `--no-sandbox`). A thread that cannot narrow itself ends
 /// the process: it must not run with more than its role allows.
 pub fn enter(role: Role) {
-    if !ENABLED.load(Ordering::SeqCst) {
-        return;
-    }
-    if let Err(e) = filter(role).and_then(|f| seccompiler::apply_filter(&f).map_err(|e| e.to_string())) {
+    let Some(filters) = FILTERS.get() else { return };
+    let applied = match filters.iter().find(|(r, _)| *r == role) {
+        Some((_, f)) => seccompiler::apply_filter(f).map_err(|e| e.to_string()),
+        None => Err("no filter for this role".to_string()),
+    };
+    if let Err(e) = applied {
         eprintln!("runv vmm: error: confining the {role:?} thread: {e}");
         std::process::exit(1);
     }
