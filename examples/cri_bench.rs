@@ -3,6 +3,10 @@
 //! (the same shim, the same guest), alternately in one run. Prints each
 //! run, the medians and, last, `ratio: X` (runv cri / containerd). Run by
 //! tests/bench/cri.sh.
+//!
+//! `cri_bench RUNS vmm` compares backends instead: two `runv cri` servers,
+//! one on the built-in VMM and one on QEMU with KVM, alternately; `ratio`
+//! is then built-in / QEMU (tests/bench/l1.sh runs it inside the L1 rig).
 
 // Test helpers shared with the test suites; the benchmark uses a part.
 #[path = "../shim-v2/tests/common/mod.rs"]
@@ -32,26 +36,55 @@ async fn main() {
     let rootfs = registry::dir_layer(&Path::new(containerd::SHARE_DIR).join("rootfs"));
     let app = registry::push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
     let pause = registry::push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
-    let server = cri::CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
-    let channel = server.channel().await;
-    ImageServiceClient::new(channel.clone())
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .expect("pulling into runv cri");
-    let mut ours = RuntimeServiceClient::new(channel);
+    let sandbox_image = format!("cri_sandbox_image = \"{pause}\"");
+    let start_server = |extra: &str| {
+        let server = cri::CriServer::start(&reg.addr, &format!("{sandbox_image}\n{extra}"));
+        let app = app.clone();
+        async move {
+            let channel = server.channel().await;
+            ImageServiceClient::new(channel.clone())
+                .pull_image(PullImageRequest {
+                    image: Some(ImageSpec { image: app, ..Default::default() }),
+                    ..Default::default()
+                })
+                .await
+                .expect("pulling into runv cri");
+            (server, RuntimeServiceClient::new(channel))
+        }
+    };
+    let ours_container = || ContainerConfig {
+        image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
+        ..containerd::container_config("app", &["sleep", "1000"])
+    };
+    if std::env::args().nth(2).as_deref() == Some("vmm") {
+        let (_builtin_server, mut builtin) = start_server("hypervisor = \"builtin\"").await;
+        let (_qemu_server, mut qemu) = start_server("hypervisor = \"qemu\"\naccel = \"kvm\"").await;
+        let log_dir = tempfile::tempdir().unwrap();
+        let pod = |name: String| containerd::pod_config(&name, log_dir.path());
+        containerd::time_pod_to_running(&mut builtin, "runv", pod("warm-a".into()), ours_container()).await;
+        containerd::time_pod_to_running(&mut qemu, "runv", pod("warm-b".into()), ours_container()).await;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for n in 1..=runs {
+            let x =
+                containerd::time_pod_to_running(&mut builtin, "runv", pod(format!("a-{n}")), ours_container()).await;
+            let y = containerd::time_pod_to_running(&mut qemu, "runv", pod(format!("b-{n}")), ours_container()).await;
+            eprintln!("run {n}: built-in VMM {} ms, QEMU/KVM {} ms", x.as_millis(), y.as_millis());
+            a.push(x);
+            b.push(y);
+        }
+        let (x, y) = (containerd::median(a), containerd::median(b));
+        println!("runv cri RunPodSandbox -> container running, built-in VMM (median of {runs}): {} ms", x.as_millis());
+        println!("runv cri RunPodSandbox -> container running, QEMU/KVM (median of {runs}): {} ms", y.as_millis());
+        println!("ratio: {:.2}", x.as_secs_f64() / y.as_secs_f64());
+        return;
+    }
+    let (_server, mut ours) = start_server("").await;
     let ctd = containerd::Containerd::start("");
     let mut theirs = containerd::cri_client(&ctd.socket()).await;
     let log_dir = ctd.dir.path().join("pod-logs");
     std::fs::create_dir_all(&log_dir).unwrap();
 
     let pod = |name: String| containerd::pod_config(&name, &log_dir);
-    let ours_container = || ContainerConfig {
-        image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
-        ..containerd::container_config("app", &["sleep", "1000"])
-    };
     let theirs_container = || containerd::container_config("app", &["sleep", "1000"]);
     // Warm up both paths (image unpack, page cache).
     containerd::time_pod_to_running(&mut ours, "runv", pod("warm-a".into()), ours_container()).await;

@@ -46,28 +46,50 @@ set -e
 
 # The built-in VMM end to end on a real KVM: inside the L1 rig
 # (scripts/l1.sh, QEMU TCG with nested SVM), where `runv check` must find
-# that the built-in VMM boots the guest. The e2e_builtin test, and the
-# `runv run` tests of e2e_run on the built-in VMM (RUNV_TEST_HYPERVISOR).
+# that the built-in VMM boots the guest. The e2e_builtin test, the
+# `runv run` tests of e2e_run, pods through containerd (ctr and its CRI
+# plugin) and through `runv cri` (two containers, exec, logs, a restart,
+# a pod on a CNI bridge over virtio-net), all on the built-in VMM
+# (RUNV_TEST_HYPERVISOR). containerd's snapshots and runv cri's overlay
+# rootfs need an upper layer that is no overlay: a tmpfs as TMPDIR.
 echo "==> the built-in VMM in L1 (scripts/l1.sh)" >&2
-test_bin() {
-    cargo test --release --test "$1" --no-run --message-format=json 2>/dev/null \
+test_bin() { # cargo test selection -> the test binary's path
+    cargo test --release "$@" --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
         print(m["executable"])'
 }
-builtin_bin=$(test_bin e2e_builtin)
-run_bin=$(test_bin e2e_run)
-l1_tests="run_prints_the_guest_kernel_release_not_the_hosts run_streams_stdout_and_stderr_and_returns_the_exit_code \
-run_reports_death_by_signal_as_128_plus_signal run_forwards_stdin_byte_for_byte run_gives_a_terminal_with_tty \
-command_not_found_exits_127_with_one_line the_command_runs_in_an_isolated_container"
+builtin_bin=$(test_bin --test e2e_builtin)
+run_bin=$(test_bin --test e2e_run)
+cri_pods_bin=$(test_bin --test cri_pods)
+ctr_bin=$(test_bin -p containerd-shim-runv-v2 --test ctr)
+ctd_cri_bin=$(test_bin -p containerd-shim-runv-v2 --test cri)
+export RUNV_L1_RUN_TESTS="run_prints_the_guest_kernel_release_not_the_hosts \
+run_streams_stdout_and_stderr_and_returns_the_exit_code run_reports_death_by_signal_as_128_plus_signal \
+run_forwards_stdin_byte_for_byte run_gives_a_terminal_with_tty command_not_found_exits_127_with_one_line \
+the_command_runs_in_an_isolated_container"
+export RUNV_L1_BINS="$builtin_bin $run_bin $ctr_bin $ctd_cri_bin $cri_pods_bin"
+# Every binary runs even when one before it failed; the first probe's
+# answer is cached on L1's tmpfs for the rest.
+l1_script='
+set -u
+rc=0
+set -- $RUNV_L1_BINS
+runv check | grep -E "^(ok|warn|fail) +(kvm|builtin-vmm)|^verdict" || rc=1
+"$1" --color never --test-threads=1 --show-output || rc=1
+export RUNV_TEST_HYPERVISOR=builtin
+"$2" --color never --test-threads=1 --exact $RUNV_L1_RUN_TESTS || rc=1
+mkdir -p /var/tmp/l1 && mount -t tmpfs -o size=2g l1tmp /var/tmp/l1 && export TMPDIR=/var/tmp/l1 || exit 1
+"$3" --color never --test-threads=1 --show-output --exact \
+    ctr_run_prints_the_guest_output_and_exit_code_and_leaves_nothing || rc=1
+"$4" --color never --test-threads=1 --show-output || rc=1
+"$5" --color never --test-threads=1 --show-output || rc=1
+exit $rc'
 set +e
-# One boot probe for both binaries: the L1 tmpfs keeps its cache.
-RUNV_EXPECT_BUILTIN=1 scripts/l1.sh --timeout 1500 -- sh -c "
-    runv check | grep -E '^(ok|warn|fail) +(kvm|builtin-vmm)|^verdict' &&
-    '$builtin_bin' --color never --test-threads=1 --show-output &&
-    RUNV_TEST_HYPERVISOR=builtin '$run_bin' --color never --test-threads=1 --exact $l1_tests" 2>&1 | grep -v 'Unhandled WRMSR' | tee -a "$log"
+RUNV_EXPECT_BUILTIN=1 scripts/l1.sh --timeout 2400 --memory 6144 -- sh -c "$l1_script" 2>&1 \
+    | grep -v 'Unhandled WRMSR' | tee -a "$log"
 l1_status=${PIPESTATUS[0]}
 set -e
 if [ "$l1_status" != 0 ]; then

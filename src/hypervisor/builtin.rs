@@ -29,13 +29,7 @@ impl Builtin {
     }
 
     /// The `runv-vmm` command line for `vm`.
-    pub fn command(&self, vm: &VmConfig) -> Result<Command, HypervisorError> {
-        if !vm.net_devices.is_empty() {
-            return Err(HypervisorError::Start(
-                "the built-in VMM has no virtio-net device yet: run pods with a network on QEMU (hypervisor = \"qemu\")"
-                    .into(),
-            ));
-        }
+    pub fn command(&self, vm: &VmConfig) -> Command {
         let mut cmd = Command::new(&self.vmm);
         cmd.arg("--kernel")
             .arg(&vm.kernel)
@@ -54,8 +48,13 @@ impl Builtin {
         if let Some(sock) = &vm.shared_fs_socket {
             cmd.arg("--fs-socket").arg(sock).args(["--fs-tag", &vm.shared_fs_tag]);
         }
-        crate::helper::inherit_fds(&mut cmd, vm.console_fd.into_iter().collect());
-        Ok(cmd)
+        for net in &vm.net_devices {
+            cmd.arg("--net").arg(format!("fd={},mac={}", net.tap_fd, net.mac));
+        }
+        // The VMM inherits the taps and the console pipe under the same numbers.
+        let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).chain(vm.console_fd).collect();
+        crate::helper::inherit_fds(&mut cmd, fds);
+        cmd
     }
 }
 
@@ -74,7 +73,7 @@ impl Hypervisor for Builtin {
     }
 
     async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError> {
-        let cmd = self.command(vm)?;
+        let cmd = self.command(vm);
         self.api_socket = Some(vm.work_dir.join("vmm.sock"));
         self.vm = Some(HelperProcess::spawn("runv-vmm", cmd, &vm.work_dir.join("vmm.log"))?);
         Ok(())
@@ -145,7 +144,7 @@ mod tests {
     #[test]
     fn the_vmm_gets_the_vm_its_vsock_and_its_shared_directory() {
         let b = Builtin::new(Path::new("runv-vmm"));
-        let cmd = b.command(&vm()).unwrap();
+        let cmd = b.command(&vm());
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = args.join(" ");
         for needle in [
@@ -165,11 +164,22 @@ mod tests {
     }
 
     #[test]
-    fn a_network_device_is_refused_until_the_vmm_has_virtio_net() {
+    fn each_tap_becomes_a_virtio_net_device_with_the_pod_mac() {
         let b = Builtin::new(Path::new("runv-vmm"));
         let mut with_net = vm();
-        with_net.net_devices.push(NetDeviceConfig { tap_fd: 5, mac: "02:00:00:00:00:01".into() });
-        let e = b.command(&with_net).err().unwrap().to_string();
-        assert!(e.contains("no virtio-net"), "{e}");
+        with_net.net_devices.push(NetDeviceConfig { tap_fd: 7, mac: "02:42:0a:00:00:05".into() });
+        with_net.net_devices.push(NetDeviceConfig { tap_fd: 9, mac: "02:42:0a:00:01:05".into() });
+        let args: Vec<String> = b.command(&with_net).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("--net fd=7,mac=02:42:0a:00:00:05 --net fd=9,mac=02:42:0a:00:01:05"), "{joined}");
+        // What the VMM parses is what the backend writes.
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            vmm: crate::vmm::process::VmmArgs,
+        }
+        let parsed = Cli::try_parse_from(std::iter::once("runv-vmm".to_string()).chain(args)).unwrap();
+        assert_eq!(parsed.vmm.nets.iter().map(|n| n.tap_fd).collect::<Vec<_>>(), [7, 9]);
     }
 }

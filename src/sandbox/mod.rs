@@ -90,7 +90,7 @@ impl Sandbox {
         if !spec.shared_dir.is_dir() {
             return Err(SandboxError::SharedDirMissing(spec.shared_dir.clone()));
         }
-        let hypervisor = select_hypervisor(config, spec.netns.is_some()).await?;
+        let hypervisor = select_hypervisor(config).await?;
         let id = new_sandbox_id();
         let dir = config.runtime_dir.join("sandboxes").join(&id);
         create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
@@ -310,14 +310,13 @@ impl Drop for Sandbox {
     }
 }
 
-/// The backend for a sandbox; `networked` sandboxes need virtio-net, which
-/// only QEMU offers so far, so `auto` gives them QEMU.
-async fn select_hypervisor(config: &Config, networked: bool) -> Result<Box<dyn Hypervisor>, SandboxError> {
+/// The backend for a sandbox: under `auto`, the built-in VMM wherever it
+/// runs sandboxes on this host, QEMU elsewhere.
+async fn select_hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>, SandboxError> {
     let builtin = || -> Box<dyn Hypervisor> { Box::new(Builtin::new(&config.vmm)) };
     match config.hypervisor {
         HypervisorKind::Builtin => Ok(builtin()),
         HypervisorKind::Qemu => Ok(qemu_backend(config)),
-        HypervisorKind::Auto if networked => Ok(qemu_backend(config)),
         HypervisorKind::Auto => match builtin_runs_sandboxes(config).await {
             Ok(()) => Ok(builtin()),
             Err(why) => {

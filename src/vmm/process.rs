@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use super::devices::virtio::block::Block;
 use super::devices::virtio::fs::VhostUserFs;
+use super::devices::virtio::net::{check_tap, Mac, Net};
 use super::devices::virtio::vsock::device::Vsock;
 use super::vm::{Vm, VmError, VmExitReason};
 
@@ -63,6 +64,38 @@ impl std::str::FromStr for Disk {
     }
 }
 
+/// A virtio-net device on an inherited tap: `fd=N,mac=MAC`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetArg {
+    pub tap_fd: i32,
+    pub mac: Mac,
+}
+
+impl std::str::FromStr for NetArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut fd, mut mac) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("fd", v)) => {
+                    fd = Some(
+                        v.parse::<i32>()
+                            .ok()
+                            .filter(|&n| n > 2)
+                            .ok_or_else(|| format!("tap fd '{v}' is not a descriptor number above 2 (stdio)"))?,
+                    )
+                }
+                Some(("mac", v)) => mac = Some(v.parse::<Mac>()?),
+                _ => return Err(format!("unknown net option '{part}' (fd=N,mac=MAC)")),
+            }
+        }
+        match (fd, mac) {
+            (Some(tap_fd), Some(mac)) => Ok(NetArg { tap_fd, mac }),
+            _ => Err(format!("'{s}' needs both fd=N and mac=MAC")),
+        }
+    }
+}
+
 /// The command line of `runv vmm` and `runv-vmm`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct VmmArgs {
@@ -105,6 +138,11 @@ pub struct VmmArgs {
     /// The virtio-fs tag the guest mounts.
     #[arg(long, value_name = "TAG")]
     pub fs_tag: Option<String>,
+    /// A virtio-net device on tap queue N, which the VMM inherits open
+    /// (IFF_TAP|IFF_NO_PI, no vnet header), with the guest NIC's MAC
+    /// (repeatable).
+    #[arg(long = "net", value_name = "fd=N,mac=MAC")]
+    pub nets: Vec<NetArg>,
     /// Skip the seccomp filter and the capability drop (debugging only).
     #[arg(long)]
     pub no_sandbox: bool,
@@ -129,6 +167,7 @@ pub fn main(args: VmmArgs, config: &crate::config::Config) -> std::process::Exit
         api_socket: args.api_socket,
         vsock: args.vsock.map(|uds| (args.vsock_cid, uds)),
         fs: args.fs_socket.zip(args.fs_tag),
+        nets: args.nets,
         sandbox: !args.no_sandbox,
     };
     match run(&opts) {
@@ -159,6 +198,8 @@ pub struct VmmOptions {
     pub vsock: Option<(u64, PathBuf)>,
     /// (vhost-user socket, tag) of the virtio-fs device.
     pub fs: Option<(PathBuf, String)>,
+    /// virtio-net devices on inherited taps.
+    pub nets: Vec<NetArg>,
     /// Install the seccomp filter and drop capabilities (on by default).
     pub sandbox: bool,
 }
@@ -175,6 +216,8 @@ pub enum VmmError {
     Fs(super::devices::virtio::fs::FsError),
     #[error("vsock socket {path}: {source}")]
     Vsock { path: PathBuf, source: std::io::Error },
+    #[error("virtio-net on fd {fd}: {reason}")]
+    Net { fd: i32, reason: String },
     #[error("control socket {path}: {source}")]
     Api { path: PathBuf, source: std::io::Error },
     #[error("confining the VMM: {0}")]
@@ -209,6 +252,9 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
     if let Some((socket, tag)) = &opts.fs {
         vm.add_virtio(Box::new(VhostUserFs::connect(socket, tag).map_err(VmmError::Fs)?))?;
     }
+    for net in &opts.nets {
+        vm.add_virtio(Box::new(open_net(net)?))?;
+    }
     vm.load_kernel(&opts.kernel, opts.initramfs.as_deref(), &opts.cmdline)?;
     let stop = Arc::new(AtomicBool::new(false));
     let api = match &opts.api_socket {
@@ -222,6 +268,21 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
         serve_api(path, listener, stop.clone())?;
     }
     Ok(vm.run(stop)?)
+}
+
+/// Takes the inherited tap of `net`, after checking it is one.
+fn open_net(net: &NetArg) -> Result<Net, VmmError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let err = |reason: String| VmmError::Net { fd: net.tap_fd, reason };
+    // SAFETY: F_GETFD only asks whether the number is an open descriptor.
+    if unsafe { libc::fcntl(net.tap_fd, libc::F_GETFD) } < 0 {
+        return Err(err("no such open descriptor (the VMM inherits its taps)".into()));
+    }
+    // SAFETY: the descriptor is open and was handed to this process for
+    // this device alone; from here the device owns it.
+    let tap = File::from(unsafe { OwnedFd::from_raw_fd(net.tap_fd) });
+    check_tap(&tap).map_err(err)?;
+    Net::new(tap, net.mac).map_err(|e| err(e.to_string()))
 }
 
 fn bind_api(path: &PathBuf) -> Result<UnixListener, VmmError> {
@@ -379,6 +440,11 @@ mod tests {
         assert_eq!("/d.img".parse::<Disk>().unwrap(), Disk { path: "/d.img".into(), read_only: false });
         assert!("/d.img,fast".parse::<Disk>().unwrap_err().contains("unknown disk option 'fast'"));
         assert!(",ro".parse::<Disk>().is_err());
+        let net: NetArg = "fd=5,mac=02:42:0a:00:00:05".parse().unwrap();
+        assert_eq!((net.tap_fd, net.mac), (5, "02:42:0a:00:00:05".parse().unwrap()));
+        assert!("fd=5".parse::<NetArg>().unwrap_err().contains("needs both"));
+        assert!("fd=1,mac=02:00:00:00:00:01".parse::<NetArg>().unwrap_err().contains("above 2"));
+        assert!("fd=5,mac=02:00:00:00:00:01,queues=4".parse::<NetArg>().unwrap_err().contains("'queues=4'"));
     }
 
     #[test]

@@ -39,9 +39,11 @@ pub enum Role {
     VsockWorker,
     /// The virtio-fs interrupt relay: eventfds only.
     FsIrq,
+    /// The virtio-net receive worker: reads the tap, polls it and its kick.
+    NetWorker,
 }
 
-const ALL_ROLES: [Role; 5] = [Role::Main, Role::Api, Role::Vcpu, Role::VsockWorker, Role::FsIrq];
+const ALL_ROLES: [Role; 6] = [Role::Main, Role::Api, Role::Vcpu, Role::VsockWorker, Role::FsIrq, Role::NetWorker];
 
 /// Each role's compiled filter, set by `confine`: its presence is what
 /// makes `enter` narrow a thread.
@@ -218,7 +220,7 @@ pub fn allowed(role: Role) -> Vec<Allow> {
             v.push(ioctl(false));
             v.push(unix_socket());
         }
-        Role::FsIrq => v.extend(any(&[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll])),
+        Role::FsIrq | Role::NetWorker => v.extend(any(&[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll])),
     }
     v
 }
@@ -354,7 +356,7 @@ mod tests {
     fn the_vcpu_holds_what_the_workers_it_starts_need() {
         // Workers inherit the vCPU's filter before narrowing their own.
         let vcpu: Vec<i64> = allowed(Role::Vcpu).into_iter().map(|(nr, _)| nr).collect();
-        for role in [Role::VsockWorker, Role::FsIrq] {
+        for role in [Role::VsockWorker, Role::FsIrq, Role::NetWorker] {
             for (nr, _) in allowed(role) {
                 assert!(vcpu.contains(&nr), "{role:?} needs {} which the vCPU filter lacks", syscall_name(nr));
             }

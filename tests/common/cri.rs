@@ -1,6 +1,10 @@
 //! A `runv cri` of the test's own (config, state, socket in a temporary
 //! directory) and a kubelet-like client for it.
 
+#[path = "hypervisor.rs"]
+mod hypervisor;
+pub use hypervisor::test_hypervisor;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,9 +46,10 @@ impl CriServer {
             &config,
             format!(
                 "runtime_dir = \"{0}/run\"\ncri_image_root = \"{0}/images\"\ncri_state_root = \"{0}/state\"\n\
-                 cni_conf_dir = \"{0}/net.d\"\ncri_shim = \"{1}\"\ninsecure_registries = [\"{insecure}\"]\n{extra}\n",
+                 cni_conf_dir = \"{0}/net.d\"\ncri_shim = \"{1}\"\ninsecure_registries = [\"{insecure}\"]\n{2}{extra}\n",
                 dir.path().display(),
                 shim_path().display(),
+                test_hypervisor(extra, runv_path().parent().unwrap()),
             ),
         )
         .unwrap();

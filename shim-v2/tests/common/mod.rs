@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../tests/common/hypervisor.rs"]
+mod hypervisor;
+pub use hypervisor::test_hypervisor;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -126,7 +130,6 @@ impl Containerd {
             ),
         )
         .unwrap();
-        std::fs::write(d.join("runv.toml"), format!("runtime_dir = \"{}/run\"\n{runv_config}\n", d.display())).unwrap();
         // Tests know the shim's path; the benchmark (an example) finds it
         // beside its own directory in the same target dir.
         let shim = option_env!("CARGO_BIN_EXE_containerd-shim-runv-v2").map(PathBuf::from).unwrap_or_else(|| {
@@ -134,6 +137,15 @@ impl Containerd {
             exe.parent().and_then(Path::parent).unwrap().join("containerd-shim-runv-v2")
         });
         let shim_dir = shim.parent().unwrap().to_path_buf();
+        std::fs::write(
+            d.join("runv.toml"),
+            format!(
+                "runtime_dir = \"{}/run\"\n{}{runv_config}\n",
+                d.display(),
+                test_hypervisor(runv_config, &shim_dir)
+            ),
+        )
+        .unwrap();
         let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
         let child = Command::new("containerd")

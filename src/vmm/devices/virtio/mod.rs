@@ -1,9 +1,10 @@
 //! virtio over MMIO: the transport (`mmio`), the device trait it drives, and
-//! the devices (`block`).
+//! the devices (`block`, `fs`, `net`, `vsock`).
 
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -70,7 +71,7 @@ pub enum ActivateError {
 
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
-    /// VIRTIO_ID_*: 2 block, 19 vsock, 26 fs.
+    /// VIRTIO_ID_*: 1 net, 2 block, 19 vsock, 26 fs.
     fn device_type(&self) -> u32;
     fn queue_max_sizes(&self) -> &[u16];
     /// Offered features, VIRTIO_F_VERSION_1 included.
