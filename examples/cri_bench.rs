@@ -9,6 +9,8 @@
 //! is then built-in / QEMU (tests/bench/l1.sh runs it inside the L1 rig).
 
 // Test helpers shared with the test suites; the benchmark uses a part.
+// Both harnesses bring the same small hypervisor helper module.
+#![allow(clippy::duplicate_mod)]
 #[path = "../shim-v2/tests/common/mod.rs"]
 mod containerd;
 #[allow(dead_code)]

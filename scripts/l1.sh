@@ -55,7 +55,7 @@ fi
 # --- the L1 kernel and initramfs, cached by kernel package version ---------------
 # The modules L1 loads, each with what it depends on (modprobe --show-depends
 # puts them in load order): KVM, the shares, and what pods on L1 use.
-modules="kvm-amd 9p 9pnet_virtio overlay virtio_pci tun veth bridge br_netfilter vhost_vsock"
+modules="kvm-amd 9p 9pnet_virtio overlay virtio_pci tun veth bridge br_netfilter vhost_vsock sch_ingress cls_u32 act_mirred"
 pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }') || true
 if [ -z "$pkg" ]; then
     pkg=$(ls -1 "$cache" 2>/dev/null | grep '^linux-image-' | sort -V | tail -n 1) || true

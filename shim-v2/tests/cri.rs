@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 use common::{container_config, cri_client, pod_config, ready, Containerd};
 use k8s_cri::v1::*;
 
-/// Processes on the host whose command line mentions `needle`.
-fn processes(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmdline =
-            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
-        if cmdline.contains(needle) {
-            found.push(cmdline);
-        }
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri() {
     if !ready("a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri") {
@@ -66,8 +53,8 @@ async fn a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri() {
 
     // Both containers run in one VM behind one shim.
     let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
-    let qemus: Vec<_> = processes(&run_dir).into_iter().filter(|c| c.contains("qemu-system")).collect();
-    assert_eq!(qemus.len(), 1, "VMs for the pod: {qemus:#?}");
+    let vms = common::hypervisor::vm_processes(&run_dir);
+    assert_eq!(vms.len(), 1, "VMs for the pod: {vms:#?}");
 
     for id in &ids {
         let status = cri

@@ -2,8 +2,7 @@
 //! directory) and a kubelet-like client for it.
 
 #[path = "hypervisor.rs"]
-mod hypervisor;
-pub use hypervisor::test_hypervisor;
+pub mod hypervisor;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,7 +48,7 @@ impl CriServer {
                  cni_conf_dir = \"{0}/net.d\"\ncri_shim = \"{1}\"\ninsecure_registries = [\"{insecure}\"]\n{2}{extra}\n",
                 dir.path().display(),
                 shim_path().display(),
-                test_hypervisor(extra, runv_path().parent().unwrap()),
+                hypervisor::test_hypervisor(extra, runv_path().parent().unwrap()),
             ),
         )
         .unwrap();

@@ -17,3 +17,30 @@ pub fn test_hypervisor(extra: &str, vmm_dir: &Path) -> String {
         _ => String::new(),
     }
 }
+
+/// The program a test VM runs as under the hypervisor the tests run on
+/// (`RUNV_TEST_HYPERVISOR`; QEMU otherwise, as on this development host),
+/// for tests that find a pod's VM among the host's processes.
+pub fn vm_program() -> &'static str {
+    match std::env::var("RUNV_TEST_HYPERVISOR").as_deref() {
+        Ok("builtin") => "runv-vmm",
+        _ => "qemu-system",
+    }
+}
+
+/// The command lines of the VM processes whose command line mentions
+/// `needle` (a test's own directory).
+pub fn vm_processes(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        let program = cmdline.split(' ').next().unwrap_or_default();
+        if cmdline.contains(needle)
+            && Path::new(program).file_name().is_some_and(|f| f.to_string_lossy().starts_with(vm_program()))
+        {
+            found.push(cmdline);
+        }
+    }
+    found
+}

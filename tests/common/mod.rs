@@ -59,7 +59,10 @@ impl TestEnv {
         let runtime_dir = dir.path().join("run");
         let config = dir.path().join("config.toml");
         let mut text = format!("runtime_dir = \"{}\"\n", runtime_dir.display());
-        text.push_str(&cri::test_hypervisor(extra, Path::new(env!("CARGO_BIN_EXE_runv-vmm")).parent().unwrap()));
+        text.push_str(&cri::hypervisor::test_hypervisor(
+            extra,
+            Path::new(env!("CARGO_BIN_EXE_runv-vmm")).parent().unwrap(),
+        ));
         text.push_str(&format!("{extra}\n"));
         std::fs::write(&config, text).expect("config");
         Self { dir, config, runtime_dir }

@@ -4,8 +4,7 @@
 #![allow(dead_code)]
 
 #[path = "../../../tests/common/hypervisor.rs"]
-mod hypervisor;
-pub use hypervisor::test_hypervisor;
+pub mod hypervisor;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -142,7 +141,7 @@ impl Containerd {
             format!(
                 "runtime_dir = \"{}/run\"\n{}{runv_config}\n",
                 d.display(),
-                test_hypervisor(runv_config, &shim_dir)
+                hypervisor::test_hypervisor(runv_config, &shim_dir)
             ),
         )
         .unwrap();
