@@ -97,6 +97,14 @@ if [ "$l1_status" != 0 ]; then
     status=1
 fi
 
+# Every parser of guest or client bytes under libFuzzer, briefly (the
+# corpus grows in the cache between runs; tests/fuzz.sh SECONDS for more).
+echo "==> fuzz (tests/fuzz.sh)" >&2
+if ! tests/fuzz.sh "${RUNV_FUZZ_SECONDS:-20}" 2>&1 | tee -a "$log" | grep -E '^(FUZZ|fuzz:) '; then
+    echo "FAILED: fuzzing found a crash (tests/fuzz.sh; the input is in the artifacts directory named above)" | tee -a "$log" >&2
+    status=1
+fi
+
 # What was skipped and why, then one closing line for the whole run,
 # summed over every test binary (a skipped test is counted as passed by
 # cargo; it is counted once more here as skipped, with its reason above).

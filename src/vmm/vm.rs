@@ -339,7 +339,7 @@ impl Vm {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     super::seccomp::enter(super::seccomp::Role::Vcpu);
-                    let reason = run_vcpu(vcpu, &pio, &mmio, &stop);
+                    let reason = run_vcpu(id, vcpu, &pio, &mmio, &stop);
                     let _ = tx.send(reason);
                 })
                 .map_err(|e| setup_err(format!("starting a vCPU thread: {e}")))?;
@@ -390,8 +390,15 @@ fn install_kick_handler() {
     }
 }
 
-/// One vCPU's run loop: port and MMIO exits go to the buses.
-fn run_vcpu(mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, stop: &AtomicBool) -> VmExitReason {
+/// One vCPU's run loop: port and MMIO exits go to the buses. How the
+/// guest ended goes to stderr (the VMM's log), with where this vCPU was:
+/// a clean reboot and a guest that crashed into a triple fault both end
+/// the VM with status 0, and only RIP tells them apart.
+fn run_vcpu(id: usize, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, stop: &AtomicBool) -> VmExitReason {
+    let ended = |vcpu: &VcpuFd, how: &str, reason: VmExitReason| {
+        eprintln!("runv vmm: vcpu{id}: {}", describe_stop(vcpu, how));
+        reason
+    };
     loop {
         if stop.load(Ordering::SeqCst) {
             return VmExitReason::Stopped;
@@ -407,12 +414,14 @@ fn run_vcpu(mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, stop: &AtomicBool) -> VmExi
                 WriteOutcome::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
-            Ok(VcpuExit::Hlt) => return VmExitReason::Shutdown,
-            Ok(VcpuExit::Shutdown) => return VmExitReason::Shutdown,
+            Ok(VcpuExit::Hlt) => return ended(&vcpu, "halted", VmExitReason::Shutdown),
+            Ok(VcpuExit::Shutdown) => {
+                return ended(&vcpu, "shutdown exit (a triple fault: reboot=t, or a crash)", VmExitReason::Shutdown)
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 return match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExitReason::Reset,
-                    _ => VmExitReason::Shutdown,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ended(&vcpu, "reset event", VmExitReason::Reset),
+                    _ => ended(&vcpu, &format!("system event {kind}"), VmExitReason::Shutdown),
                 };
             }
             Ok(VcpuExit::InternalError) => return VmExitReason::Failed(describe_stop(&vcpu, "KVM internal error")),
@@ -427,7 +436,7 @@ fn run_vcpu(mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, stop: &AtomicBool) -> VmExi
             Err(e) => return VmExitReason::Failed(format!("KVM_RUN: {e}")),
         };
         if outcome == WriteOutcome::Reset {
-            return VmExitReason::Reset;
+            return ended(&vcpu, "reset through the i8042", VmExitReason::Reset);
         }
     }
 }

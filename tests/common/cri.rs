@@ -148,8 +148,30 @@ impl CriServer {
     }
 }
 
+/// Prints the last lines of every log under `dir` (the server's, each
+/// sandbox's console, VMM and helper logs), for a test that failed.
+fn print_log_tails(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            print_log_tails(&path);
+        } else if path.extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} (last lines)", path.display());
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 impl Drop for CriServer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log_tails(self.dir.path());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Whatever a failed test left: no shim or VM may outlive it.
