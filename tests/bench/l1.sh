@@ -47,7 +47,10 @@ timed() { # command -> ms, or fails if the agent never said it was ready
     local console=$work/$1.console t0 t1
     : >"$console"
     t0=$(now_ms)
-    "$1_boot" >/dev/null 2>&1 || true
+    # A boot that hangs (seen under nested TCG) is a failure, not a wait.
+    timeout 180 bash -c "$(declare -f "$1_boot"); cmdline='$cmdline' share='$share' release='$release' work='$work' $1_boot" \
+        >/dev/null 2>&1
+    [ $? != 124 ] || { echo "FAILED: $1 did not finish booting within 180 s" >&2; exit 1; }
     t1=$(now_ms)
     grep -q "runv-agent: probe ok" "$console" || { echo "FAILED: $1 did not reach the agent:" >&2; tail -n 5 "$console" >&2; exit 1; }
     echo $((t1 - t0))
