@@ -202,17 +202,15 @@ impl VirtioDevice for Block {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{desc, F_NEXT, F_WRITE};
     use super::*;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
-
     fn mem() -> Mem {
-        Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+        super::super::test_util::mem(0x10_0000)
     }
 
     fn image(sectors: u64) -> File {
@@ -220,10 +218,6 @@ mod tests {
         let data: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         f.write_all_at(&data, 0).unwrap();
         f
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
     }
 
     /// Runs one chain through a fresh block device; returns (used len,

@@ -5,6 +5,8 @@ pub mod block;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_util;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

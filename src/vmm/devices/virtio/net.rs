@@ -337,23 +337,17 @@ pub fn check_tap(fd: &File) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{desc, wait_for, F_NEXT, F_WRITE};
     use super::*;
     use std::os::unix::net::UnixDatagram;
-    use std::time::{Duration, Instant};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use std::time::Duration;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
     const MAC: Mac = Mac([0x02, 0x42, 0x0a, 0, 0, 5]);
 
     fn mem() -> Mem {
-        Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+        super::super::test_util::mem(0x40_0000)
     }
 
     /// A datagram socket pair keeps frame boundaries, as a tap does.
@@ -403,14 +397,7 @@ mod tests {
         }
 
         fn wait_received(&self, n: usize) -> Vec<(u32, Vec<u8>)> {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let got = self.received();
-                if got.len() >= n || Instant::now() > deadline {
-                    return got;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_for(n, || self.received())
         }
 
         /// Queues `bytes` (header and frame) as one tx chain split over two

@@ -265,21 +265,15 @@ impl Drop for Vsock {
 mod tests {
     use super::super::packet::*;
     use super::*;
+    use crate::vmm::devices::virtio::test_util::{desc, wait_for, F_NEXT, F_WRITE};
     use std::os::unix::net::{UnixListener, UnixStream};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const F_WRITE: u16 = 2;
-    const F_NEXT: u16 = 1;
     const CID: u64 = 3;
 
     fn mem() -> Mem {
-        Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+        crate::vmm::devices::virtio::test_util::mem(0x40_0000)
     }
 
     struct Rig<'a> {
@@ -341,14 +335,7 @@ mod tests {
         }
 
         fn wait_received(&self, n: usize) -> Vec<(Header, Vec<u8>)> {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            loop {
-                let got = self.received();
-                if got.len() >= n || std::time::Instant::now() > deadline {
-                    return got;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+            wait_for(n, || self.received())
         }
     }
 
