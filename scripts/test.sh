@@ -73,19 +73,40 @@ the_command_runs_in_an_isolated_container"
 export RUNV_L1_BINS="$builtin_bin $run_bin $ctr_bin $ctd_cri_bin $cri_pods_bin"
 # Every binary runs even when one before it failed; the first probe's
 # answer is cached on L1's tmpfs for the rest.
+#
+# Known and not yet root-caused: now and then a nested guest dies or
+# stalls during boot under L1's emulated SVM (the agent's connection ends
+# with "early eof", or the VM "exited while booting", or the agent never
+# answers). A binary that fails with exactly that signature is rerun once,
+# loudly: its first attempt is printed (its result line renamed so it is
+# not counted), a `FLAKY:` line names it, and the rerun's result counts.
+# Any other failure, or the same one twice, fails the run.
 l1_script='
 set -u
 rc=0
+out=$(mktemp)
+tst() {
+    "$@" >"$out" 2>&1 && { cat "$out"; return 0; }
+    if grep -qE "socket err: early eof|exited while booting|did not answer within" "$out"; then
+        sed "s/^test result:/first attempt (not counted):/" "$out"
+        echo "FLAKY: $(basename "$1") failed with the known nested-boot signature; rerunning it once"
+        "$@" || rc=1
+    else
+        cat "$out"
+        rc=1
+    fi
+}
 set -- $RUNV_L1_BINS
+b1=$1 b2=$2 b3=$3 b4=$4 b5=$5
 runv check | grep -E "^(ok|warn|fail) +(kvm|builtin-vmm)|^verdict" || rc=1
-"$1" --color never --test-threads=1 --show-output || rc=1
+tst "$b1" --color never --test-threads=1 --show-output
 export RUNV_TEST_HYPERVISOR=builtin
-"$2" --color never --test-threads=1 --exact $RUNV_L1_RUN_TESTS || rc=1
+tst "$b2" --color never --test-threads=1 --exact $RUNV_L1_RUN_TESTS
 mkdir -p /var/tmp/l1 && mount -t tmpfs -o size=2g l1tmp /var/tmp/l1 && export TMPDIR=/var/tmp/l1 || exit 1
-"$3" --color never --test-threads=1 --show-output --exact \
-    ctr_run_prints_the_guest_output_and_exit_code_and_leaves_nothing || rc=1
-"$4" --color never --test-threads=1 --show-output || rc=1
-"$5" --color never --test-threads=1 --show-output || rc=1
+tst "$b3" --color never --test-threads=1 --show-output --exact \
+    ctr_run_prints_the_guest_output_and_exit_code_and_leaves_nothing
+tst "$b4" --color never --test-threads=1 --show-output
+tst "$b5" --color never --test-threads=1 --show-output
 exit $rc'
 set +e
 RUNV_EXPECT_BUILTIN=1 scripts/l1.sh --timeout 2400 --memory 6144 -- sh -c "$l1_script" 2>&1 \
@@ -111,6 +132,8 @@ fi
 echo "==> attacks (tests/security.sh)" >&2
 tests/security.sh --from-log "$log" || status=1
 grep -E '^SKIP ' "$log" | sort -u || true
+flaky=$(grep -c '^FLAKY: ' "$log" || true)
+[ "$flaky" = 0 ] || echo "flaky: $flaky test binaries in L1 failed with the known nested-boot signature and passed when rerun (FLAKY lines above)"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      /^SKIP / { if (!seen[$0]++) s++ }
      /^FAILED: / { f++ }
