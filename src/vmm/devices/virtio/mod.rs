@@ -8,6 +8,7 @@ pub mod net;
 #[cfg(test)]
 pub(crate) mod test_util;
 pub mod vsock;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -14,13 +14,12 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::{DeviceWorker, WorkerSignals};
 use super::{ActivateError, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -90,9 +89,7 @@ pub struct Net {
     tap: Arc<File>,
     active: Arc<Mutex<Option<Active>>>,
     counters: Arc<NetCounters>,
-    kick: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    worker: Option<JoinHandle<()>>,
+    worker: DeviceWorker,
 }
 
 impl Net {
@@ -106,9 +103,7 @@ impl Net {
             tap: Arc::new(tap),
             active: Arc::default(),
             counters: Arc::default(),
-            kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
-            stop: Arc::default(),
-            worker: None,
+            worker: DeviceWorker::new()?,
         })
     }
 
@@ -118,15 +113,6 @@ impl Net {
 
     fn lock(active: &Mutex<Option<Active>>) -> std::sync::MutexGuard<'_, Option<Active>> {
         active.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn stop_worker(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.kick.write(1);
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
-        self.stop.store(false, Ordering::SeqCst);
     }
 
     /// Sends every frame the guest queued.
@@ -202,31 +188,25 @@ fn deliver(a: &mut Active, frame: &[u8], counters: &NetCounters) -> bool {
     true
 }
 
-fn rx_worker(
-    tap: Arc<File>,
-    active: Arc<Mutex<Option<Active>>>,
-    counters: Arc<NetCounters>,
-    kick: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-) {
+fn rx_worker(tap: Arc<File>, active: Arc<Mutex<Option<Active>>>, counters: Arc<NetCounters>, signals: WorkerSignals) {
     crate::vmm::seccomp::enter(crate::vmm::seccomp::Role::NetWorker);
     let mut buf = vec![0u8; MAX_FRAME];
     // A frame read from the tap that waits for an rx buffer.
     let mut pending: Option<usize> = None;
-    while !stop.load(Ordering::SeqCst) {
+    while !signals.stopping() {
         // Only ask for tap frames when there is room to hold one: a guest
         // that posts no buffers leaves them queued in the tap (which drops
         // past its own queue length), not in this process.
         let tap_events = if pending.is_none() { libc::POLLIN } else { 0 };
         let mut fds = [
             libc::pollfd { fd: tap.as_raw_fd(), events: tap_events, revents: 0 },
-            libc::pollfd { fd: kick.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: signals.wake_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: polling two descriptors this thread's owners keep open.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) } < 0 {
             continue;
         }
-        let _ = kick.read();
+        signals.consume();
         let mut guard = Net::lock(&active);
         let Some(a) = guard.as_mut() else { continue };
         let mut delivered = false;
@@ -283,36 +263,23 @@ impl VirtioDevice for Net {
         }
         *Self::lock(&self.active) = Some(Active { mem, rx, tx, interrupt });
         let (tap, active, counters) = (self.tap.clone(), self.active.clone(), self.counters.clone());
-        let (kick, stop) = (self.kick.clone(), self.stop.clone());
-        self.worker = Some(
-            std::thread::Builder::new()
-                .name("net-rx".into())
-                .spawn(move || rx_worker(tap, active, counters, kick, stop))
-                .map_err(|e| ActivateError::Device(format!("starting the virtio-net worker: {e}")))?,
-        );
-        Ok(())
+        self.worker
+            .start("net-rx", move |signals| rx_worker(tap, active, counters, signals))
+            .map_err(|e| ActivateError::Device(format!("starting the virtio-net worker: {e}")))
     }
 
     fn notify(&mut self, queue: u16) {
         match queue {
             TX => self.process_tx(),
             // New rx buffers: the worker delivers a waiting frame.
-            RX => {
-                let _ = self.kick.write(1);
-            }
+            RX => self.worker.wake(),
             _ => {}
         }
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker.stop();
         *Self::lock(&self.active) = None;
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -343,6 +310,7 @@ mod tests {
     use std::time::Duration;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     const MAC: Mac = Mac([0x02, 0x42, 0x0a, 0, 0, 5]);
 

@@ -5,15 +5,13 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{Interest, Muxer, MAX_PKT_DATA};
 use super::packet::{Header, HEADER_SIZE};
+use crate::vmm::devices::virtio::worker::{DeviceWorker, WorkerSignals};
 use crate::vmm::devices::virtio::{ActivateError, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -37,9 +35,7 @@ struct Shared {
 pub struct Vsock {
     cid: u64,
     shared: Arc<Mutex<Shared>>,
-    kick: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    worker: Option<JoinHandle<()>>,
+    worker: DeviceWorker,
 }
 
 impl Vsock {
@@ -53,26 +49,11 @@ impl Vsock {
             ));
         }
         let muxer = Muxer::new(cid, uds)?;
-        Ok(Self {
-            cid,
-            shared: Arc::new(Mutex::new(Shared { muxer, active: None })),
-            kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
-            stop: Arc::default(),
-            worker: None,
-        })
+        Ok(Self { cid, shared: Arc::new(Mutex::new(Shared { muxer, active: None })), worker: DeviceWorker::new()? })
     }
 
     fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
         shared.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn stop_worker(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.kick.write(1);
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
-        self.stop.store(false, Ordering::SeqCst);
     }
 }
 
@@ -145,9 +126,9 @@ fn fill_rx(s: &mut Shared) {
     }
 }
 
-fn worker(shared: Arc<Mutex<Shared>>, kick: Arc<EventFd>, stop: Arc<AtomicBool>) {
+fn worker(shared: Arc<Mutex<Shared>>, signals: WorkerSignals) {
     crate::vmm::seccomp::enter(crate::vmm::seccomp::Role::VsockWorker);
-    while !stop.load(Ordering::SeqCst) {
+    while !signals.stopping() {
         let interests = Vsock::lock(&shared).muxer.interests();
         let mut fds: Vec<libc::pollfd> = interests
             .iter()
@@ -161,8 +142,7 @@ fn worker(shared: Arc<Mutex<Shared>>, kick: Arc<EventFd>, stop: Arc<AtomicBool>)
                 libc::pollfd { fd: *fd, events, revents: 0 }
             })
             .collect();
-        use std::os::fd::AsRawFd;
-        fds.push(libc::pollfd { fd: kick.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        fds.push(libc::pollfd { fd: signals.wake_fd(), events: libc::POLLIN, revents: 0 });
         // SAFETY: polling descriptors that stay open while we hold their
         // owners' list (the muxer only closes them under the lock, and a
         // closed one just reports POLLNVAL).
@@ -170,7 +150,7 @@ fn worker(shared: Arc<Mutex<Shared>>, kick: Arc<EventFd>, stop: Arc<AtomicBool>)
         if n < 0 {
             continue;
         }
-        let _ = kick.read();
+        signals.consume();
         let mut s = Vsock::lock(&shared);
         for (pfd, (_, interest)) in fds.iter().zip(&interests) {
             if pfd.revents == 0 {
@@ -223,14 +203,10 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::BadQueue(if rx.ready() { 1 } else { 0 }));
         }
         Self::lock(&self.shared).active = Some(Active { mem, rx, tx, _events: events, interrupt });
-        let (shared, kick, stop) = (self.shared.clone(), self.kick.clone(), self.stop.clone());
-        self.worker = Some(
-            std::thread::Builder::new()
-                .name("vsock".into())
-                .spawn(move || worker(shared, kick, stop))
-                .map_err(|e| ActivateError::Device(format!("starting the vsock worker: {e}")))?,
-        );
-        Ok(())
+        let shared = self.shared.clone();
+        self.worker
+            .start("vsock", move |signals| worker(shared, signals))
+            .map_err(|e| ActivateError::Device(format!("starting the vsock worker: {e}")))
     }
 
     fn notify(&mut self, queue: u16) {
@@ -244,20 +220,14 @@ impl VirtioDevice for Vsock {
             }
         }
         // The worker polls again with what changed.
-        let _ = self.kick.write(1);
+        self.worker.wake();
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker.stop();
         let mut s = Self::lock(&self.shared);
         s.muxer.reset_all();
         s.active = None;
-    }
-}
-
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -269,6 +239,7 @@ mod tests {
     use std::os::unix::net::{UnixListener, UnixStream};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     const CID: u64 = 3;
 
