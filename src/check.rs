@@ -218,7 +218,18 @@ pub fn check(config: &Config) -> Report {
         Some(v) => r.add(Level::Ok, "cgroup", v),
         None => r.add(Level::Warn, "cgroup", "no cgroup filesystem mounted at /sys/fs/cgroup"),
     }
-    r.add(Level::Warn, "confinement", confinement());
+    match (config.jail, crate::jailer::describe(config)) {
+        (true, Ok(jail)) => r.add(Level::Ok, "confinement", format!("{}; jailer: {jail}", confinement())),
+        (true, Err(why)) => r.add(Level::Warn, "confinement", format!("{}; jailer: {why}", confinement())),
+        (false, _) => r.add(
+            Level::Warn,
+            "confinement",
+            format!(
+                "{}; jailer OFF (jail = false): the VMM and its helpers run as root in the host's namespaces",
+                confinement()
+            ),
+        ),
+    }
     if config.debug_console {
         r.add(
             Level::Warn,
@@ -229,12 +240,13 @@ pub fn check(config: &Config) -> Report {
     r
 }
 
-/// What confines the host processes of a sandbox today, said as it is.
+/// What confines the host processes of a sandbox whatever the jailer
+/// does, said as it is.
 pub fn confinement() -> String {
     format!(
-        "qemu -sandbox {}; runv-vmm: no capabilities, no_new_privs, seccomp (no argument filters); \
-         shared dir: host-only staging tree, read-only guest view, nosuid,nodev; \
-         not yet: a jailer (own uid, namespaces, pivot_root, the pod's cgroup) for the VMM, virtiofsd and vhost-device-vsock, which run as root",
+        "qemu -sandbox {}; runv-vmm: no capabilities, no_new_privs, seccomp per thread with argument filters; \
+         virtiofsd: its namespace sandbox and seccomp; \
+         shared dir: host-only staging tree, read-only guest view, nosuid,nodev",
         crate::hypervisor::QEMU_SANDBOX
     )
 }
@@ -410,6 +422,7 @@ pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Re
             shared_fs_socket: None,
             shared_fs_tag: String::new(),
             net_devices: Vec::new(),
+            jail: None,
         };
         let cmd = Qemu::new(&config.qemu, &config.vhost_vsock, accel).command(&vm, None);
         let started = Instant::now();

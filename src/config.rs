@@ -100,6 +100,14 @@ pub struct Config {
     /// The agent's debug console (a root command in the guest, outside any
     /// container, through `runv debug-console`): for debugging and tests only.
     pub debug_console: bool,
+    /// Confine each sandbox's host processes (see `src/jailer.rs`): a uid of
+    /// its own, namespaces and pivot_root (runv-vmm), -runas/-chroot (QEMU),
+    /// a cgroup. Off only for debugging.
+    pub jail: bool,
+    /// First uid (and gid) sandboxes get; each running sandbox holds one.
+    pub jail_uid_base: u32,
+    /// How many uids from `jail_uid_base` sandboxes may use.
+    pub jail_uid_count: u32,
 }
 
 impl Default for Config {
@@ -136,6 +144,9 @@ impl Default for Config {
             image_max_layer_entries: 1_000_000,
             console_log_max_kib: 1024,
             debug_console: false,
+            jail: true,
+            jail_uid_base: 990_000_000,
+            jail_uid_count: 65536,
         }
     }
 }
@@ -188,6 +199,18 @@ impl Config {
             if value == 0 || value > 1 << 40 {
                 return Err(invalid(key, format!("must be between 1 and {}, got {value}", 1u64 << 40)));
             }
+        }
+        if self.jail_uid_base == 0 || self.jail_uid_count == 0 {
+            return Err(invalid(
+                "jail_uid_base",
+                "and jail_uid_count must be non-zero (uid 0 is root, which a jail must not be)".into(),
+            ));
+        }
+        if u64::from(self.jail_uid_base) + u64::from(self.jail_uid_count) > u64::from(u32::MAX) {
+            return Err(invalid(
+                "jail_uid_count",
+                format!("{} uids from {} run past the largest uid", self.jail_uid_count, self.jail_uid_base),
+            ));
         }
         if self.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs", "must be at least 1".into()));
@@ -258,6 +281,10 @@ mod tests {
         assert!(e.contains("vcpus"), "{e}");
         let e = Config::parse("hypervisor = \"xen\"\n", Path::new("t.toml")).unwrap_err().to_string();
         assert!(e.contains("xen"), "{e}");
+        let e = Config::parse("jail_uid_base = 0\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("jail_uid_base") && e.contains("root"), "{e}");
+        let e = Config::parse("jail_uid_base = 4294967000\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("jail_uid_count"), "{e}");
     }
 
     #[test]

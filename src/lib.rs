@@ -9,6 +9,7 @@ pub mod fsroot;
 pub mod helper;
 pub mod hypervisor;
 pub mod image;
+pub mod jailer;
 pub mod network;
 pub mod overhead;
 pub mod run;

@@ -102,7 +102,7 @@ enum Command {
     ///
     /// Needs `debug_console = true` in the config the sandbox started with
     /// (off by default; for debugging and the attack tests). SOCKET is the
-    /// sandbox's `vsock.sock` (under runtime_dir/sandboxes/<id>/). CMD runs
+    /// sandbox's `vsock.sock` (runtime_dir/sandboxes/<id>/jail/vsock.sock). CMD runs
     /// from the guest's own files, e.g. a container's rootfs under
     /// /run/runv/shared/<container>/rootfs; its output is printed and its
     /// exit status returned.

@@ -47,6 +47,7 @@ pub async fn measure(config: &Config, settle: Duration, window: Duration) -> any
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
         netns: None,
+        cgroup: None,
     };
     let sandbox = Sandbox::start(config, &spec).await?;
     let result = measure_sandbox(&sandbox, settle, window).await;

@@ -142,7 +142,14 @@ pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
 
     let mut signals = Signals::new().map_err(|e| RunError::runv(format!("installing signal handlers: {e}")))?;
     // The embedded default rootfs is shared by every run: keep it pristine.
-    let spec = SandboxSpec { shared_dir: rootfs, read_only: opts.rootfs.is_none(), vcpus, memory_mib, netns: None };
+    let spec = SandboxSpec {
+        shared_dir: rootfs,
+        read_only: opts.rootfs.is_none(),
+        vcpus,
+        memory_mib,
+        netns: None,
+        cgroup: None,
+    };
     let sandbox = tokio::select! {
         r = Sandbox::start(config, &spec) => r.map_err(|e| RunError::runv(e.to_string()))?,
         sig = signals.recv() => return Err(RunError { status: 128 + sig, message: format!("interrupted by signal {sig} while booting") }),

@@ -57,7 +57,9 @@ pub fn cleanup_leftovers(config: &Config, namespace: &str, id: &str) {
         runv::network::detach_leftovers(&record);
     }
     if let Ok(text) = std::fs::read_to_string(dir.join("sandbox-dir")) {
-        let _ = runv::helper::remove_tree(Path::new(text.trim()));
+        let sandbox_dir = Path::new(text.trim());
+        runv::jailer::cleanup_recorded(sandbox_dir);
+        let _ = runv::helper::remove_tree(sandbox_dir);
     }
     unmount_below(&dir);
     for tree in ["shared", "mounts"] {
@@ -69,6 +71,15 @@ pub fn cleanup_leftovers(config: &Config, namespace: &str, id: &str) {
     if let Err(e) = runv::helper::remove_tree(&dir) {
         log::warn!("removing {}: {e}", dir.display());
     }
+}
+
+/// The cgroup the sandbox's host processes join: the first container's
+/// `linux.cgroupsPath` (the pod's cgroup under CRI, as runc would make it),
+/// in its cgroupfs form; the systemd form (`slice:prefix:name`) and none
+/// leave runv's default, `runv/<sandbox id>`.
+fn pod_cgroup(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    let path = spec.linux().as_ref()?.cgroups_path().clone()?;
+    (!path.as_os_str().is_empty() && !path.to_string_lossy().contains(':')).then_some(path)
 }
 
 fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -181,6 +192,7 @@ impl TaskService {
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             netns: pod_netns(first),
+            cgroup: pod_cgroup(first),
         };
         let sandbox = match Sandbox::start(&config, &spec).await {
             Ok(s) => s,

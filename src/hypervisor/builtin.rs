@@ -4,7 +4,6 @@
 //! sandbox's virtiofsd through the VMM's vhost-user-fs frontend.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -31,6 +30,14 @@ impl Builtin {
     /// The `runv-vmm` command line for `vm`.
     pub fn command(&self, vm: &VmConfig) -> Command {
         let mut cmd = Command::new(&self.vmm);
+        // Jailed, the VMM runs in the jail directory and names its sockets
+        // relative to it: the same names before and after its pivot_root.
+        let socket = |path: &Path| -> PathBuf {
+            match &vm.jail {
+                Some(_) => path.file_name().map(PathBuf::from).unwrap_or_default(),
+                None => path.to_path_buf(),
+            }
+        };
         cmd.arg("--kernel")
             .arg(&vm.kernel)
             .arg("--initramfs")
@@ -41,21 +48,30 @@ impl Builtin {
             .arg("--console")
             .arg(vm.console_path())
             .arg("--vsock")
-            .arg(&vm.vsock_socket)
+            .arg(socket(&vm.vsock_socket))
             .args(["--vsock-cid", &guest::GUEST_CID.to_string()])
             .arg("--api-socket")
-            .arg(vm.work_dir.join("vmm.sock"));
+            .arg(socket(&api_socket(vm)));
         if let Some(sock) = &vm.shared_fs_socket {
-            cmd.arg("--fs-socket").arg(sock).args(["--fs-tag", &vm.shared_fs_tag]);
+            cmd.arg("--fs-socket").arg(socket(sock)).args(["--fs-tag", &vm.shared_fs_tag]);
         }
         for net in &vm.net_devices {
             cmd.arg("--net").arg(format!("fd={},mac={}", net.tap_fd, net.mac));
+        }
+        if let Some(jail) = &vm.jail {
+            cmd.arg("--jail").arg(jail.vmm_arg()).current_dir(jail.root());
+            jail.join_cgroups(&mut cmd);
         }
         // The VMM inherits the taps and the console pipe under the same numbers.
         let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).chain(vm.console_fd).collect();
         crate::helper::inherit_fds(&mut cmd, fds);
         cmd
     }
+}
+
+/// The VMM's control socket, beside the vsock socket.
+fn api_socket(vm: &VmConfig) -> PathBuf {
+    vm.vsock_socket.with_file_name("vmm.sock")
 }
 
 fn exit_of(status: HelperExit) -> VmExit {
@@ -74,7 +90,7 @@ impl Hypervisor for Builtin {
 
     async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError> {
         let cmd = self.command(vm);
-        self.api_socket = Some(vm.work_dir.join("vmm.sock"));
+        self.api_socket = Some(api_socket(vm));
         self.vm = Some(HelperProcess::spawn("runv-vmm", cmd, &vm.work_dir.join("vmm.log"))?);
         Ok(())
     }
@@ -90,7 +106,8 @@ impl Hypervisor for Builtin {
         }
         // Ask the VMM to stop its vCPUs, then make sure.
         if let Some(sock) = &self.api_socket {
-            if let Ok(mut s) = UnixStream::connect(sock) {
+            // Jailed, the VMM's uid owns the directory: no symlink is followed.
+            if let Ok(mut s) = crate::jailer::connect_nofollow(sock) {
                 let _ = s.write_all(b"stop\n");
             }
         }
@@ -138,6 +155,7 @@ mod tests {
             shared_fs_socket: Some("/w/fs.sock".into()),
             shared_fs_tag: "runv".into(),
             net_devices: vec![],
+            jail: None,
         }
     }
 

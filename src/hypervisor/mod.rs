@@ -37,6 +37,9 @@ pub struct VmConfig {
     pub shared_fs_tag: String,
     /// virtio-net devices, each on a tap the VM process inherits.
     pub net_devices: Vec<NetDeviceConfig>,
+    /// The sandbox's confinement; None runs everything as the caller. With
+    /// a jail, every socket above is in the jail directory.
+    pub jail: Option<std::sync::Arc<crate::jailer::Jail>>,
 }
 
 impl VmConfig {

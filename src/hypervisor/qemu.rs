@@ -24,6 +24,13 @@ pub struct Qemu {
 
 /// QEMU's `-sandbox` setting (its seccomp filter, Debian's QEMU has it).
 pub const QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The same for a jailed QEMU. QEMU installs its filter before `-runas`
+/// changes its uid, so the filter must let that one change through; after
+/// it the process has no capability and no_new_privs, and cannot regain
+/// privilege with or without set*id calls.
+pub const QEMU_SANDBOX_JAILED: &str = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
+/// vhost-device-vsock's sockets in the socket directory.
+const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 
 impl Qemu {
     pub fn new(qemu: &Path, vhost_vsock: &Path, accel: &'static str) -> Self {
@@ -54,7 +61,7 @@ impl Qemu {
             // QEMU's own seccomp filter: no obsolete syscalls, no setuid or
             // other privilege changes, no fork/exec, no scheduler or
             // resource changes, from the start of guest execution on.
-            .args(["-sandbox", QEMU_SANDBOX])
+            .args(["-sandbox", if vm.jail.is_some() { QEMU_SANDBOX_JAILED } else { QEMU_SANDBOX }])
             .args(["-serial", &format!("file:{}", vm.console_path().display())]);
         if let Some(sock) = vsock_socket {
             cmd.args(["-chardev", &format!("socket,id=vsock,path={}", sock.display())])
@@ -68,6 +75,12 @@ impl Qemu {
             cmd.args(["-netdev", &format!("tap,id=net{i},fd={}", net.tap_fd)])
                 .args(["-device", &format!("virtio-net-device,netdev=net{i},mac={}", net.mac)]);
         }
+        if let Some(jail) = &vm.jail {
+            // Once its devices are open: the sandbox's uid, chrooted into
+            // the jail directory; in the sandbox's cgroup from the start.
+            cmd.args(jail.qemu_args());
+            jail.join_cgroups(&mut cmd);
+        }
         // QEMU inherits the taps and the console pipe under the same numbers.
         let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).chain(vm.console_fd).collect();
         crate::helper::inherit_fds(&mut cmd, fds);
@@ -75,11 +88,25 @@ impl Qemu {
     }
 
     async fn start_vsock(&mut self, vm: &VmConfig) -> Result<PathBuf, HypervisorError> {
-        let socket = vm.work_dir.join("vhost-vsock.sock");
         let mut cmd = Command::new(&self.vhost_vsock);
-        cmd.arg(format!("--guest-cid={}", guest::GUEST_CID))
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--uds-path={}", vm.vsock_socket.display()));
+        let socket = match &vm.jail {
+            Some(jail) => {
+                // It needs no privilege: the sandbox's uid, in the jail
+                // directory, where its sockets are (named relative to it:
+                // the directories above are closed to that uid).
+                jail.confine_unprivileged(&mut cmd);
+                let uds = vm.vsock_socket.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                cmd.arg(format!("--socket={VHOST_VSOCK_SOCKET}")).arg(format!("--uds-path={uds}"));
+                jail.host_path(VHOST_VSOCK_SOCKET)
+            }
+            None => {
+                let socket = vm.work_dir.join(VHOST_VSOCK_SOCKET);
+                cmd.arg(format!("--socket={}", socket.display()))
+                    .arg(format!("--uds-path={}", vm.vsock_socket.display()));
+                socket
+            }
+        };
+        cmd.arg(format!("--guest-cid={}", guest::GUEST_CID));
         let mut helper = HelperProcess::spawn("vhost-device-vsock", cmd, &vm.work_dir.join("vhost-vsock.log"))?;
         let ready = wait_for_path(&mut helper, &socket, HELPER_SOCKET_TIMEOUT).await;
         self.vsock = Some(helper);
@@ -161,6 +188,7 @@ mod tests {
             shared_fs_socket: Some("/w/fs.sock".into()),
             shared_fs_tag: "runv".into(),
             net_devices: vec![],
+            jail: None,
         }
     }
 

@@ -46,7 +46,11 @@ impl AgentError {
 pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
     let err = |message: String| AgentError::Connect { path: uds.display().to_string(), message };
     let handshake = async {
-        let mut stream = UnixStream::connect(uds).await.map_err(|e| err(e.to_string()))?;
+        // The socket may sit in a jail directory its VMM's uid owns.
+        let stream = crate::jailer::connect_nofollow(uds)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(UnixStream::from_std);
+        let mut stream = stream.map_err(|e| err(e.to_string()))?;
         stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| err(e.to_string()))?;
         // Read the reply a byte at a time: whatever follows the newline
         // already belongs to the guest's stream.

@@ -10,6 +10,7 @@ mod virtiofsd;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runv_proto::guest;
@@ -20,6 +21,7 @@ use virtiofsd::Virtiofsd;
 use crate::config::{Config, HypervisorKind};
 use crate::helper::log_tail;
 use crate::hypervisor::{self, Builtin, Hypervisor, HypervisorError, NetDeviceConfig, Qemu, VmConfig, VmExit};
+use crate::jailer::{Jail, JailError};
 use crate::network::{NetworkError, PodNetwork};
 
 /// How long a guest whose agent did not answer the shutdown call may take
@@ -38,6 +40,9 @@ pub struct SandboxSpec {
     /// The pod's network namespace (made by CNI): its interfaces are
     /// bridged into the VM. None: the VM has no network device.
     pub netns: Option<PathBuf>,
+    /// The pod's cgroup (relative to each hierarchy's root), which the
+    /// sandbox's host processes join; None: `runv/<sandbox id>`.
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,8 @@ pub enum SandboxError {
     VmExited { exit: VmExit, console: String, diagnostics: String },
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
+    #[error("confining the sandbox: {0}")]
+    Jail(#[from] JailError),
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
 }
@@ -75,6 +82,9 @@ pub struct Sandbox {
     virtiofsd: Option<Virtiofsd>,
     agent: Option<AgentClient>,
     network: Option<PodNetwork>,
+    /// Last, so that it goes after every process it confines: dropping it
+    /// kills what is left in the sandbox's cgroup and removes the cgroup.
+    jail: Option<Arc<Jail>>,
 }
 
 impl Sandbox {
@@ -103,7 +113,16 @@ impl Sandbox {
             virtiofsd: None,
             agent: None,
             network: None,
+            jail: None,
         };
+        sweep_orphans(&config.runtime_dir.join("sandboxes"), &sandbox.dir);
+        let owner = crate::helper::ProcessIdentity::of(std::process::id()).map(|o| o.record()).unwrap_or_default();
+        crate::helper::write_private(&sandbox.dir.join(OWNER_RECORD), owner.as_bytes())
+            .map_err(|source| SandboxError::WorkDir { path: sandbox.dir.join(OWNER_RECORD), source })?;
+        if config.jail {
+            let jail = Jail::create(config, &sandbox.dir, &sandbox.id, spec.cgroup.as_deref())?;
+            sandbox.jail = Some(Arc::new(jail));
+        }
         if let Some(netns) = &spec.netns {
             let netns = netns.clone();
             let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&netns))
@@ -116,9 +135,19 @@ impl Sandbox {
     }
 
     async fn boot(&mut self, config: &Config, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let virtiofsd = Virtiofsd::start(&config.virtiofsd, &spec.shared_dir, spec.read_only, &self.dir)
-            .await
-            .map_err(SandboxError::Virtiofsd)?;
+        let jail = self.jail.clone();
+        // Every socket the VM process uses is in its jail directory.
+        let socket_dir = jail.as_ref().map_or(self.dir.clone(), |j| j.root().to_path_buf());
+        let virtiofsd = Virtiofsd::start(
+            &config.virtiofsd,
+            &spec.shared_dir,
+            spec.read_only,
+            &self.dir,
+            &socket_dir,
+            jail.as_deref(),
+        )
+        .await
+        .map_err(SandboxError::Virtiofsd)?;
         let mut cmdline = guest::KERNEL_CMDLINE_BASE.to_string();
         if config.debug_console {
             tracing::warn!(sandbox = %self.id, "debug_console is on: root in this guest is one host command away");
@@ -129,11 +158,17 @@ impl Sandbox {
             cmdline.push(' ');
             cmdline.push_str(config.kernel_params.trim());
         }
-        let vsock_socket = self.dir.join("vsock.sock");
+        let vsock_socket = socket_dir.join(VSOCK_SOCKET);
         // Listen for the agent's readiness call before the guest can make it.
-        let ready_path = PathBuf::from(format!("{}_{}", vsock_socket.display(), guest::AGENT_READY_VSOCK_PORT));
+        let ready_name = format!("{VSOCK_SOCKET}_{}", guest::AGENT_READY_VSOCK_PORT);
+        let ready_path = socket_dir.join(&ready_name);
         let ready = tokio::net::UnixListener::bind(&ready_path)
             .map_err(|source| SandboxError::WorkDir { path: ready_path.clone(), source })?;
+        if let Some(jail) = &jail {
+            // The VM process connects to it as the jail's uid.
+            jail.give(&ready_name)?;
+            jail.give(virtiofsd::SOCKET)?;
+        }
         let console = console::ConsoleLog::start(&self.console_log, config.console_log_max_kib << 10)
             .map_err(|source| SandboxError::WorkDir { path: self.console_log.clone(), source })?;
         let vm = VmConfig {
@@ -154,6 +189,7 @@ impl Sandbox {
                 .flat_map(|n| &n.devices)
                 .map(|d| NetDeviceConfig { tap_fd: d.tap.as_raw_fd(), mac: d.mac.clone() })
                 .collect(),
+            jail,
         };
         self.virtiofsd = Some(virtiofsd);
         tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
@@ -229,6 +265,16 @@ impl Sandbox {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The socket of the guest's hybrid vsock (`runv debug-console` takes it).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.jail.as_ref().map_or(self.dir.clone(), |j| j.root().to_path_buf()).join(VSOCK_SOCKET)
+    }
+
+    /// The sandbox's confinement, if it is jailed.
+    pub fn jail(&self) -> Option<&Jail> {
+        self.jail.as_deref()
     }
 
     /// Host pids of every process the sandbox runs (VM, helpers).
@@ -351,8 +397,14 @@ async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
     }
     let mut forced = config.clone();
     forced.hypervisor = HypervisorKind::Builtin;
-    let spec =
-        SandboxSpec { shared_dir: config.rootfs.clone(), read_only: true, vcpus: 1, memory_mib: 128, netns: None };
+    let spec = SandboxSpec {
+        shared_dir: config.rootfs.clone(),
+        read_only: true,
+        vcpus: 1,
+        memory_mib: 128,
+        netns: None,
+        cgroup: None,
+    };
     let started = Instant::now();
     let result = match Box::pin(Sandbox::start(&forced, &spec)).await {
         Ok(sandbox) => {
@@ -363,6 +415,38 @@ async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
     };
     crate::check::record_probe(&cache, &result);
     result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The hybrid vsock socket's name (in the jail directory, or the sandbox
+/// directory when jails are off).
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// The process that made a sandbox directory (pid and start time).
+const OWNER_RECORD: &str = "owner";
+
+/// Cleans up after sandboxes whose owner died without a word (a `runv run`
+/// killed with SIGKILL): what is left in their cgroups, their uid leases,
+/// their directories. A QEMU that changed its uid lost its parent-death
+/// signal, so this is what stops it.
+fn sweep_orphans(sandboxes: &Path, ours: &Path) {
+    if std::env::var_os("RUNV_KEEP_SANDBOX_DIR").is_some() {
+        return;
+    }
+    for entry in std::fs::read_dir(sandboxes).into_iter().flatten().flatten() {
+        let dir = entry.path();
+        if dir == ours {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER_RECORD)) else { continue };
+        let Some(owner) = crate::helper::ProcessIdentity::parse(owner.trim()) else { continue };
+        if owner.is_alive() {
+            continue;
+        }
+        tracing::info!("cleaning up sandbox {} (its runv process is gone)", dir.display());
+        crate::jailer::cleanup_recorded(&dir);
+        if let Err(e) = crate::helper::remove_tree(&dir) {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+    }
 }
 
 fn new_sandbox_id() -> String {

@@ -18,7 +18,7 @@ use super::devices::virtio::block::Block;
 use super::devices::virtio::fs::VhostUserFs;
 use super::devices::virtio::net::{check_tap, Mac, Net};
 use super::devices::virtio::vsock::device::Vsock;
-use super::vm::{Vm, VmError, VmExitReason};
+use super::vm::{BootFiles, Vm, VmError, VmExitReason};
 
 /// Where the guest console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,6 +146,12 @@ pub struct VmmArgs {
     /// Skip the seccomp filter and the capability drop (debugging only).
     #[arg(long)]
     pub no_sandbox: bool,
+    /// Enter a jail once /dev/kvm, the kernel, the initramfs, the console
+    /// and the disks are open: new mount, IPC, UTS and network namespaces,
+    /// pivot_root into DIR (socket paths are then relative to it; start the
+    /// VMM in DIR), then uid U and gid G with no capabilities.
+    #[arg(long, value_name = "uid=U,gid=G,root=DIR")]
+    pub jail: Option<crate::jailer::JailArg>,
 }
 
 /// Runs the VMM from its command line; the exit status says how the guest
@@ -169,6 +175,7 @@ pub fn main(args: VmmArgs, config: &crate::config::Config) -> std::process::Exit
         fs: args.fs_socket.zip(args.fs_tag),
         nets: args.nets,
         sandbox: !args.no_sandbox,
+        jail: args.jail,
     };
     match run(&opts) {
         Ok(VmExitReason::Reset | VmExitReason::Shutdown) => ExitCode::SUCCESS,
@@ -202,6 +209,7 @@ pub struct VmmOptions {
     pub nets: Vec<NetArg>,
     /// Install the seccomp filter and drop capabilities (on by default).
     pub sandbox: bool,
+    pub jail: Option<crate::jailer::JailArg>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +253,20 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
             .map_err(|source| VmmError::Disk { path: disk.path.clone(), source })?;
         vm.add_virtio(Box::new(dev))?;
     }
+    let boot = BootFiles::open(&opts.kernel, opts.initramfs.as_deref())?;
+    if let Some(jail) = &opts.jail {
+        let parent = std::os::unix::process::parent_id();
+        // Nothing past this point can reach a host file but the sockets in
+        // the jail directory and what is already open.
+        crate::jailer::enter(jail).map_err(VmmError::Confine)?;
+        // A change of uid clears the parent-death signal: set it again,
+        // and go if the parent went meanwhile.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        if std::os::unix::process::parent_id() != parent {
+            return Err(VmmError::Confine("the process that started the VMM is gone".into()));
+        }
+    }
     if let Some((cid, uds)) = &opts.vsock {
         let dev = Vsock::new(*cid, uds).map_err(|source| VmmError::Vsock { path: uds.clone(), source })?;
         vm.add_virtio(Box::new(dev))?;
@@ -255,7 +277,7 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
     for net in &opts.nets {
         vm.add_virtio(Box::new(open_net(net)?))?;
     }
-    vm.load_kernel(&opts.kernel, opts.initramfs.as_deref(), &opts.cmdline)?;
+    vm.load_kernel(boot, &opts.cmdline)?;
     let stop = Arc::new(AtomicBool::new(false));
     let api = match &opts.api_socket {
         Some(path) => Some((path, bind_api(path)?)),

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,6 +91,29 @@ pub struct Vm {
     /// `virtio_mmio.device=` entries for the kernel command line.
     device_cmdline: Vec<String>,
     entry: Option<(EntryMode, u64)>,
+}
+
+/// The kernel and initramfs, opened before the VMM gives up its access to
+/// the host's files.
+pub struct BootFiles {
+    pub kernel: (PathBuf, File),
+    pub initramfs: Option<(PathBuf, File)>,
+}
+
+impl BootFiles {
+    pub fn open(kernel: &Path, initramfs: Option<&Path>) -> Result<Self, VmError> {
+        let kernel_file = File::open(kernel)
+            .map_err(|e| VmError::Kernel { path: kernel.display().to_string(), reason: e.to_string() })?;
+        let initramfs = match initramfs {
+            Some(path) => Some((
+                path.to_path_buf(),
+                File::open(path)
+                    .map_err(|e| VmError::Initramfs { path: path.display().to_string(), reason: e.to_string() })?,
+            )),
+            None => None,
+        };
+        Ok(Self { kernel: (kernel.to_path_buf(), kernel_file), initramfs })
+    }
 }
 
 impl Vm {
@@ -192,9 +215,9 @@ impl Vm {
     /// Loads an uncompressed ELF `vmlinux` (PVH entry when its note is
     /// there, else the 64-bit boot protocol), the initramfs, and the command
     /// line with the devices' entries appended; writes the MP table.
-    pub fn load_kernel(&mut self, kernel: &Path, initramfs: Option<&Path>, cmdline: &str) -> Result<(), VmError> {
+    pub fn load_kernel(&mut self, files: BootFiles, cmdline: &str) -> Result<(), VmError> {
+        let BootFiles { kernel: (kernel, mut file), initramfs } = files;
         let kernel_err = |reason: String| VmError::Kernel { path: kernel.display().to_string(), reason };
-        let mut file = File::open(kernel).map_err(|e| kernel_err(e.to_string()))?;
         let loaded = Elf::load(&self.mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| kernel_err(format!("{e} (runv boots an uncompressed ELF vmlinux)")))?;
 
@@ -208,7 +231,7 @@ impl Vm {
 
         let low_end = self.mem.iter().next().map(|r| r.len()).unwrap_or(0);
         let initrd = match initramfs {
-            Some(path) => Some(self.load_initramfs(path, loaded.kernel_end, low_end)?),
+            Some((path, file)) => Some(self.load_initramfs(&path, file, loaded.kernel_end, low_end)?),
             None => None,
         };
         mptable::write(&self.mem, self.vcpus)?;
@@ -227,9 +250,14 @@ impl Vm {
     }
 
     /// Places the initramfs page-aligned at the top of low RAM.
-    fn load_initramfs(&self, path: &Path, kernel_end: u64, low_end: u64) -> Result<(u64, u64), VmError> {
+    fn load_initramfs(
+        &self,
+        path: &Path,
+        mut file: File,
+        kernel_end: u64,
+        low_end: u64,
+    ) -> Result<(u64, u64), VmError> {
         let err = |reason: String| VmError::Initramfs { path: path.display().to_string(), reason };
-        let mut file = File::open(path).map_err(|e| err(e.to_string()))?;
         let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
         let addr = low_end.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_end).ok_or_else(|| {
             err(format!("{size} bytes do not fit in guest memory above the kernel; give the VM more memory"))

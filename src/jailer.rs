@@ -1,0 +1,641 @@
+//! The jailer: every host process of a sandbox runs confined, as
+//! Firecracker's jailer confines Firecracker.
+//!
+//! Each sandbox gets a uid and gid of its own, leased from a configured
+//! range (`jail_uid_base`, `jail_uid_count`; no passwd entry is needed), a
+//! jail directory (`<sandbox dir>/jail`, owned by that uid, mode 0700) that
+//! holds every socket its VM process uses, and a cgroup (the pod's, or
+//! `runv/<sandbox id>`) that every one of its host processes joins before
+//! it runs a single instruction of its own.
+//!
+//! - The built-in VMM opens `/dev/kvm`, the kernel and the initramfs as
+//!   root, then [`enter`]s the jail: new mount, IPC, UTS and network
+//!   namespaces, `pivot_root` into the jail directory (which holds nothing
+//!   but its sockets), an empty bounding set, and the sandbox's uid and gid
+//!   with no supplementary groups; its seccomp filter follows.
+//! - QEMU does the same with `-runas uid:gid -chroot <jail>` after it has
+//!   opened its devices, under its own `-sandbox` filter.
+//! - vhost-device-vsock runs as the sandbox's uid from the start (it needs
+//!   no privilege), in the jail directory, with no capabilities.
+//! - virtiofsd needs root to serve files of every owner; it keeps its own
+//!   namespace sandbox and seccomp filter, and joins the cgroup.
+//!
+//! The host connects to the sockets in the jail directory as root. It never
+//! follows a symlink there: it opens each socket with `O_PATH | O_NOFOLLOW`
+//! beneath the jail directory and connects through the descriptor.
+
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+
+/// Where uid leases live: one file per uid in use, host-wide, whatever the
+/// runtime directory of the runv that took it.
+pub const LEASE_DIR: &str = "/run/runv/jail-uids";
+/// The jail directory's name inside a sandbox directory.
+pub const JAIL_DIR: &str = "jail";
+/// What a sandbox directory records about its jail, for cleanup after a
+/// crash (`containerd-shim-runv-v2 delete`).
+pub const RECORD: &str = "jail.record";
+/// Where cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// cgroup v1 controllers a sandbox joins where they are mounted apart
+/// (cpuset is left alone: a new cpuset cgroup starts with no CPUs).
+const V1_CONTROLLERS: [&str; 6] = ["memory", "pids", "cpu,cpuacct", "cpu", "cpuacct", "blkio"];
+/// How long the sandbox's processes get to leave the cgroup after SIGKILL.
+const CGROUP_DRAIN: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("no free uid in jail_uid_base..+jail_uid_count ({base}..{end}): {count} sandboxes hold them all")]
+    NoFreeUid { base: u32, end: u64, count: u32 },
+    #[error("jail {what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cgroup path '{0}' must be relative or absolute without '..' or '.'")]
+    BadCgroup(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JailError + 'a {
+    move |source| JailError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// One sandbox's confinement on the host side.
+#[derive(Debug)]
+pub struct Jail {
+    uid: u32,
+    gid: u32,
+    root: PathBuf,
+    root_fd: OwnedFd,
+    cgroups: Vec<PathBuf>,
+    lease: PathBuf,
+}
+
+impl Jail {
+    /// Leases a uid, makes the jail directory in `sandbox_dir` and the
+    /// sandbox's cgroup (`cgroup`, relative to each hierarchy's root, or
+    /// `runv/<sandbox_id>`), and records them in `sandbox_dir`.
+    pub fn create(
+        config: &Config,
+        sandbox_dir: &Path,
+        sandbox_id: &str,
+        cgroup: Option<&Path>,
+    ) -> Result<Self, JailError> {
+        let cgroup_rel = match cgroup {
+            Some(path) => relative_cgroup(path)?,
+            None => Path::new("runv").join(sandbox_id),
+        };
+        let (uid, lease) = lease_uid(config, sandbox_dir)?;
+        let root = sandbox_dir.join(JAIL_DIR);
+        let made = make_jail_dir(&root, uid).and_then(|fd| Ok((fd, make_cgroups(&cgroup_rel)?)));
+        let (root_fd, cgroups) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                let _ = std::fs::remove_file(&lease);
+                return Err(e);
+            }
+        };
+        // From here on, dropping the jail undoes what was done.
+        let jail = Jail { uid, gid: uid, root, root_fd, cgroups, lease };
+        let record = format!(
+            "uid {uid}\nlease {}\n{}",
+            jail.lease.display(),
+            jail.cgroups.iter().map(|c| format!("cgroup {}\n", c.display())).collect::<String>()
+        );
+        let record_path = sandbox_dir.join(RECORD);
+        crate::helper::write_private(&record_path, record.as_bytes()).map_err(io("recording", &record_path))?;
+        Ok(jail)
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    pub fn gid(&self) -> u32 {
+        self.gid
+    }
+
+    /// The jail directory as the host sees it.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The host path of `name` in the jail directory.
+    pub fn host_path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The cgroup directories the sandbox's processes join.
+    pub fn cgroups(&self) -> &[PathBuf] {
+        &self.cgroups
+    }
+
+    /// Hands `name` (a socket the host made in the jail directory) to the
+    /// sandbox's uid, without following a symlink.
+    pub fn give(&self, name: &str) -> Result<(), JailError> {
+        rustix::fs::chownat(
+            &self.root_fd,
+            name,
+            Some(uid_of(self.uid)),
+            Some(gid_of(self.gid)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| JailError::Io { what: "chown", path: self.host_path(name), source: e.into() })
+    }
+
+    /// The process `cmd` starts joins the sandbox's cgroups before it runs.
+    pub fn join_cgroups(&self, cmd: &mut Command) {
+        let procs: Vec<CString> = self.cgroups.iter().map(|c| cstring(&c.join("cgroup.procs"))).collect();
+        // SAFETY: between fork and exec the closure makes only
+        // async-signal-safe system calls on memory allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(err);
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// The process `cmd` starts runs as the sandbox's uid and gid, with no
+    /// supplementary groups, no capabilities (bounding set included) and
+    /// no_new_privs, in the jail directory, and in the sandbox's cgroups.
+    /// Relative paths it is given resolve in the jail directory.
+    pub fn confine_unprivileged(&self, cmd: &mut Command) {
+        self.join_cgroups(cmd);
+        let root = cstring(&self.root);
+        let (uid, gid) = (self.uid, self.gid);
+        // SAFETY: as in `join_cgroups`.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::chdir(root.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                drop_ids(uid, gid)
+            });
+        }
+    }
+
+    /// The `--jail` argument of `runv-vmm` for this jail.
+    pub fn vmm_arg(&self) -> String {
+        format!("uid={},gid={},root={}", self.uid, self.gid, self.root.display())
+    }
+
+    /// QEMU's own confinement for this jail: it changes to the sandbox's
+    /// uid and into the jail directory once its devices are open.
+    pub fn qemu_args(&self) -> Vec<String> {
+        vec!["-runas".into(), format!("{}:{}", self.uid, self.gid), "-chroot".into(), self.root.display().to_string()]
+    }
+
+    /// Kills every process left in the sandbox's cgroups.
+    pub fn kill_all(&self) {
+        kill_cgroups(&self.cgroups);
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        kill_cgroups(&self.cgroups);
+        remove_cgroups(&self.cgroups);
+        let _ = std::fs::remove_file(&self.lease);
+    }
+}
+
+/// Undoes what a jail recorded in `sandbox_dir`, after the runv that made
+/// it died: kills what is left in its cgroups, removes them, and frees its
+/// uid. The record's paths are checked to be runv's own.
+pub fn cleanup_recorded(sandbox_dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(sandbox_dir.join(RECORD)) else { return };
+    let mut cgroups = vec![];
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("cgroup", path)) if Path::new(path).starts_with(CGROUP_ROOT) && !path.contains("/..") => {
+                cgroups.push(PathBuf::from(path))
+            }
+            Some(("lease", path)) if Path::new(path).parent() == Some(Path::new(LEASE_DIR)) => {
+                // Only a lease that still names this sandbox.
+                let holder = std::fs::read_to_string(path).unwrap_or_default();
+                if Path::new(holder.trim()) == sandbox_dir {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            _ => {}
+        }
+    }
+    kill_cgroups(&cgroups);
+    remove_cgroups(&cgroups);
+}
+
+/// Connects to the Unix socket at `path` as root without following a
+/// symlink in its last component (the jail directory's owner could have
+/// put one there to turn root's connect towards another host socket).
+pub fn connect_nofollow(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let fd = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return Err(std::io::Error::other(format!("{} is not a socket", path.display())));
+    }
+    std::os::unix::net::UnixStream::connect(crate::fsroot::proc_fd_path(&fd))
+}
+
+/// What confinement sandboxes get on this host, for `runv check`.
+pub fn describe(config: &Config) -> Result<String, String> {
+    let end = u64::from(config.jail_uid_base) + u64::from(config.jail_uid_count);
+    let cgroups = match cgroup_hierarchies() {
+        (true, _) => "cgroup v2".to_string(),
+        (false, v1) if v1.is_empty() => {
+            return Err(
+                "no cgroup hierarchy under /sys/fs/cgroup: sandboxes stay in the cgroup of whoever starts them".into()
+            )
+        }
+        (false, v1) => format!(
+            "cgroup v1 ({})",
+            v1.iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    Ok(format!(
+        "uids {}..{end}, own mount/IPC/UTS/network namespaces and pivot_root (runv-vmm), -runas and -chroot (QEMU), {cgroups}",
+        config.jail_uid_base
+    ))
+}
+
+/// Leases the first free uid from a start that depends on the sandbox
+/// directory (so concurrent sandboxes rarely probe the same uids). A lease
+/// whose sandbox directory is gone is stale and taken over.
+fn lease_uid(config: &Config, sandbox_dir: &Path) -> Result<(u32, PathBuf), JailError> {
+    let dir = Path::new(LEASE_DIR);
+    crate::helper::create_private_dir_all(dir).map_err(io("creating", dir))?;
+    let count = config.jail_uid_count.max(1);
+    let start =
+        sandbox_dir.as_os_str().as_bytes().iter().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b)));
+    for i in 0..count {
+        let uid = config.jail_uid_base + (start.wrapping_add(i) % count);
+        let path = dir.join(uid.to_string());
+        match create_exclusive(&path, sandbox_dir) {
+            Ok(()) => return Ok((uid, path)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                if !holder.is_empty() && !Path::new(holder).exists() {
+                    // The sandbox that held it is gone without freeing it.
+                    let _ = std::fs::remove_file(&path);
+                    if create_exclusive(&path, sandbox_dir).is_ok() {
+                        return Ok((uid, path));
+                    }
+                }
+            }
+            Err(e) => return Err(JailError::Io { what: "leasing a uid in", path: dir.to_path_buf(), source: e }),
+        }
+    }
+    Err(JailError::NoFreeUid {
+        base: config.jail_uid_base,
+        end: u64::from(config.jail_uid_base) + u64::from(count),
+        count,
+    })
+}
+
+fn create_exclusive(path: &Path, content: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(content.as_os_str().as_bytes())
+}
+
+fn relative_cgroup(path: &Path) -> Result<PathBuf, JailError> {
+    let mut rel = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => rel.push(n),
+            _ => return Err(JailError::BadCgroup(path.display().to_string())),
+        }
+    }
+    if rel.as_os_str().is_empty() {
+        return Err(JailError::BadCgroup(path.display().to_string()));
+    }
+    Ok(rel)
+}
+
+/// (cgroup v2 unified at /sys/fs/cgroup, v1 hierarchies a sandbox joins).
+fn cgroup_hierarchies() -> (bool, Vec<PathBuf>) {
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        return (true, vec![root.to_path_buf()]);
+    }
+    let mut seen = vec![];
+    let mut dirs = vec![];
+    for name in V1_CONTROLLERS {
+        let dir = root.join(name);
+        if !dir.join("cgroup.procs").exists() {
+            continue;
+        }
+        // cpu and cpuacct are often one hierarchy under two names.
+        let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        let id = std::fs::metadata(&real).map(|m| std::os::unix::fs::MetadataExt::dev(&m)).ok();
+        if seen.contains(&id) {
+            continue;
+        }
+        seen.push(id);
+        dirs.push(dir);
+    }
+    (false, dirs)
+}
+
+fn make_cgroups(rel: &Path) -> Result<Vec<PathBuf>, JailError> {
+    let (v2, hierarchies) = cgroup_hierarchies();
+    let mut made = vec![];
+    for root in hierarchies {
+        let dir = root.join(rel);
+        if v2 {
+            // Controllers reach the new cgroup only through every parent's
+            // subtree_control (the root's is the init system's business).
+            let mut parent = root.clone();
+            for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+                parent.push(c);
+                let _ = std::fs::create_dir(&parent);
+                for ctrl in ["+memory", "+pids", "+cpu"] {
+                    let _ = std::fs::write(parent.join("cgroup.subtree_control"), ctrl);
+                }
+            }
+        }
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            remove_cgroups(&made);
+            return Err(JailError::Io { what: "creating cgroup", path: dir, source: e });
+        }
+        made.push(dir);
+    }
+    Ok(made)
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// SIGKILLs every process in `cgroups` (the cgroup says they are the
+/// sandbox's, whatever their pid was before) and waits for them to leave.
+fn kill_cgroups(cgroups: &[PathBuf]) {
+    let deadline = Instant::now() + CGROUP_DRAIN;
+    loop {
+        let pids: Vec<i32> = cgroups.iter().flat_map(|c| cgroup_pids(c)).collect();
+        if pids.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        for c in cgroups {
+            // cgroup v2 kills the whole cgroup at once, with no pid race.
+            if std::fs::write(c.join("cgroup.kill"), "1").is_err() {
+                for pid in cgroup_pids(c) {
+                    // SAFETY: kill with integer arguments.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn remove_cgroups(cgroups: &[PathBuf]) {
+    for dir in cgroups {
+        // An exited process can take a moment to leave the cgroup.
+        let deadline = Instant::now() + CGROUP_DRAIN;
+        while std::fs::remove_dir(dir).is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound) {
+            if Instant::now() >= deadline {
+                tracing::warn!("removing cgroup {}: still busy", dir.display());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The jail directory: new, 0700, owned by the sandbox's uid.
+fn make_jail_dir(root: &Path, uid: u32) -> Result<OwnedFd, JailError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(root).map_err(io("creating", root))?;
+    let fd = open_dir(root)?;
+    rustix::fs::fchown(&fd, Some(uid_of(uid)), Some(gid_of(uid))).map_err(|e| JailError::Io {
+        what: "chown",
+        path: root.to_path_buf(),
+        source: e.into(),
+    })?;
+    Ok(fd)
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd, JailError> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(path, OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY, Mode::empty())
+        .map_err(|e| JailError::Io { what: "opening", path: path.to_path_buf(), source: e.into() })
+}
+
+fn uid_of(uid: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(uid)
+}
+
+fn gid_of(gid: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(gid)
+}
+
+fn cstring(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("paths have no NUL byte")
+}
+
+/// Empties the bounding set, then changes to `uid`/`gid` with no
+/// supplementary groups (which clears every capability), and sets
+/// no_new_privs. Async-signal-safe: it runs between fork and exec too.
+fn drop_ids(uid: u32, gid: u32) -> std::io::Result<()> {
+    // SAFETY: system calls with integer arguments or null pointers.
+    unsafe {
+        for cap in 0..=63 {
+            // Unknown capability numbers fail harmlessly.
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `runv-vmm --jail uid=U,gid=G,root=DIR`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailArg {
+    pub uid: u32,
+    pub gid: u32,
+    pub root: PathBuf,
+}
+
+impl std::str::FromStr for JailArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut uid, mut gid, mut root) = (None, None, None);
+        for part in s.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| format!("'{part}' is not key=value"))?;
+            let id = || {
+                value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&v| v != 0)
+                    .ok_or_else(|| format!("{key} '{value}' is not a non-zero id"))
+            };
+            match key {
+                "uid" => uid = Some(id()?),
+                "gid" => gid = Some(id()?),
+                "root" if Path::new(value).is_absolute() => root = Some(PathBuf::from(value)),
+                "root" => return Err(format!("root '{value}' is not an absolute path")),
+                _ => return Err(format!("unknown jail key '{key}' (uid, gid, root)")),
+            }
+        }
+        match (uid, gid, root) {
+            (Some(uid), Some(gid), Some(root)) => Ok(JailArg { uid, gid, root }),
+            _ => Err("a jail needs uid, gid and root".into()),
+        }
+    }
+}
+
+/// Moves the calling process into its jail: new mount, IPC, UTS and network
+/// namespaces, `pivot_root` into `jail.root` (remounted nosuid, nodev,
+/// noexec), then the jail's uid and gid with no capabilities and
+/// no_new_privs. The process must still be single-threaded (a namespace or
+/// root change reaches only the calling thread) and keeps every descriptor
+/// it has open. Relative paths resolve in the jail before and after.
+pub fn enter(jail: &JailArg) -> Result<(), String> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
+    if threads != 1 {
+        return Err(format!("entering the jail needs a single-threaded process, this one has {threads} threads"));
+    }
+    fn step(what: &'static str) -> impl Fn(nix::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWNET)
+        .map_err(step("unsharing namespaces"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(step("making mounts private"))?;
+    let root = &jail.root;
+    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(step("binding the jail"))?;
+    let locked = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(None::<&str>, root, None::<&str>, locked, None::<&str>).map_err(step("locking the jail mount"))?;
+    nix::unistd::chdir(root).map_err(step("entering the jail directory"))?;
+    nix::unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the host's root"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+    drop_ids(jail.uid, jail.gid).map_err(|e| format!("changing to uid {} gid {}: {e}", jail.uid, jail.gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jail_arguments_parse_or_say_why_not() {
+        let a: JailArg = "uid=990000001,gid=990000001,root=/run/x/jail".parse().unwrap();
+        assert_eq!(a, JailArg { uid: 990000001, gid: 990000001, root: "/run/x/jail".into() });
+        for (bad, why) in [
+            ("uid=0,gid=5,root=/j", "non-zero"),
+            ("uid=5,gid=5,root=j", "absolute"),
+            ("uid=5,gid=5", "needs uid, gid and root"),
+            ("uid=5,gid=5,root=/j,caps=all", "unknown jail key 'caps'"),
+            ("uid", "key=value"),
+        ] {
+            let e = bad.parse::<JailArg>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cgroup_paths_stay_below_the_hierarchy() {
+        assert_eq!(relative_cgroup(Path::new("/kubepods/pod1/abc")).unwrap(), Path::new("kubepods/pod1/abc"));
+        assert_eq!(relative_cgroup(Path::new("runv/x")).unwrap(), Path::new("runv/x"));
+        for bad in ["/a/../../etc", "/", "./a", ""] {
+            assert!(relative_cgroup(Path::new(bad)).is_err(), "{bad}");
+        }
+    }
+
+    /// A process that entered a jail sees only the jail directory, is the
+    /// jail's uid with no capability, has no network, and still reaches
+    /// the sockets the host put in its jail (by relative name).
+    #[test]
+    fn attack_a_jailed_process_reaches_nothing_but_its_jail() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP attack_a_jailed_process_reaches_nothing_but_its_jail: needs root");
+            return;
+        }
+        println!("ATTACK a jailed process reaching host files, network or privilege: tried");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("host-secret"), b"secret").unwrap();
+        let root = dir.path().join("jail");
+        let uid = 990_065_000;
+        make_jail_dir(&root, uid).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(root.join("host.sock")).unwrap();
+        std::os::unix::fs::chown(root.join("host.sock"), Some(uid), Some(uid)).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let arg = JailArg { uid, gid: uid, root: root.clone() };
+        std::env::set_current_dir(&root).unwrap();
+        // SAFETY: the child runs the checks below and leaves with _exit;
+        // no other thread of this test process holds a lock it needs.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut failures = 0u8;
+            let mut check = |bit: u8, ok: bool| {
+                if !ok {
+                    failures |= bit;
+                }
+            };
+            check(1, enter(&arg).is_ok());
+            // SAFETY: getuid/getgid have no preconditions.
+            check(2, unsafe { libc::getuid() == uid && libc::getgid() == uid });
+            let names: Vec<_> =
+                std::fs::read_dir("/").map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+            check(4, names == ["host.sock"] && std::fs::metadata("/etc/passwd").is_err());
+            check(8, std::os::unix::net::UnixStream::connect("host.sock").is_ok());
+            check(16, std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+            // No capability: the bounding set lacks CAP_SYS_ADMIN (21) and
+            // chown fails.
+            // SAFETY: prctl with integer arguments.
+            check(32, unsafe { libc::prctl(libc::PR_CAPBSET_READ, 21, 0, 0, 0) } == 0);
+            check(64, std::os::unix::fs::chown("host.sock", Some(0), Some(0)).is_err());
+            // SAFETY: leaving the forked child without running the parent's destructors.
+            unsafe { libc::_exit(i32::from(failures)) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        std::env::set_current_dir("/").unwrap();
+        assert!(libc::WIFEXITED(status), "the jailed child died: {status:#x}");
+        let failures = libc::WEXITSTATUS(status);
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_ok(), "the jailed child reached its socket");
+        assert_eq!(failures, 0, "failed checks (bits: 1 enter, 2 ids, 4 only the jail visible, 8 its socket, 16 no network, 32 no bounding set, 64 no chown)");
+        assert_eq!(std::fs::read(dir.path().join("host-secret")).unwrap(), b"secret");
+        println!("ATTACK a jailed process reaching host files, network or privilege: held");
+    }
+}
