@@ -482,6 +482,88 @@ fn drop_ids(uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Kills a jailed process when the runv process that started it dies. A
+/// process that changes its uid itself (QEMU's `-runas`) loses the
+/// parent-death signal it was started with; its guard keeps one: a forked
+/// child of runv, as the jail's uid with no capability (a process of the
+/// same uid is all it may signal), that waits for its parent's death
+/// (SIGTERM as its parent-death signal) or the target's exit, and on the
+/// first SIGKILLs the target through a pidfd. Dropping the guard ends it.
+#[derive(Debug)]
+pub struct Guard {
+    pid: i32,
+}
+
+impl Guard {
+    /// Starts a guard for `pid` (a child of this process, not yet reaped).
+    pub fn start(pid: u32, uid: u32, gid: u32) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid as i32).ok_or_else(|| std::io::Error::other("pid 0"))?,
+            rustix::process::PidfdFlags::empty(),
+        )?;
+        let pidfd = pidfd.as_raw_fd();
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the child makes only raw system calls on values prepared
+        // before the fork (no allocation, no lock), and leaves with _exit.
+        match unsafe { libc::fork() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => unsafe { guard_child(parent, pidfd, uid, gid) },
+            child => Ok(Self { pid: child }),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // SAFETY: our own child, reaped here and nowhere else.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// The guard's whole life, in the forked child.
+///
+/// # Safety
+/// Only in the child of a fork; never returns.
+unsafe fn guard_child(parent: i32, pidfd: i32, uid: u32, gid: u32) -> ! {
+    // Keep only the pidfd (as 0) and a signalfd (as 1): the guard must not
+    // hold the parent's sockets, pipes or files open.
+    libc::dup2(pidfd, 0);
+    let mut set: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut set);
+    libc::sigaddset(&mut set, libc::SIGTERM);
+    libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    let sfd = libc::signalfd(-1, &set, 0);
+    if sfd < 0 || libc::dup2(sfd, 1) < 0 {
+        libc::_exit(1);
+    }
+    libc::syscall(libc::SYS_close_range, 2u32, u32::MAX, 0u32);
+    if drop_ids(uid, gid).is_err() {
+        libc::syscall(libc::SYS_pidfd_send_signal, 0, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
+        libc::_exit(1);
+    }
+    // After the uid change, which clears it.
+    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+    let orphaned = libc::getppid() != parent;
+    let mut fds = [
+        libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: 1, events: libc::POLLIN, revents: 0 },
+    ];
+    while !orphaned && libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {}
+    if orphaned || fds[1].revents != 0 {
+        libc::syscall(libc::SYS_pidfd_send_signal, 0, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
+    }
+    libc::_exit(0)
+}
+
 /// `runv-vmm --jail uid=U,gid=G,root=DIR`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JailArg {

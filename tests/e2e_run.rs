@@ -24,6 +24,74 @@ fn assert_clean(env: &TestEnv) {
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
+/// What /proc says of a process.
+fn proc_status(pid: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(field)).unwrap_or("?").split_whitespace().next().unwrap_or("?").into()
+}
+
+/// During `runv run`, /proc shows the VM process (QEMU or runv-vmm) and
+/// vhost-device-vsock as the sandbox's own uid, with no capability and
+/// no_new_privs, the VM process under seccomp with only its jail directory
+/// for a root (runv-vmm also in mount and network namespaces of its own),
+/// all in the sandbox's cgroup; afterwards nothing of the jail is left.
+#[test]
+fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
+    require_e2e!("the_vm_runs_jailed_and_the_jail_goes_with_it");
+    let env = TestEnv::new("");
+    let mut child = env.runv().args(["run", "--", "sleep", "8"]).stdin(Stdio::null()).spawn().unwrap();
+    let needle = env.dir.path().to_string_lossy().into_owned();
+    let program = common::cri::hypervisor::vm_program();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // The VM process drops root once its devices are open.
+    let vm = loop {
+        let found = common::processes_mentioning(&needle).into_iter().find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let name = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+            name.rsplit('/').next().unwrap_or_default().starts_with(program)
+                && proc_status(&pid.to_string(), "Uid:") != "0"
+        });
+        if let Some(pid) = found {
+            break pid.to_string();
+        }
+        assert!(Instant::now() < deadline, "no {program} process gave up root: {:?}", env.leftovers());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let uid: u32 = proc_status(&vm, "Uid:").parse().unwrap();
+    assert!(uid >= 990_000_000, "uid {uid} is not from the jail range");
+    assert_eq!(proc_status(&vm, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_status(&vm, "NoNewPrivs:"), "1");
+    assert_eq!(proc_status(&vm, "Seccomp:"), "2");
+    // Its root is the jail directory: its sockets, none of the host's files.
+    let root = std::path::PathBuf::from(format!("/proc/{vm}/root"));
+    assert!(root.join("vsock.sock").exists(), "the jail holds the vsock socket");
+    assert!(!root.join("etc").exists() && !root.join("usr").exists(), "the host's files are in the jail");
+    let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+    if program == "runv-vmm" {
+        assert_ne!(ns(&vm, "mnt"), ns("self", "mnt"), "runv-vmm shares the host's mount namespace");
+        assert_ne!(ns(&vm, "net"), ns("self", "net"), "runv-vmm shares the host's network namespace");
+    } else {
+        let vsock = common::processes_mentioning("--uds-path=vsock.sock")
+            .into_iter()
+            .find(|p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&needle)))
+            .expect("vhost-device-vsock runs in the jail directory");
+        assert_eq!(proc_status(&vsock.to_string(), "Uid:"), uid.to_string());
+        assert_eq!(proc_status(&vsock.to_string(), "CapEff:"), "0000000000000000");
+    }
+    let cgroup = std::fs::read_to_string(format!("/proc/{vm}/cgroup")).unwrap();
+    let line = cgroup
+        .lines()
+        .find(|l| l.starts_with("0::") && !l.ends_with("::/"))
+        .or_else(|| cgroup.lines().find(|l| l.split(':').nth(1) == Some("memory")))
+        .unwrap_or_default();
+    let sandbox_cgroup = line.rsplit(':').next().unwrap_or_default().to_string();
+    assert!(sandbox_cgroup.starts_with("/runv/"), "the VM is not in its sandbox's cgroup: {cgroup}");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_clean(&env);
+    let name = sandbox_cgroup.rsplit('/').next().unwrap();
+    assert!(common::cgroups_named(name).is_empty(), "the sandbox's cgroup is left");
+}
+
 #[test]
 fn run_prints_the_guest_kernel_release_not_the_hosts() {
     require_e2e!("run_prints_the_guest_kernel_release_not_the_hosts");
@@ -303,4 +371,22 @@ fn killed_runv_leaves_no_helper_running() {
     }
     let left = common::processes_mentioning(&env.dir.path().to_string_lossy());
     assert!(left.is_empty(), "processes left: {left:?}");
+    // The next sandbox start cleans up after the dead one: its directory,
+    // its cgroups, its uid lease.
+    let sandboxes = env.runtime_dir.join("sandboxes");
+    let orphans: Vec<_> = std::fs::read_dir(&sandboxes).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(orphans.len(), 1, "the killed run's sandbox directory stays until then");
+    let out = env.run(&["--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_dir(&sandboxes).unwrap().count(), 0, "the orphan's directory is removed");
+    let orphan = orphans[0].to_string_lossy().into_owned();
+    let cgroups = common::cgroups_named(&orphan);
+    assert!(cgroups.is_empty(), "the orphan's cgroups are left: {cgroups:?}");
+    let leases: Vec<_> = std::fs::read_dir("/run/runv/jail-uids")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains(&orphan))
+        .collect();
+    assert!(leases.is_empty(), "the orphan's uid lease is left: {leases:?}");
 }

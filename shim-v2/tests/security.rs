@@ -324,7 +324,10 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
         seen.push(p);
     }
     struct Check<'a>(&'a str, bool);
-    let in_cgroup = |p: &Proc| p.cgroup.ends_with(&format!("/runv/{sandbox_id}"));
+    // The pod's cgroup (containerd's CRI names `/k8s.io/<pod id>` when the
+    // pod has no cgroup parent), or runv's own for a sandbox without one.
+    let in_cgroup =
+        |p: &Proc| p.cgroup == format!("/k8s.io/{pod}") || p.cgroup.ends_with(&format!("/runv/{sandbox_id}"));
     let jailed =
         |p: &Proc| p.uid != "0" && p.uid != "?" && p.cap_eff == "0000000000000000" && p.nnp == "1" && in_cgroup(p);
     let qemu = seen.iter().find(|p| p.name.starts_with("qemu-system"));

@@ -20,6 +20,9 @@ pub struct Qemu {
     accel: &'static str,
     vsock: Option<HelperProcess>,
     vm: Option<HelperProcess>,
+    /// Kills the VM if this process dies (a jailed QEMU's `-runas` drops
+    /// the parent-death signal). Declared after `vm`: it goes after it.
+    guard: Option<crate::jailer::Guard>,
 }
 
 /// QEMU's `-sandbox` setting (its seccomp filter, Debian's QEMU has it).
@@ -34,7 +37,14 @@ const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 
 impl Qemu {
     pub fn new(qemu: &Path, vhost_vsock: &Path, accel: &'static str) -> Self {
-        Self { qemu: qemu.to_path_buf(), vhost_vsock: vhost_vsock.to_path_buf(), accel, vsock: None, vm: None }
+        Self {
+            qemu: qemu.to_path_buf(),
+            vhost_vsock: vhost_vsock.to_path_buf(),
+            accel,
+            vsock: None,
+            vm: None,
+            guard: None,
+        }
     }
 
     /// The QEMU command line for `vm`; `vsock_socket` is the vhost-user
@@ -125,7 +135,14 @@ impl Hypervisor for Qemu {
         let result = async {
             let vsock_socket = self.start_vsock(vm).await?;
             let cmd = self.command(vm, Some(&vsock_socket));
-            self.vm = Some(HelperProcess::spawn("qemu", cmd, &vm.work_dir.join("qemu.log"))?);
+            let qemu = HelperProcess::spawn("qemu", cmd, &vm.work_dir.join("qemu.log"))?;
+            let pid = qemu.pid();
+            self.vm = Some(qemu);
+            if let (Some(jail), Some(pid)) = (&vm.jail, pid) {
+                let guard = crate::jailer::Guard::start(pid, jail.uid(), jail.gid())
+                    .map_err(|e| HypervisorError::Start(format!("starting the VM's guard: {e}")))?;
+                self.guard = Some(guard);
+            }
             Ok(())
         }
         .await;
@@ -150,6 +167,7 @@ impl Hypervisor for Qemu {
             },
             None => VmExit::Failed("never started".into()),
         };
+        self.guard.take();
         if let Some(mut vsock) = self.vsock.take() {
             vsock.terminate(Duration::from_millis(500)).await;
         }

@@ -96,6 +96,12 @@ impl TestEnv {
         for line in mounts.lines().filter(|l| l.contains(&needle)) {
             found.push(format!("mount {line}"));
         }
+        // A uid lease names its sandbox's directory.
+        for e in std::fs::read_dir(runv::jailer::LEASE_DIR).into_iter().flatten().flatten() {
+            if std::fs::read_to_string(e.path()).unwrap_or_default().contains(&needle) {
+                found.push(format!("uid lease {}", e.path().display()));
+            }
+        }
         found
     }
 
@@ -118,6 +124,17 @@ impl TestEnv {
         assert!(ok.success(), "copying the rootfs");
         dst
     }
+}
+
+/// cgroup directories named `name` under runv's default parent, in every
+/// hierarchy under /sys/fs/cgroup (v1) or the unified one (v2).
+pub fn cgroups_named(name: &str) -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.join("runv").join(name)];
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        dirs.push(e.path().join("runv").join(name));
+    }
+    dirs.into_iter().filter(|d| d.is_dir()).collect()
 }
 
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
