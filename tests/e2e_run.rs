@@ -38,7 +38,7 @@ fn proc_status(pid: &str, field: &str) -> String {
 #[test]
 fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
     require_e2e!("the_vm_runs_jailed_and_the_jail_goes_with_it");
-    let env = TestEnv::new("");
+    let env = TestEnv::new("boot_timeout_secs = 120");
     let mut child = env.runv().args(["run", "--", "sleep", "8"]).stdin(Stdio::null()).spawn().unwrap();
     let needle = env.dir.path().to_string_lossy().into_owned();
     let program = common::cri::hypervisor::vm_program();
