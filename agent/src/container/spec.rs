@@ -5,10 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use oci_spec::runtime::{
-    Arch, LinuxResources, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder,
-    LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder, Process, Spec,
-};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 /// Smallest memory limit a container may ask for; below this a typo (bytes
 /// for MiB) is likelier than intent and the container could not even start.
@@ -126,71 +123,8 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
     if linux.cgroups_path().is_none() {
         linux.set_cgroups_path(Some(PathBuf::from(format!("/runv/{container_id}"))));
     }
-    let allow_vsock =
-        spec.annotations().as_ref().and_then(|a| a.get(ALLOW_VSOCK_ANNOTATION)).is_some_and(|v| v == "true");
-    if !allow_vsock {
-        linux.set_seccomp(Some(deny_vsock(linux.seccomp().clone())?));
-    }
     spec.set_linux(Some(linux));
     Ok(spec)
-}
-
-/// A container annotation (`"true"`) that lets the container open vsock
-/// sockets, which runv otherwise denies to every container.
-pub const ALLOW_VSOCK_ANNOTATION: &str = "io.runv.container.allow-vsock";
-/// The vsock address family (linux/socket.h).
-const AF_VSOCK: u64 = 40;
-
-/// The container's seccomp profile with `socket(AF_VSOCK, ...)` denied
-/// (EAFNOSUPPORT, as if the guest had no vsock): the agent answers only
-/// the host, and no container needs the guest's vsock. No profile (an
-/// unconfined container) gets one that denies only that. A profile that
-/// allows by default gets the denial first; one that denies by default
-/// keeps `socket` allowed only for other families.
-pub fn deny_vsock(profile: Option<LinuxSeccomp>) -> Result<LinuxSeccomp> {
-    let family = |op| LinuxSeccompArgBuilder::default().index(0usize).value(AF_VSOCK).op(op).build();
-    let deny = LinuxSyscallBuilder::default()
-        .names(vec!["socket".to_string()])
-        .action(LinuxSeccompAction::ScmpActErrno)
-        .errno_ret(libc::EAFNOSUPPORT as u32)
-        .args(vec![family(LinuxSeccompOperator::ScmpCmpEq)?])
-        .build()?;
-    let Some(mut profile) = profile else {
-        return Ok(LinuxSeccompBuilder::default()
-            .default_action(LinuxSeccompAction::ScmpActAllow)
-            .architectures(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32])
-            .syscalls(vec![deny])
-            .build()?);
-    };
-    let mut rules = profile.syscalls().clone().unwrap_or_default();
-    let allowing =
-        |a: LinuxSeccompAction| matches!(a, LinuxSeccompAction::ScmpActAllow | LinuxSeccompAction::ScmpActLog);
-    if allowing(profile.default_action()) {
-        rules.insert(0, deny);
-    } else {
-        // Take `socket` out of every rule that allows it whatever its
-        // arguments, and allow it again for every family but vsock.
-        let mut allowed = false;
-        for rule in &mut rules {
-            if allowing(rule.action()) && rule.args().as_ref().is_none_or(|a| a.is_empty()) {
-                let names: Vec<String> = rule.names().iter().filter(|n| *n != "socket").cloned().collect();
-                allowed |= names.len() != rule.names().len();
-                rule.set_names(names);
-            }
-        }
-        rules.retain(|r: &LinuxSyscall| !r.names().is_empty());
-        if allowed {
-            rules.push(
-                LinuxSyscallBuilder::default()
-                    .names(vec!["socket".to_string()])
-                    .action(LinuxSeccompAction::ScmpActAllow)
-                    .args(vec![family(LinuxSeccompOperator::ScmpCmpNe)?])
-                    .build()?,
-            );
-        }
-    }
-    profile.set_syscalls(Some(rules));
-    Ok(profile)
 }
 
 pub fn check_process(process: &Process) -> Result<()> {
@@ -276,47 +210,6 @@ mod tests {
         let spec = prepare_t("c1", &spec_json(&dir.path().join("c1/./rootfs"), ""), &allowed(dir.path())).unwrap();
         assert_eq!(spec.root().as_ref().unwrap().path(), &rootfs.canonicalize().unwrap());
         assert_eq!(spec.linux().as_ref().unwrap().cgroups_path().as_deref(), Some(Path::new("/runv/c1")));
-    }
-
-    fn vsock_rule(profile: &LinuxSeccomp) -> Option<(LinuxSeccompAction, LinuxSeccompOperator)> {
-        profile.syscalls().iter().flatten().find_map(|r| {
-            let arg = r.args().as_ref()?.first()?;
-            (r.names() == &["socket"] && arg.index() == 0 && arg.value() == AF_VSOCK).then_some((r.action(), arg.op()))
-        })
-    }
-
-    #[test]
-    fn attack_containers_get_no_vsock_socket_unless_they_ask() {
-        println!("ATTACK a container opening a vsock socket to the agent: tried");
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("c1/rootfs")).unwrap();
-        let root = dir.path().join("c1/rootfs");
-        // Unconfined: a profile that denies only vsock sockets.
-        let spec = prepare_t("c1", &spec_json(&root, ""), &allowed(dir.path())).unwrap();
-        let profile = spec.linux().as_ref().unwrap().seccomp().clone().expect("a profile");
-        assert_eq!(profile.default_action(), LinuxSeccompAction::ScmpActAllow);
-        assert_eq!(vsock_rule(&profile), Some((LinuxSeccompAction::ScmpActErrno, LinuxSeccompOperator::ScmpCmpEq)));
-        // A deny-by-default profile that allows socket: allowed for every
-        // other family only, and the rule's other calls stay allowed.
-        let strict = r#","linux":{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[
-            {"names":["read","socket","write"],"action":"SCMP_ACT_ALLOW"},{"names":["socket"],"action":"SCMP_ACT_ALLOW"}]}}"#;
-        let spec = prepare_t("c1", &spec_json(&root, strict), &allowed(dir.path())).unwrap();
-        let profile = spec.linux().as_ref().unwrap().seccomp().clone().unwrap();
-        let rules = profile.syscalls().clone().unwrap();
-        assert_eq!(rules[0].names(), &["read", "write"]);
-        assert_eq!(rules.len(), 2, "{rules:?}");
-        assert_eq!(vsock_rule(&profile), Some((LinuxSeccompAction::ScmpActAllow, LinuxSeccompOperator::ScmpCmpNe)));
-        // An allow-by-default profile: the denial comes first.
-        let loose = r#","linux":{"seccomp":{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_ERRNO"}]}}"#;
-        let spec = prepare_t("c1", &spec_json(&root, loose), &allowed(dir.path())).unwrap();
-        let profile = spec.linux().as_ref().unwrap().seccomp().clone().unwrap();
-        assert_eq!(profile.syscalls().as_ref().unwrap().len(), 2);
-        assert_eq!(vsock_rule(&profile), Some((LinuxSeccompAction::ScmpActErrno, LinuxSeccompOperator::ScmpCmpEq)));
-        // Asked for: left alone.
-        let asked = format!(r#","annotations":{{"{ALLOW_VSOCK_ANNOTATION}":"true"}}"#);
-        let spec = prepare_t("c1", &spec_json(&root, &asked), &allowed(dir.path())).unwrap();
-        assert!(spec.linux().as_ref().unwrap().seccomp().is_none());
-        println!("ATTACK a container opening a vsock socket to the agent: held");
     }
 
     #[test]
