@@ -93,6 +93,18 @@ fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
     assert!(common::cgroups_named(name).is_empty(), "the sandbox's cgroup is left");
 }
 
+/// Nothing in a guest but the agent may make a vsock socket: the agent's
+/// filter reaches every container, whatever profile it asked for.
+#[test]
+fn a_container_runs_under_the_agents_vsock_filter() {
+    require_e2e!("a_container_runs_under_the_agents_vsock_filter");
+    let env = TestEnv::new("");
+    let out = env.run(&["--", "grep", "Seccomp:", "/proc/self/status"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out).split_whitespace().collect::<Vec<_>>(), ["Seccomp:", "2"]);
+    assert_clean(&env);
+}
+
 #[test]
 fn run_prints_the_guest_kernel_release_not_the_hosts() {
     require_e2e!("run_prints_the_guest_kernel_release_not_the_hosts");

@@ -134,6 +134,35 @@ pub fn notify_host_ready() -> Result<()> {
     Ok(())
 }
 
+/// Denies `socket(AF_VSOCK, ...)` (EAFNOSUPPORT) to every thread of the
+/// agent and to everything it starts from now on: containers, their execs,
+/// the pause process, debug-console commands. The agent has made the only
+/// vsock sockets the guest needs (its listeners and its readiness call),
+/// and nothing in a guest but the agent may talk to the host. A seccomp
+/// filter is inherited and cannot be removed, whatever a container's own
+/// profile says (or whether it may load one at all). The guest kernel has
+/// no 32-bit or x32 syscall entry (tinyconfig), so `socket` on x86-64 is
+/// the only way to make a socket; a process of any other architecture is
+/// killed by the filter.
+pub fn deny_vsock_sockets() -> Result<()> {
+    use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+    let mut filter = ScmpFilterContext::new(ScmpAction::Allow).context("a seccomp filter")?;
+    filter
+        .add_rule_conditional(
+            ScmpAction::Errno(libc::EAFNOSUPPORT),
+            ScmpSyscall::from_name("socket").context("the socket syscall")?,
+            &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, libc::AF_VSOCK as u64)],
+        )
+        .context("the vsock rule")?;
+    // Every thread, now; and no no_new_privs, which would reach every
+    // container and stop its setuid binaries (the agent is root with
+    // CAP_SYS_ADMIN, which is what loading a filter needs without it).
+    filter.set_ctl_tsync(true).context("thread sync")?;
+    filter.set_ctl_nnp(false).context("no_new_privs")?;
+    filter.load().context("loading the filter")?;
+    Ok(())
+}
+
 /// Whether the kernel command line asks for a boot probe.
 pub fn probe_requested() -> bool {
     fs::read_to_string("/proc/cmdline")

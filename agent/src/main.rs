@@ -148,12 +148,14 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
     server.start().await.context("starting the ttrpc server")?;
     eprintln!("runv-agent {} serving on {listen}", env!("CARGO_PKG_VERSION"));
     if pid1 {
-        // Tell the host we serve; it connects to us only then.
-        std::thread::spawn(|| {
-            if let Err(e) = init::notify_host_ready() {
-                eprintln!("runv-agent: could not tell the host it is ready: {e:#}");
-            }
-        });
+        // Tell the host we serve; it connects to us only then. That is the
+        // last vsock socket the guest makes: from here on nothing in it may
+        // make one, the agent included.
+        let notified = tokio::task::spawn_blocking(init::notify_host_ready).await;
+        if let Ok(Err(e)) = notified {
+            eprintln!("runv-agent: could not tell the host it is ready: {e:#}");
+        }
+        init::deny_vsock_sockets().context("denying vsock sockets in the guest")?;
     }
     shutdown.notified().await;
     // Let the reply to Shutdown reach the caller before the guest goes away.

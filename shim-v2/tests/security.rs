@@ -353,6 +353,27 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
         (!failed.is_empty()).then(|| format!("{failed:?} in {seen:#?}")),
     );
 
+    // 9. Open a vsock socket in the guest, the way to the agent and the
+    //    host: as root outside every container (the agent's own binary,
+    //    asked to listen on a vsock port) and from a container.
+    let (out, _) =
+        guest.sh("/proc/1/exe --listen vsock://-1:2000 --state-dir /tmp/attack-agent 2>&1 | head -c 2000; true").await;
+    let probe = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: c1.clone(),
+            cmd: vec!["grep".into(), "Seccomp:".into(), "/proc/self/status".into()],
+            timeout: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seccomp = String::from_utf8_lossy(&probe.stdout).into_owned();
+    attacks.record(
+        "a vsock socket opened in the guest (root outside containers, and a container)",
+        (!out.contains("Address family not supported") || !seccomp.contains('2'))
+            .then(|| format!("root said {out:?}; the container's {seccomp:?}")),
+    );
+
     // The sandbox still serves after all of this.
     let alive = cri
         .exec_sync(ExecSyncRequest { container_id: c1.clone(), cmd: vec!["echo".into(), "alive".into()], timeout: 30 })
