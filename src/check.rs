@@ -244,7 +244,7 @@ pub fn check(config: &Config) -> Report {
 /// does, said as it is.
 pub fn confinement() -> String {
     format!(
-        "qemu -sandbox {}; runv-vmm: no capabilities, no_new_privs, seccomp per thread with argument filters; \
+        "qemu -sandbox {} (elevateprivileges=allow when jailed, for -runas); runv-vmm: no capabilities, no_new_privs, seccomp per thread with argument filters; \
          virtiofsd: its namespace sandbox and seccomp; \
          shared dir: host-only staging tree, read-only guest view, nosuid,nodev",
         crate::hypervisor::QEMU_SANDBOX

@@ -87,7 +87,19 @@ fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
         .unwrap_or_default();
     let sandbox_cgroup = line.rsplit(':').next().unwrap_or_default().to_string();
     assert!(sandbox_cgroup.starts_with("/runv/"), "the VM is not in its sandbox's cgroup: {cgroup}");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    // A stalled guest must fail the test, not hang it.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("runv run did not end within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0));
     assert_clean(&env);
     let name = sandbox_cgroup.rsplit('/').next().unwrap();
     assert!(common::cgroups_named(name).is_empty(), "the sandbox's cgroup is left");
