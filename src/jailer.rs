@@ -21,8 +21,9 @@
 //!   namespace sandbox and seccomp filter, and joins the cgroup.
 //!
 //! The host connects to the sockets in the jail directory as root. It never
-//! follows a symlink there: it opens each socket with `O_PATH | O_NOFOLLOW`
-//! beneath the jail directory and connects through the descriptor.
+//! follows a symlink there (the jail's uid owns that directory, nothing
+//! above it): it opens each socket with `O_PATH | O_NOFOLLOW` and connects
+//! through the descriptor.
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
@@ -129,11 +130,6 @@ impl Jail {
         self.root.join(name)
     }
 
-    /// The cgroup directories the sandbox's processes join.
-    pub fn cgroups(&self) -> &[PathBuf] {
-        &self.cgroups
-    }
-
     /// Hands `name` (a socket the host made in the jail directory) to the
     /// sandbox's uid, without following a symlink.
     pub fn give(&self, name: &str) -> Result<(), JailError> {
@@ -199,11 +195,6 @@ impl Jail {
     /// uid and into the jail directory once its devices are open.
     pub fn qemu_args(&self) -> Vec<String> {
         vec!["-runas".into(), format!("{}:{}", self.uid, self.gid), "-chroot".into(), self.root.display().to_string()]
-    }
-
-    /// Kills every process left in the sandbox's cgroups.
-    pub fn kill_all(&self) {
-        kill_cgroups(&self.cgroups);
     }
 }
 
@@ -465,12 +456,9 @@ fn cstring(path: &Path) -> CString {
 /// supplementary groups (which clears every capability), and sets
 /// no_new_privs. Async-signal-safe: it runs between fork and exec too.
 fn drop_ids(uid: u32, gid: u32) -> std::io::Result<()> {
+    drop_bounding_set();
     // SAFETY: system calls with integer arguments or null pointers.
     unsafe {
-        for cap in 0..=63 {
-            // Unknown capability numbers fail harmlessly.
-            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
-        }
         if libc::setgroups(0, std::ptr::null()) != 0
             || libc::setresgid(gid, gid, gid) != 0
             || libc::setresuid(uid, uid, uid) != 0
@@ -562,6 +550,15 @@ unsafe fn guard_child(parent: i32, pidfd: i32, uid: u32, gid: u32) -> ! {
         libc::syscall(libc::SYS_pidfd_send_signal, 0, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
     }
     libc::_exit(0)
+}
+
+/// Empties the capability bounding set (needs CAP_SETPCAP; unknown
+/// capability numbers fail harmlessly). Async-signal-safe.
+pub fn drop_bounding_set() {
+    for cap in 0..=63 {
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
 }
 
 /// `runv-vmm --jail uid=U,gid=G,root=DIR`.

@@ -267,16 +267,6 @@ impl Sandbox {
         &self.dir
     }
 
-    /// The socket of the guest's hybrid vsock (`runv debug-console` takes it).
-    pub fn vsock_socket(&self) -> PathBuf {
-        self.jail.as_ref().map_or(self.dir.clone(), |j| j.root().to_path_buf()).join(VSOCK_SOCKET)
-    }
-
-    /// The sandbox's confinement, if it is jailed.
-    pub fn jail(&self) -> Option<&Jail> {
-        self.jail.as_deref()
-    }
-
     /// Host pids of every process the sandbox runs (VM, helpers).
     pub fn pids(&self) -> Vec<u32> {
         let mut pids = self.hypervisor.pids();

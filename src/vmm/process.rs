@@ -353,10 +353,7 @@ pub fn confine() -> Result<(), VmmError> {
 
 fn drop_capabilities() -> Result<(), VmmError> {
     // The bounding set first (needs CAP_SETPCAP, which goes next).
-    for cap in 0..=63 {
-        // SAFETY: prctl with integer arguments; unknown caps fail harmlessly.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-    }
+    crate::jailer::drop_bounding_set();
     // SAFETY: as above.
     unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
     #[repr(C)]
