@@ -6,6 +6,7 @@
 //! CNI pod networks (`network`), CRI logs (`logs`), state that survives a
 //! restart (`store`) and a streaming server for exec and attach (`stream`).
 
+pub mod authority;
 pub mod logs;
 pub mod network;
 pub mod runtime;
@@ -537,12 +538,13 @@ pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) ->
     result.context("serving CRI")
 }
 
-/// The listener's connections as the stream tonic takes.
+/// The listener's connections as the stream tonic takes, each through
+/// [`authority::accept_any_authority`] so every gRPC client gets an answer.
 fn async_stream_of(
     listener: tokio::net::UnixListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
+) -> impl futures::Stream<Item = std::io::Result<tokio::io::DuplexStream>> {
     futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| s);
+        let next = l.accept().await.map(|(s, _)| authority::accept_any_authority(s));
         Some((next, l))
     })
 }
