@@ -25,6 +25,9 @@ fi
 # Validates Kubernetes manifests offline (the overhead test's RuntimeClass).
 command -v kubernetes-validate >/dev/null || python3 -m pip install --quiet kubernetes-validate \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+# A CRI client runv did not write (tests/cri_clients.rs): Python grpcio.
+python3 -c 'import grpc, grpc_tools' 2>/dev/null || python3 -m pip install --quiet grpcio grpcio-tools \
+    || python3 -m pip install --quiet --break-system-packages grpcio grpcio-tools
 
 echo "==> runv check" >&2
 runv check || true

@@ -13,8 +13,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cri::CriServer;
-use common::registry::{dir_layer, push_with_cmd, registry_or_skip, Registry};
+use common::registry::registry_or_skip;
+use common::registry_and_server;
 use futures::{SinkExt, StreamExt};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -58,18 +58,6 @@ async fn run_container(
         .container_id;
     rt.start_container(StartContainerRequest { container_id: id.clone() }).await.unwrap();
     id
-}
-
-/// A registry holding the default rootfs as a busybox image and a pause
-/// image, and a `runv cri` using that pause image; returns the busybox
-/// image's reference too.
-async fn registry_and_server() -> (Registry, CriServer, String) {
-    let reg = Registry::start();
-    let rootfs = dir_layer(&Path::new(common::SHARE_DIR).join("rootfs"));
-    let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
-    let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
-    let cri = CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
-    (reg, cri, app)
 }
 
 async fn state_of(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {

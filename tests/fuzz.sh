@@ -7,6 +7,8 @@
 #               vsock_muxer     hybrid-vsock packets from the guest
 #               layer_unpack    image layers (tar) into the store
 #               cri_spec        CRI requests into OCI specs
+#               cri_http2       the HTTP/2 frames of CRI clients (header
+#                               blocks rewritten for :authority)
 # Each target runs SECONDS (default 60) from its committed seeds
 # (`<crate>/seeds/<target>`) plus a work corpus kept in
 # $RUNV_CACHE_DIR/fuzz-corpus, and prints
@@ -22,7 +24,7 @@ shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${RUNV_CACHE_DIR:-/var/cache/runv}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode_request virtio_mmio vsock_muxer layer_unpack cri_spec)
+[ ${#targets[@]} -gt 0 ] || targets=(decode_request virtio_mmio vsock_muxer layer_unpack cri_spec cri_http2)
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz || exit 1
 export RUSTC_BOOTSTRAP=1
 # One target dir per fuzz crate, outside the repo, kept between runs.

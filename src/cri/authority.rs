@@ -63,7 +63,11 @@ where
             result = &mut requests => match result {
                 // The client is done sending; its answers still come back.
                 Ok(()) => { let _ = responses.await; }
-                Err(e) => tracing::warn!("CRI connection closed: {e}"),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    tracing::warn!("CRI connection closed: {e}")
+                }
+                // The client went away (a reset, a broken pipe): nothing to say.
+                Err(e) => tracing::debug!("CRI connection ended: {e}"),
             },
             _ = &mut responses => {}
         }
@@ -330,7 +334,11 @@ mod tests {
     #[test]
     fn what_is_not_http2_is_refused_by_name() {
         let err = |bytes: &[u8]| FrameSplitter::default().next(&mut BytesMut::from(bytes)).unwrap_err().to_string();
-        assert!(err(&[0, 0, 0, 9, 0, 0, 0, 0, 1]).contains("CONTINUATION frame outside"), "{}", err(&[0, 0, 0, 9, 0, 0, 0, 0, 1]));
+        assert!(
+            err(&[0, 0, 0, 9, 0, 0, 0, 0, 1]).contains("CONTINUATION frame outside"),
+            "{}",
+            err(&[0, 0, 0, 9, 0, 0, 0, 0, 1])
+        );
         assert!(err(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]).contains("over the 16384"));
         assert!(err(&[0, 0, 0, 5, 4, 0, 0, 0, 1]).contains("PUSH_PROMISE"));
         // A HEADERS frame whose block is not HPACK.

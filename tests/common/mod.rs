@@ -17,6 +17,19 @@ pub struct TestEnv {
     pub runtime_dir: PathBuf,
 }
 
+/// A registry holding the default rootfs as a busybox image and a pause
+/// image, and a `runv cri` using that pause image; returns the busybox
+/// image's reference too.
+pub async fn registry_and_server() -> (registry::Registry, cri::CriServer, String) {
+    use registry::{dir_layer, push_with_cmd, Registry};
+    let reg = Registry::start();
+    let rootfs = dir_layer(&Path::new(SHARE_DIR).join("rootfs"));
+    let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
+    let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    let cri = cri::CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    (reg, cri, app)
+}
+
 /// Whether /dev/kvm can be used; prints why the test skips otherwise.
 pub fn kvm_or_skip(test: &str) -> bool {
     let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
