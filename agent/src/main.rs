@@ -102,6 +102,7 @@ fn main() -> ExitCode {
     let paths = container::Paths {
         state: state_dir.join("containers"),
         bundles: state_dir.join("bundles"),
+        consoles: state_dir.join("consoles"),
         sandbox: state_dir.join("sandbox"),
         allowed: container::spec::AllowedRoots(allow_dirs),
     };

@@ -233,27 +233,64 @@ async fn a_terminal_container_follows_resizes() {
     }
     let agent = HostAgent::start();
     let c = agent.client().await;
-    let root = rootfs(&agent, "tty");
+    // Ids as containerd makes them (64 hex digits): the console socket of
+    // a terminal process must still fit a Unix socket path.
+    let id = "5f0c8e2a".repeat(8);
+    let exec_id = "a1b2c3d4".repeat(8);
+    let root = rootfs(&agent, &id);
     let s = spec(&root, &["sh", "-c", "read go; tty; stty size"], json!({ "process": { "terminal": true } }));
-    create(&c, "tty", s).await;
-    start(&c, "tty").await;
+    create(&c, &id, s).await;
+    start(&c, &id).await;
     c.tty_win_resize(
         ctx(),
-        &TtyWinResizeRequest { container_id: "tty".into(), rows: 40, cols: 120, ..Default::default() },
+        &TtyWinResizeRequest { container_id: id.clone(), rows: 40, cols: 120, ..Default::default() },
     )
     .await
     .unwrap();
-    c.write_stdin(
+    // A terminal exec beside it, with its own size.
+    let process = json!({ "args": ["sh", "-c", "read go; tty; stty size"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}, "terminal": true });
+    let exec = ExecProcessRequest {
+        container_id: id.clone(),
+        exec_id: exec_id.clone(),
+        process: serde_json::to_vec(&process).unwrap(),
+        ..Default::default()
+    };
+    c.exec_process(ctx(), &exec).await.unwrap_or_else(|e| panic!("a terminal exec with 64-hex ids: {e:?}"));
+    c.tty_win_resize(
         ctx(),
-        &WriteStdinRequest { container_id: "tty".into(), data: b"go\n".to_vec(), ..Default::default() },
+        &TtyWinResizeRequest {
+            container_id: id.clone(),
+            exec_id: exec_id.clone(),
+            rows: 20,
+            cols: 70,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
-    let out = read_all(&c, "tty", "", false).await;
+    for exec in ["", exec_id.as_str()] {
+        c.write_stdin(
+            ctx(),
+            &WriteStdinRequest {
+                container_id: id.clone(),
+                exec_id: exec.into(),
+                data: b"go\n".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let out = read_all(&c, &id, &exec_id, false).await;
+    assert!(out.contains("/dev/pts/1") && out.contains("20 70"), "exec output: {out:?}");
+    assert_eq!(wait(&c, &id, &exec_id).await.status, 0);
+    let out = read_all(&c, &id, "", false).await;
     assert!(out.contains("/dev/pts/0") && out.contains("40 120"), "output: {out:?}");
-    assert_eq!(wait(&c, "tty", "").await.status, 0);
-    remove(&c, "tty").await;
-    assert_nothing_left(&agent, "tty");
+    assert_eq!(wait(&c, &id, "").await.status, 0);
+    remove(&c, &id).await;
+    assert_nothing_left(&agent, &id);
+    let consoles = std::fs::read_dir(agent.dir.path().join("state/consoles")).unwrap().count();
+    assert_eq!(consoles, 0, "console sockets left behind");
 }
 
 #[tokio::test]

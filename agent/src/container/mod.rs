@@ -11,7 +11,7 @@ pub mod spec;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,9 @@ pub struct Paths {
     pub state: PathBuf,
     /// One bundle directory (config.json, exec process files) per container.
     pub bundles: PathBuf,
+    /// The console sockets of terminal processes while they start (short
+    /// names: a Unix socket path has at most 108 bytes).
+    pub consoles: PathBuf,
     /// The pod's hostname, hosts and resolv.conf, for containers to mount.
     pub sandbox: PathBuf,
     /// What containers may see: rootfs and bind sources must lie here.
@@ -52,6 +55,8 @@ pub struct Containers {
     containers: Arc<Mutex<HashMap<String, Container>>>,
     oom_rx: Mutex<mpsc::Receiver<String>>,
     pause: Mutex<Option<Arc<Process>>>,
+    /// Numbers the console sockets of terminal processes.
+    console_seq: std::sync::atomic::AtomicU64,
 }
 
 /// Why a container call failed, so the service can answer with the
@@ -91,7 +96,7 @@ pub struct Started {
 
 impl Containers {
     pub fn new(table: ProcessTable, paths: Paths) -> Result<Self> {
-        for dir in [&paths.state, &paths.bundles, &paths.sandbox] {
+        for dir in [&paths.state, &paths.bundles, &paths.consoles, &paths.sandbox] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let containers: Arc<Mutex<HashMap<String, Container>>> = Arc::default();
@@ -110,7 +115,14 @@ impl Containers {
                 }
             }
         });
-        Ok(Self { table, paths, containers, oom_rx: Mutex::new(oom_rx), pause: Mutex::default() })
+        Ok(Self {
+            table,
+            paths,
+            containers,
+            oom_rx: Mutex::new(oom_rx),
+            pause: Mutex::default(),
+            console_seq: Default::default(),
+        })
     }
 
     /// Pod-level setup: hostname, hosts and resolv.conf files, and the
@@ -180,9 +192,7 @@ impl Containers {
         let result = async {
             spec.save(bundle.join("config.json")).context("writing config.json")?;
             let bundle_arg = bundle.to_string_lossy().into_owned();
-            let (pid, io) = self
-                .run_with_stdio(id, "create", &["--bundle", &bundle_arg], terminal, &bundle.join("init.console"))
-                .await?;
+            let (pid, io) = self.run_with_stdio(id, "create", &["--bundle", &bundle_arg], terminal).await?;
             let process = self.table.register(pid, io)?;
             let cgroup = Cgroup::open(&cgroup_path, id)?;
             let oom_seen = cgroup.oom_kills();
@@ -247,15 +257,7 @@ impl Containers {
             .with_context(|| format!("writing {}", file.display()))
             .map_err(failed)?;
         let file_arg = file.to_string_lossy().into_owned();
-        let result = self
-            .run_with_stdio(
-                id,
-                "exec",
-                &["--process", &file_arg],
-                terminal,
-                &bundle.join(format!("exec-{exec_id}.console")),
-            )
-            .await;
+        let result = self.run_with_stdio(id, "exec", &["--process", &file_arg], terminal).await;
         let _ = std::fs::remove_file(&file);
         let (pid, io) = result.map_err(failed)?;
         Ok(Started { process: self.table.register(pid, io).map_err(failed)? })
@@ -327,15 +329,13 @@ impl Containers {
 
     /// Runs the helper with the new process's stdio: pipes, or a terminal
     /// whose master the engine hands back over a console socket.
-    async fn run_with_stdio(
-        &self,
-        id: &str,
-        op: &str,
-        args: &[&str],
-        terminal: bool,
-        console_path: &Path,
-    ) -> Result<(i32, ProcessIo)> {
+    async fn run_with_stdio(&self, id: &str, op: &str, args: &[&str], terminal: bool) -> Result<(i32, ProcessIo)> {
         if terminal {
+            // Named by a counter, not by the container and exec ids: two
+            // 64-hex ids (containerd's) would pass the 108 bytes a Unix
+            // socket path may have.
+            let n = self.console_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let console_path = &self.paths.consoles.join(format!("{n}.sock"));
             let _ = std::fs::remove_file(console_path);
             let listener = std::os::unix::net::UnixListener::bind(console_path)
                 .with_context(|| format!("binding console socket {}", console_path.display()))?;
