@@ -597,22 +597,22 @@ impl std::str::FromStr for JailArg {
     }
 }
 
-/// Moves the calling process into its jail: new mount, IPC, UTS and network
-/// namespaces, `pivot_root` into `jail.root` (remounted nosuid, nodev,
-/// noexec), then the jail's uid and gid with no capabilities and
-/// no_new_privs. The process must still be single-threaded (a namespace or
-/// root change reaches only the calling thread) and keeps every descriptor
-/// it has open. Relative paths resolve in the jail before and after.
-pub fn enter(jail: &JailArg) -> Result<(), String> {
+/// Moves the calling process into its jail, after [`enter_pid_namespace`]:
+/// new mount, IPC, UTS and network namespaces, `pivot_root` into
+/// `jail.root` (remounted nosuid, nodev, noexec), then the jail's uid and
+/// gid with no capabilities and no_new_privs, and SIGKILL as its
+/// parent-death signal. The process must still be single-threaded (a
+/// namespace or root change reaches only the calling thread) and keeps
+/// every descriptor it has open. Relative paths resolve in the jail
+/// before and after.
+pub fn enter(jail: &JailArg, pid_namespace: PidNamespace) -> Result<(), String> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
     use nix::sched::{unshare, CloneFlags};
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
-    if threads != 1 {
-        return Err(format!("entering the jail needs a single-threaded process, this one has {threads} threads"));
-    }
+    single_threaded("entering the jail")?;
     fn step(what: &'static str) -> impl Fn(nix::Error) -> String {
         move |e| format!("{what}: {e}")
     }
+    let parent_alive = pid_namespace.0;
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWNET)
         .map_err(step("unsharing namespaces"))?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
@@ -625,7 +625,158 @@ pub fn enter(jail: &JailArg) -> Result<(), String> {
     nix::unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the host's root"))?;
     nix::unistd::chdir("/").map_err(step("chdir /"))?;
-    drop_ids(jail.uid, jail.gid).map_err(|e| format!("changing to uid {} gid {}: {e}", jail.uid, jail.gid))
+    drop_ids(jail.uid, jail.gid).map_err(|e| format!("changing to uid {} gid {}: {e}", jail.uid, jail.gid))?;
+    // A change of uid clears the parent-death signal: set it again, then
+    // go if the reaper went before it was set (its end of the pipe closed;
+    // its pid is not visible from this namespace).
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if is_closed(&parent_alive) {
+        return Err("the reaper outside the jail's PID namespace is gone".into());
+    }
+    Ok(())
+}
+
+fn single_threaded(what: &str) -> Result<(), String> {
+    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
+    if threads != 1 {
+        return Err(format!("{what} needs a single-threaded process, this one has {threads} threads"));
+    }
+    Ok(())
+}
+
+/// The jail's PID namespace, entered: the read end of a pipe whose write
+/// end only the reaper holds (its closing means the reaper is gone).
+pub struct PidNamespace(OwnedFd);
+
+/// The first step into a jail: unshares the PID namespace and forks. The
+/// caller goes on in the child, pid 1 of the new namespace; the process
+/// that was started stays outside as its [reaper](reap) and never returns
+/// from here. Call it before creating anything bound to the process's
+/// memory (a KVM VM belongs to the address space that created it, which a
+/// fork does not carry over), while single-threaded.
+pub fn enter_pid_namespace(jail: &JailArg) -> Result<PidNamespace, String> {
+    use std::os::fd::AsRawFd;
+    single_threaded("entering the jail's PID namespace")?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| format!("unsharing the PID namespace: {e}"))?;
+    let (alive_rx, alive_tx) = rustix::pipe::pipe().map_err(|e| format!("a pipe for the reaper: {e}"))?;
+    let runv = std::os::unix::process::parent_id() as libc::pid_t;
+    // SAFETY: the process is single-threaded (checked by the caller); the
+    // parent makes only raw system calls from here on (see reap).
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("forking the jail's init: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(alive_tx);
+            // SAFETY: prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+            if is_closed(&alive_rx) {
+                return Err("the reaper outside the jail's PID namespace is gone".into());
+            }
+            Ok(PidNamespace(alive_rx))
+        }
+        child => {
+            drop(alive_rx);
+            reap(child, jail, runv, alive_tx.as_raw_fd())
+        }
+    }
+}
+
+/// Whether the write end of the pipe `rx` reads from is closed everywhere.
+fn is_closed(rx: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(rx, rustix::event::PollFlags::IN)];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    rustix::event::poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
+        && fds[0].revents().intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR)
+}
+
+/// The reaper: the process runv started, left outside the jail's PID
+/// namespace holding nothing but stdio and the pipe that tells the jail's
+/// init it lives. It drops to the jail's uid (no capability,
+/// no_new_privs, SIGKILL as its own parent-death signal, so runv's death
+/// ends it and, through the init's parent-death signal, the VM), narrows
+/// itself to the few system calls below, and waits: SIGTERM, SIGINT,
+/// SIGHUP or SIGQUIT SIGKILL the init; the init's end becomes its own (the
+/// same exit code, or death by the same signal), so runv sees the VMM's
+/// exit as if there were no reaper.
+fn reap(child: libc::pid_t, jail: &JailArg, runv: libc::pid_t, alive_tx: std::os::fd::RawFd) -> ! {
+    let filter = reaper_filter();
+    // SAFETY: raw system calls on values owned here; nothing below
+    // allocates or takes a lock once the filter is built.
+    unsafe {
+        // Its own name: `ps` and tests tell it from the VMM it reaps.
+        libc::prctl(libc::PR_SET_NAME, REAPER_NAME.as_ptr(), 0, 0, 0);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let fail = |_why: &str| -> ! {
+            libc::kill(child, libc::SIGKILL);
+            libc::_exit(1)
+        };
+        // The VM's descriptors (KVM, disks, taps, boot files) are the init's alone.
+        let above = |fd: i32| (fd + 1) as libc::c_uint;
+        libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, (alive_tx - 1).max(2) as libc::c_uint, 0);
+        libc::syscall(libc::SYS_close_range, above(alive_tx), libc::c_uint::MAX, 0);
+        if drop_ids(jail.uid, jail.gid).is_err() {
+            fail("ids");
+        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() != runv {
+            fail("runv is gone");
+        }
+        match &filter {
+            Ok(f) if seccompiler::apply_filter(f).is_ok() => {}
+            _ => fail("seccomp"),
+        }
+        loop {
+            let mut status = 0;
+            if libc::waitpid(child, &mut status, libc::WNOHANG) == child {
+                if libc::WIFSIGNALED(status) {
+                    let sig = libc::WTERMSIG(status);
+                    libc::signal(sig, libc::SIG_DFL);
+                    let mut only: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut only);
+                    libc::sigaddset(&mut only, sig);
+                    libc::sigprocmask(libc::SIG_UNBLOCK, &only, std::ptr::null_mut());
+                    libc::kill(libc::getpid(), sig);
+                    libc::_exit(128 + sig);
+                }
+                libc::_exit(libc::WEXITSTATUS(status));
+            }
+            let sig = libc::sigwaitinfo(&set, std::ptr::null_mut());
+            if sig > 0 && sig != libc::SIGCHLD {
+                libc::kill(child, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The reaper's process name (`/proc/PID/comm`; its command line stays
+/// runv-vmm's).
+pub const REAPER_NAME: &std::ffi::CStr = c"runv-vmm-reaper";
+
+/// The reaper's seccomp filter: waiting, signals, its own end; anything
+/// else kills it (and so, by its parent-death signal, the jail's init).
+fn reaper_filter() -> Result<seccompiler::BpfProgram, String> {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    let allowed = [
+        libc::SYS_wait4,
+        libc::SYS_rt_sigtimedwait,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigaction,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_kill,
+        libc::SYS_getpid,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ];
+    let rules = allowed.into_iter().map(|nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| e.to_string())?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 #[cfg(test)]
@@ -689,7 +840,7 @@ mod tests {
                     failures |= bit;
                 }
             };
-            check(1, enter(&arg).is_ok());
+            check(1, enter_pid_namespace(&arg).and_then(|ns| enter(&arg, ns)).is_ok());
             // SAFETY: getuid/getgid have no preconditions.
             check(2, unsafe { libc::getuid() == uid && libc::getgid() == uid });
             let names: Vec<_> =
@@ -702,6 +853,9 @@ mod tests {
             // SAFETY: prctl with integer arguments.
             check(32, unsafe { libc::prctl(libc::PR_CAPBSET_READ, 21, 0, 0, 0) } == 0);
             check(64, std::os::unix::fs::chown("host.sock", Some(0), Some(0)).is_err());
+            // The init of a PID namespace of its own: no host process to see or signal.
+            // SAFETY: getpid and kill with integer arguments.
+            check(128, unsafe { libc::getpid() == 1 && libc::kill(-1, 0) != 0 });
             // SAFETY: leaving the forked child without running the parent's destructors.
             unsafe { libc::_exit(i32::from(failures)) };
         }
@@ -713,8 +867,73 @@ mod tests {
         let failures = libc::WEXITSTATUS(status);
         listener.set_nonblocking(true).unwrap();
         assert!(listener.accept().is_ok(), "the jailed child reached its socket");
-        assert_eq!(failures, 0, "failed checks (bits: 1 enter, 2 ids, 4 only the jail visible, 8 its socket, 16 no network, 32 no bounding set, 64 no chown)");
+        assert_eq!(failures, 0, "failed checks (bits: 1 enter, 2 ids, 4 only the jail visible, 8 its socket, 16 no network, 32 no bounding set, 64 no chown, 128 pid 1 alone)");
         assert_eq!(std::fs::read(dir.path().join("host-secret")).unwrap(), b"secret");
         println!("ATTACK a jailed process reaching host files, network or privilege: held");
+    }
+
+    /// The reaper outside the jail's PID namespace: a SIGTERM to it (what
+    /// runv's process handling may send) SIGKILLs the init and the reaper
+    /// ends the same way; runv's death (the reaper SIGKILLed) ends the init.
+    #[test]
+    fn the_jails_init_ends_with_its_reaper_and_the_reaper_with_it() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP the_jails_init_ends_with_its_reaper_and_the_reaper_with_it: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("jail");
+        make_jail_dir(&root, 990_065_001).unwrap();
+        let arg = JailArg { uid: 990_065_001, gid: 990_065_001, root };
+        let start = || {
+            // SAFETY: the child enters the jail and sleeps; it leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let code = if enter_pid_namespace(&arg).and_then(|ns| enter(&arg, ns)).is_ok() { 0 } else { 1 };
+                if code == 0 {
+                    // SAFETY: waiting for a signal.
+                    unsafe { libc::pause() };
+                }
+                // SAFETY: leaving the forked child.
+                unsafe { libc::_exit(code) };
+            }
+            // The init is the reaper's only child.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+                if let Some(init) = children.split_whitespace().next() {
+                    return (pid, init.parse::<i32>().unwrap());
+                }
+                assert!(Instant::now() < deadline, "the jail's init never started");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let wait = |pid: i32| {
+            let mut status = 0;
+            // SAFETY: waiting for a child of this test.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            status
+        };
+        let gone = |pid: i32| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+                assert!(Instant::now() < deadline, "process {pid} outlived its reaper");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+
+        let (reaper, init) = start();
+        // SAFETY: signalling the reaper forked above.
+        unsafe { libc::kill(reaper, libc::SIGTERM) };
+        let status = wait(reaper);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL, "status {status:#x}");
+        gone(init);
+
+        let (reaper, init) = start();
+        // SAFETY: as above.
+        unsafe { libc::kill(reaper, libc::SIGKILL) };
+        wait(reaper);
+        gone(init);
     }
 }

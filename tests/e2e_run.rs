@@ -33,7 +33,8 @@ fn proc_status(pid: &str, field: &str) -> String {
 /// During `runv run`, /proc shows the VM process (QEMU or runv-vmm) and
 /// vhost-device-vsock as the sandbox's own uid, with no capability and
 /// no_new_privs, the VM process under seccomp with only its jail directory
-/// for a root (runv-vmm also in mount and network namespaces of its own),
+/// for a root (runv-vmm also in mount, network, PID, IPC and UTS
+/// namespaces of its own, its reaper outside the PID one unprivileged),
 /// all in the sandbox's cgroup; afterwards nothing of the jail is left.
 #[test]
 fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
@@ -50,6 +51,7 @@ fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let name = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
             name.rsplit('/').next().unwrap_or_default().starts_with(program)
+                && proc_status(&pid.to_string(), "Name:") != "runv-vmm-reaper"
                 && proc_status(&pid.to_string(), "Uid:") != "0"
                 && proc_status(&pid.to_string(), "Seccomp:") == "2"
         });
@@ -69,8 +71,20 @@ fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
     assert!(!root.join("etc").exists() && !root.join("usr").exists(), "the host's files are in the jail");
     let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
     if program == "runv-vmm" {
-        assert_ne!(ns(&vm, "mnt"), ns("self", "mnt"), "runv-vmm shares the host's mount namespace");
-        assert_ne!(ns(&vm, "net"), ns("self", "net"), "runv-vmm shares the host's network namespace");
+        for kind in ["mnt", "net", "pid", "ipc", "uts"] {
+            assert_ne!(ns(&vm, kind), ns("self", kind), "runv-vmm shares the host's {kind} namespace");
+        }
+        // Outside its PID namespace, the process runv started waits for it,
+        // as unprivileged and as filtered.
+        let stat = std::fs::read_to_string(format!("/proc/{vm}/stat")).unwrap();
+        let reaper = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().to_string();
+        assert_eq!(proc_status(&reaper, "Name:"), "runv-vmm-reaper");
+        assert_eq!(proc_status(&reaper, "Uid:"), uid.to_string());
+        assert_eq!(proc_status(&reaper, "CapEff:"), "0000000000000000");
+        assert_eq!(proc_status(&reaper, "NoNewPrivs:"), "1");
+        assert_eq!(proc_status(&reaper, "Seccomp:"), "2");
+        let fds = std::fs::read_dir(format!("/proc/{reaper}/fd")).unwrap().count();
+        assert!(fds <= 4, "the reaper holds {fds} descriptors (stdio and one pipe at most)");
     } else {
         let vsock = common::processes_mentioning("--uds-path=vsock.sock")
             .into_iter()

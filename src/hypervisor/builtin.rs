@@ -123,8 +123,15 @@ impl Hypervisor for Builtin {
         }
     }
 
+    /// The process runv started and, jailed, the VMM it continues as: the
+    /// init of the jail's PID namespace, its only child.
     fn pids(&self) -> Vec<u32> {
-        self.vm.iter().filter_map(HelperProcess::pid).collect()
+        let mut pids: Vec<u32> = self.vm.iter().filter_map(HelperProcess::pid).collect();
+        if let Some(&pid) = pids.first() {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+        pids
     }
 
     fn vm_pid(&self) -> Option<u32> {

@@ -234,6 +234,13 @@ pub enum VmmError {
 
 /// Sets the VM up, confines the process and runs the guest to its end.
 pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
+    // Jailed, this goes on as pid 1 of a PID namespace of its own (the
+    // process runv started stays outside, as its reaper), before the VM
+    // exists: a KVM VM is bound to the address space that created it.
+    let pid_namespace = match &opts.jail {
+        Some(jail) => Some(crate::jailer::enter_pid_namespace(jail).map_err(VmmError::Confine)?),
+        None => None,
+    };
     let mut vm = Vm::new(opts.vcpus, u64::from(opts.memory_mib) << 20)?;
     match &opts.console {
         Console::Off => {}
@@ -254,18 +261,10 @@ pub fn run(opts: &VmmOptions) -> Result<VmExitReason, VmmError> {
         vm.add_virtio(Box::new(dev))?;
     }
     let boot = BootFiles::open(&opts.kernel, opts.initramfs.as_deref())?;
-    if let Some(jail) = &opts.jail {
-        let parent = std::os::unix::process::parent_id();
+    if let (Some(jail), Some(pid_namespace)) = (&opts.jail, pid_namespace) {
         // Nothing past this point can reach a host file but the sockets in
         // the jail directory and what is already open.
-        crate::jailer::enter(jail).map_err(VmmError::Confine)?;
-        // A change of uid clears the parent-death signal: set it again,
-        // and go if the parent went meanwhile.
-        // SAFETY: prctl with integer arguments.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-        if std::os::unix::process::parent_id() != parent {
-            return Err(VmmError::Confine("the process that started the VMM is gone".into()));
-        }
+        crate::jailer::enter(jail, pid_namespace).map_err(VmmError::Confine)?;
     }
     if let Some((cid, uds)) = &opts.vsock {
         let dev = Vsock::new(*cid, uds).map_err(|source| VmmError::Vsock { path: uds.clone(), source })?;

@@ -36,7 +36,11 @@ pub fn vm_processes(needle: &str) -> Vec<String> {
         let cmdline =
             String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
         let program = cmdline.split(' ').next().unwrap_or_default();
+        // A jailed runv-vmm is two processes: the VMM and, outside its PID
+        // namespace, its reaper; one VM.
+        let reaper = std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "runv-vmm-reaper");
         if cmdline.contains(needle)
+            && !reaper
             && Path::new(program).file_name().is_some_and(|f| f.to_string_lossy().starts_with(vm_program()))
         {
             found.push(cmdline);
