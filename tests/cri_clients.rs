@@ -3,7 +3,8 @@
 //! execs in it and removes everything (tests/clients/cri_grpcio.py); it
 //! also calls Version with each `:authority` real clients send (the socket
 //! path as grpc-go 1.26-era crictl and kubelet send it, grpcio's
-//! percent-encoded path, `localhost`). Needs root, the installed guest,
+//! percent-encoded path, `localhost`), and names a pod and a container by
+//! the 13-character prefix crictl prints. Needs root, the installed guest,
 //! docker-registry and Python's grpcio and grpcio-tools (scripts/test.sh
 //! installs them); skips with a printed reason otherwise.
 
@@ -89,6 +90,7 @@ async fn grpcio_with_its_default_channel_runs_a_pod() {
     assert_eq!(r["exec"]["stdout"], "grpcio-host\n");
     assert_eq!(r["exec"]["stderr"], "to-stderr\n");
     assert_eq!(r["exec"]["exit_code"], 3);
+    assert_eq!(r["by_prefix"], serde_json::json!({"container": true, "pod": true}), "ids by their 13-character prefix");
     let missing = &r["errors"]["missing container"];
     assert_eq!(missing[0], "NOT_FOUND");
     assert!(missing[1].as_str().unwrap().contains("no-such-container"), "{missing}");

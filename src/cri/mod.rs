@@ -281,7 +281,7 @@ impl RuntimeService for Cri {
         &self,
         req: Request<StopPodSandboxRequest>,
     ) -> Result<Response<StopPodSandboxResponse>, Status> {
-        self.runtime.stop_pod(&req.into_inner().pod_sandbox_id).await?;
+        self.runtime.stop_pod(&self.runtime.pod_id(&req.into_inner().pod_sandbox_id).await?).await?;
         Ok(Response::new(StopPodSandboxResponse {}))
     }
 
@@ -289,7 +289,7 @@ impl RuntimeService for Cri {
         &self,
         req: Request<RemovePodSandboxRequest>,
     ) -> Result<Response<RemovePodSandboxResponse>, Status> {
-        self.runtime.remove_pod(&req.into_inner().pod_sandbox_id).await?;
+        self.runtime.remove_pod(&self.runtime.pod_id(&req.into_inner().pod_sandbox_id).await?).await?;
         Ok(Response::new(RemovePodSandboxResponse {}))
     }
 
@@ -298,7 +298,8 @@ impl RuntimeService for Cri {
         req: Request<PodSandboxStatusRequest>,
     ) -> Result<Response<PodSandboxStatusResponse>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(self.runtime.pod_status(&req.pod_sandbox_id, req.verbose).await?))
+        let id = self.runtime.pod_id(&req.pod_sandbox_id).await?;
+        Ok(Response::new(self.runtime.pod_status(&id, req.verbose).await?))
     }
 
     async fn list_pod_sandbox(
@@ -312,7 +313,9 @@ impl RuntimeService for Cri {
         &self,
         req: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
-        let container_id = self.runtime.create_container(req.into_inner()).await?;
+        let mut req = req.into_inner();
+        req.pod_sandbox_id = self.runtime.pod_id(&req.pod_sandbox_id).await?;
+        let container_id = self.runtime.create_container(req).await?;
         Ok(Response::new(CreateContainerResponse { container_id }))
     }
 
@@ -320,7 +323,7 @@ impl RuntimeService for Cri {
         &self,
         req: Request<StartContainerRequest>,
     ) -> Result<Response<StartContainerResponse>, Status> {
-        self.runtime.start_container(&req.into_inner().container_id).await?;
+        self.runtime.start_container(&self.runtime.container_id(&req.into_inner().container_id).await?).await?;
         Ok(Response::new(StartContainerResponse {}))
     }
 
@@ -329,7 +332,7 @@ impl RuntimeService for Cri {
         req: Request<StopContainerRequest>,
     ) -> Result<Response<StopContainerResponse>, Status> {
         let req = req.into_inner();
-        self.runtime.stop_container(&req.container_id, req.timeout).await?;
+        self.runtime.stop_container(&self.runtime.container_id(&req.container_id).await?, req.timeout).await?;
         Ok(Response::new(StopContainerResponse {}))
     }
 
@@ -337,7 +340,7 @@ impl RuntimeService for Cri {
         &self,
         req: Request<RemoveContainerRequest>,
     ) -> Result<Response<RemoveContainerResponse>, Status> {
-        self.runtime.remove_container(&req.into_inner().container_id).await?;
+        self.runtime.remove_container(&self.runtime.container_id(&req.into_inner().container_id).await?).await?;
         Ok(Response::new(RemoveContainerResponse {}))
     }
 
@@ -355,14 +358,17 @@ impl RuntimeService for Cri {
         req: Request<ContainerStatusRequest>,
     ) -> Result<Response<ContainerStatusResponse>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(self.runtime.container_status(&req.container_id, req.verbose).await?))
+        let id = self.runtime.container_id(&req.container_id).await?;
+        Ok(Response::new(self.runtime.container_status(&id, req.verbose).await?))
     }
 
     async fn update_container_resources(
         &self,
         req: Request<UpdateContainerResourcesRequest>,
     ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
-        self.runtime.update_resources(req.into_inner()).await?;
+        let mut req = req.into_inner();
+        req.container_id = self.runtime.container_id(&req.container_id).await?;
+        self.runtime.update_resources(req).await?;
         Ok(Response::new(UpdateContainerResourcesResponse {}))
     }
 
@@ -370,16 +376,19 @@ impl RuntimeService for Cri {
         &self,
         req: Request<ReopenContainerLogRequest>,
     ) -> Result<Response<ReopenContainerLogResponse>, Status> {
-        self.runtime.reopen_log(&req.into_inner().container_id).await?;
+        self.runtime.reopen_log(&self.runtime.container_id(&req.into_inner().container_id).await?).await?;
         Ok(Response::new(ReopenContainerLogResponse {}))
     }
 
     async fn exec_sync(&self, req: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {
-        Ok(Response::new(self.runtime.exec_sync(req.into_inner()).await?))
+        let mut req = req.into_inner();
+        req.container_id = self.runtime.container_id(&req.container_id).await?;
+        Ok(Response::new(self.runtime.exec_sync(req).await?))
     }
 
     async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
+        req.container_id = self.runtime.container_id(&req.container_id).await?;
         if req.cmd.is_empty() {
             return Err(Status::invalid_argument("Exec: cmd is empty"));
         }
@@ -394,7 +403,8 @@ impl RuntimeService for Cri {
     }
 
     async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
+        req.container_id = self.runtime.container_id(&req.container_id).await?;
         if !(req.stdin || req.stdout || req.stderr) {
             return Err(Status::invalid_argument("Attach: one of stdin, stdout and stderr must be set"));
         }
@@ -403,7 +413,8 @@ impl RuntimeService for Cri {
     }
 
     async fn port_forward(&self, req: Request<PortForwardRequest>) -> Result<Response<PortForwardResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
+        req.pod_sandbox_id = self.runtime.pod_id(&req.pod_sandbox_id).await?;
         self.runtime.pod_ip(&req.pod_sandbox_id).await?;
         if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
             return Err(Status::invalid_argument(format!("PortForward: port {p} is out of range")));
@@ -415,7 +426,8 @@ impl RuntimeService for Cri {
         &self,
         req: Request<ContainerStatsRequest>,
     ) -> Result<Response<ContainerStatsResponse>, Status> {
-        let stats = self.runtime.container_stats(&req.into_inner().container_id).await?;
+        let stats =
+            self.runtime.container_stats(&self.runtime.container_id(&req.into_inner().container_id).await?).await?;
         Ok(Response::new(ContainerStatsResponse { stats: Some(stats) }))
     }
 
@@ -432,7 +444,7 @@ impl RuntimeService for Cri {
         &self,
         req: Request<PodSandboxStatsRequest>,
     ) -> Result<Response<PodSandboxStatsResponse>, Status> {
-        let stats = self.runtime.pod_stats(&req.into_inner().pod_sandbox_id).await?;
+        let stats = self.runtime.pod_stats(&self.runtime.pod_id(&req.into_inner().pod_sandbox_id).await?).await?;
         Ok(Response::new(PodSandboxStatsResponse { stats: Some(stats) }))
     }
 

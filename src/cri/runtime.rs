@@ -30,6 +30,35 @@ pub fn now_ns() -> i64 {
 }
 
 /// A fresh 64-hex-digit id, as containerd makes them.
+/// `id` itself when it is one of `ids`, else the one id it is a prefix of;
+/// a prefix of several is refused, naming them.
+fn resolve_id<'a>(kind: &str, ids: impl Iterator<Item = &'a String>, id: &str) -> Result<String, Status> {
+    if id.is_empty() {
+        return Ok(String::new());
+    }
+    let mut matches = Vec::new();
+    for candidate in ids {
+        if candidate == id {
+            return Ok(id.to_string());
+        }
+        if candidate.starts_with(id) {
+            matches.push(candidate.clone());
+        }
+    }
+    match matches.len() {
+        0 => Ok(id.to_string()),
+        1 => Ok(matches.remove(0)),
+        _ => {
+            matches.sort();
+            Err(Status::invalid_argument(format!(
+                "{kind} id {id:?} is ambiguous: it starts {} ids ({})",
+                matches.len(),
+                matches.join(", ")
+            )))
+        }
+    }
+}
+
 pub fn new_id() -> String {
     let mut bytes = [0u8; 32];
     let mut filled = 0;
@@ -704,6 +733,19 @@ impl Runtime {
         }
     }
 
+    /// The pod whose id is `id` or, as containerd resolves ids, the one
+    /// pod whose id starts with it (crictl prints 13 characters); `id`
+    /// unchanged when no pod matches, so each call says what it says about
+    /// an unknown pod.
+    pub async fn pod_id(&self, id: &str) -> Result<String, Status> {
+        resolve_id("pod sandbox", self.state.lock().await.pods.keys(), id)
+    }
+
+    /// The container whose id is `id` or the one whose id starts with it.
+    pub async fn container_id(&self, id: &str) -> Result<String, Status> {
+        resolve_id("container", self.state.lock().await.containers.keys(), id)
+    }
+
     fn container_of<'a>(st: &'a State, id: &str, call: &str) -> Result<&'a ContainerRecord, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument(format!("{call}: container_id is empty")));
@@ -1070,7 +1112,7 @@ impl Runtime {
             let st = self.state.lock().await;
             st.containers
                 .values()
-                .filter(|c| f.id.is_empty() || c.id == f.id)
+                .filter(|c| f.id.is_empty() || c.id.starts_with(&f.id))
                 .filter(|c| f.pod_sandbox_id.is_empty() || c.pod_id == f.pod_sandbox_id)
                 .filter(|c| {
                     let labels = decode::<ContainerConfig>(&c.config).unwrap_or_default().labels;
@@ -1135,7 +1177,9 @@ impl Runtime {
         let pods = self.list_pods(None).await;
         let mut out = Vec::new();
         for p in pods.into_iter().filter(|p| p.state == PodSandboxState::SandboxReady as i32) {
-            if (!f.id.is_empty() && p.id != f.id) || !f.label_selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)) {
+            if (!f.id.is_empty() && !p.id.starts_with(&f.id))
+                || !f.label_selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            {
                 continue;
             }
             if let Ok(s) = self.pod_stats(&p.id).await {
@@ -1252,6 +1296,18 @@ fn container_status_of(c: &ContainerRecord) -> ContainerStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unique_prefix_names_its_id_and_an_ambiguous_one_is_refused() {
+        let ids: Vec<String> = vec!["abc123".into(), "abd456".into(), "abc".into()];
+        assert_eq!(resolve_id("pod sandbox", ids.iter(), "abd").unwrap(), "abd456");
+        // A whole id wins over the longer ids it prefixes.
+        assert_eq!(resolve_id("pod sandbox", ids.iter(), "abc").unwrap(), "abc");
+        assert_eq!(resolve_id("pod sandbox", ids.iter(), "zzz").unwrap(), "zzz");
+        let e = resolve_id("container", ids.iter(), "ab").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("container id \"ab\" is ambiguous") && e.message().contains("abc123"), "{e}");
+    }
 
     #[test]
     fn attack_exec_sync_output_is_capped() {

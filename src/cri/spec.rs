@@ -43,6 +43,91 @@ const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
+/// Every capability the guest kernel knows: what `ALL` adds and what a
+/// privileged container gets (inside its VM, as Kata gives it).
+const ALL_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The container's capabilities, as containerd computes them: privileged
+/// means all; otherwise the default set, then `ALL` added or dropped
+/// first (so `add: [ALL], drop: [CHOWN]` is all but CAP_CHOWN), then the
+/// single names. A name the kernel does not know is refused, naming it.
+fn capabilities(security: &LinuxContainerSecurityContext) -> Result<Vec<String>, String> {
+    if security.privileged {
+        return Ok(ALL_CAPABILITIES.iter().map(|s| s.to_string()).collect());
+    }
+    let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+    let Some(cap) = &security.capabilities else { return Ok(caps) };
+    let is_all = |c: &String| c.eq_ignore_ascii_case("ALL");
+    if cap.add_capabilities.iter().any(is_all) {
+        caps = ALL_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+    }
+    if cap.drop_capabilities.iter().any(is_all) {
+        caps.clear();
+    }
+    let name = |c: &String| -> Result<String, String> {
+        let upper = c.to_uppercase();
+        let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
+        if ALL_CAPABILITIES.contains(&full.as_str()) {
+            Ok(full)
+        } else {
+            Err(format!("capability {c:?} is not a Linux capability"))
+        }
+    };
+    for add in cap.add_capabilities.iter().filter(|c| !is_all(c)) {
+        let add = name(add)?;
+        if !caps.contains(&add) {
+            caps.push(add);
+        }
+    }
+    for drop in cap.drop_capabilities.iter().filter(|c| !is_all(c)) {
+        let drop = name(drop)?;
+        caps.retain(|c| *c != drop);
+    }
+    Ok(caps)
+}
+
 fn default_mounts() -> Vec<Value> {
     vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
@@ -222,15 +307,21 @@ fn resolve_user(user: &str, lowers: &[PathBuf]) -> Result<(u32, u32), String> {
     Ok((uid, gid))
 }
 
-/// Largest `/etc/passwd` read from an image.
+/// Largest `/etc/passwd` or `/etc/group` read from an image.
 const MAX_PASSWD: usize = 1 << 20;
 
-/// The image's `/etc/passwd`: from the top layer that has one, read as if
-/// the layer were `/` (a symlink to a host file reads nothing of the host).
+/// The image's `/etc/passwd`.
 fn image_passwd(lowers: &[PathBuf]) -> String {
+    image_file(lowers, "etc/passwd")
+}
+
+/// A small file of the image (`etc/passwd`, `etc/group`): from the top
+/// layer that has one, read as if the layer were `/` (a symlink to a host
+/// file reads nothing of the host).
+fn image_file(lowers: &[PathBuf], path: &str) -> String {
     for dir in lowers {
         let Ok(root) = crate::fsroot::FsRoot::open(dir) else { continue };
-        match root.read_in_root(Path::new("etc/passwd"), MAX_PASSWD) {
+        match root.read_in_root(Path::new(path), MAX_PASSWD) {
             Ok(bytes) => return String::from_utf8_lossy(&bytes).into_owned(),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             // A whiteout, a link to nowhere, something too big: no passwd.
@@ -238,6 +329,31 @@ fn image_passwd(lowers: &[PathBuf]) -> String {
         }
     }
     String::new()
+}
+
+/// The gids of the groups the image's `/etc/group` lists `user` in (by
+/// name; a numeric user is looked up in `/etc/passwd` first).
+fn image_groups_of(user: &str, uid: u32, lowers: &[PathBuf]) -> Vec<i64> {
+    let name = if user.is_empty() || user.parse::<u32>().is_ok() {
+        let passwd = image_file(lowers, "etc/passwd");
+        match passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2].parse::<u32>().ok() == Some(uid))
+        {
+            Some(f) => f[0].to_string(),
+            None => return Vec::new(),
+        }
+    } else {
+        user.to_string()
+    };
+    image_file(lowers, "etc/group")
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[3].split(',').any(|m| m.trim() == name)).then(|| f[2].parse::<i64>().ok()).flatten()
+        })
+        .collect()
 }
 
 fn passwd_gid_of(passwd: &str, uid: u32) -> Option<u32> {
@@ -378,27 +494,30 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
     } else {
         resolve_user(c["User"].as_str().unwrap_or_default(), cx.image_lowers).map_err(invalid)?
     };
+    if security.run_as_group.is_some() && security.run_as_user.is_none() && security.run_as_username.is_empty() {
+        return Err(invalid("run_as_group is set without run_as_user or run_as_username".into()));
+    }
+    if security.privileged
+        && !cx.pod_config.linux.as_ref().and_then(|l| l.security_context.as_ref()).is_some_and(|s| s.privileged)
+    {
+        return Err(invalid(
+            "a privileged container needs a privileged pod (linux.security_context.privileged of the pod)".into(),
+        ));
+    }
+    // Groups the image's /etc/group lists the user in, by name (resolved
+    // before run_as_user may change the uid, as containerd does).
+    let user_name = if !security.run_as_username.is_empty() {
+        security.run_as_username.clone()
+    } else {
+        c["User"].as_str().unwrap_or_default().split(':').next().unwrap_or_default().to_string()
+    };
     if let Some(u) = &security.run_as_user {
         uid = u32::try_from(u.value).map_err(|_| invalid(format!("run_as_user {} is out of range", u.value)))?;
     }
     if let Some(g) = &security.run_as_group {
         gid = u32::try_from(g.value).map_err(|_| invalid(format!("run_as_group {} is out of range", g.value)))?;
     }
-    let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
-    if let Some(cap) = &security.capabilities {
-        let name =
-            |c: &String| if c.starts_with("CAP_") { c.to_uppercase() } else { format!("CAP_{}", c.to_uppercase()) };
-        if cap.drop_capabilities.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
-            caps.clear();
-        }
-        caps.retain(|c| !cap.drop_capabilities.iter().map(name).any(|d| d == *c));
-        for add in &cap.add_capabilities {
-            let add = name(add);
-            if !caps.contains(&add) {
-                caps.push(add);
-            }
-        }
-    }
+    let caps = capabilities(&security).map_err(invalid)?;
     let ns = security.namespace_options.clone().unwrap_or_default();
     // "Join the sandbox's namespace": a path the shim replaces with the
     // sandbox container's namespace inside the guest (host paths mean
@@ -446,13 +565,23 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
     if let Some(r) = &linux.resources {
         linux_json["resources"] = resources_json(r);
     }
-    if !security.masked_paths.is_empty() {
+    // Privileged: nothing of /proc masked or read-only (inside the VM).
+    if !security.masked_paths.is_empty() && !security.privileged {
         linux_json["maskedPaths"] = json!(security.masked_paths);
     }
-    if !security.readonly_paths.is_empty() {
+    if !security.readonly_paths.is_empty() && !security.privileged {
         linux_json["readonlyPaths"] = json!(security.readonly_paths);
     }
-    let groups: Vec<i64> = security.supplemental_groups.clone();
+    let mut groups: Vec<i64> = image_groups_of(&user_name, uid, cx.image_lowers);
+    for g in &security.supplemental_groups {
+        if *g < 0 || *g > i64::from(u32::MAX) {
+            return Err(invalid(format!("supplemental group {g} is out of range")));
+        }
+        if !groups.contains(g) {
+            groups.push(*g);
+        }
+    }
+    groups.retain(|g| *g != i64::from(gid));
     spec_from(json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -566,5 +695,94 @@ mod tests {
         assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &["/pause".to_string()]);
         let netns = spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
         assert!(netns.iter().any(|n| n.path().as_deref() == Some(Path::new("/run/netns/x"))));
+    }
+
+    /// container_spec for `security` in a pod (privileged or not) whose
+    /// image has `app` (uid 1000) in groups 1234 and 50000.
+    fn spec_with(
+        security: LinuxContainerSecurityContext,
+        pod_privileged: bool,
+    ) -> Result<oci_spec::runtime::Spec, Status> {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("layer");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/app:/bin/sh\n").unwrap();
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\napp:x:1000:\nextra:x:1234:app\nmore:x:50000:other,app\nnot:x:7:other\n",
+        )
+        .unwrap();
+        let img = image(json!({"config": {"Cmd": ["sh"], "User": "app"}}));
+        let pod = PodSandboxConfig {
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    privileged: pod_privileged,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let lowers = vec![root];
+        let cx = ContainerContext {
+            id: "c",
+            pod_id: "p",
+            pod_config: &pod,
+            pod_dir: dir.path(),
+            netns: None,
+            image: &img,
+            image_lowers: &lowers,
+        };
+        let config = ContainerConfig {
+            linux: Some(LinuxContainerConfig { security_context: Some(security), ..Default::default() }),
+            ..Default::default()
+        };
+        container_spec(&cx, &config)
+    }
+
+    fn caps_of(spec: &oci_spec::runtime::Spec) -> Vec<String> {
+        let caps = spec.process().as_ref().unwrap().capabilities().as_ref().unwrap().effective().clone().unwrap();
+        let mut names: Vec<String> = caps.iter().map(|c| format!("CAP_{c}")).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn capabilities_all_and_privileged_mean_every_capability() {
+        let with = |add: &[&str], drop: &[&str]| LinuxContainerSecurityContext {
+            capabilities: Some(Capability {
+                add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+                drop_capabilities: drop.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let all = caps_of(&spec_with(with(&["ALL"], &[]), false).unwrap());
+        assert_eq!(all.len(), ALL_CAPABILITIES.len(), "{all:?}");
+        let but_chown = caps_of(&spec_with(with(&["ALL"], &["CHOWN"]), false).unwrap());
+        assert_eq!(but_chown.len(), ALL_CAPABILITIES.len() - 1);
+        assert!(!but_chown.contains(&"CAP_CHOWN".to_string()));
+        assert_eq!(caps_of(&spec_with(with(&["SYS_ADMIN"], &["ALL"]), false).unwrap()), ["CAP_SYS_ADMIN"]);
+        let e = spec_with(with(&["NOT_A_CAP"], &[]), false).unwrap_err();
+        assert!(e.message().contains("\"NOT_A_CAP\" is not a Linux capability"), "{e}");
+        let privileged = LinuxContainerSecurityContext { privileged: true, ..Default::default() };
+        assert_eq!(caps_of(&spec_with(privileged.clone(), true).unwrap()).len(), ALL_CAPABILITIES.len());
+        let e = spec_with(privileged, false).unwrap_err();
+        assert!(e.message().contains("privileged pod"), "{e}");
+    }
+
+    #[test]
+    fn groups_come_from_the_image_and_the_request_and_run_as_group_needs_a_user() {
+        let security = LinuxContainerSecurityContext { supplemental_groups: vec![1234, 77], ..Default::default() };
+        let spec = spec_with(security, false).unwrap();
+        let user = spec.process().as_ref().unwrap().user().clone();
+        assert_eq!((user.uid(), user.gid()), (1000, 1000));
+        assert_eq!(user.additional_gids().clone().unwrap(), [1234, 50000, 77]);
+        let e = spec_with(
+            LinuxContainerSecurityContext { run_as_group: Some(Int64Value { value: 5 }), ..Default::default() },
+            false,
+        )
+        .unwrap_err();
+        assert!(e.message().contains("run_as_group is set without run_as_user"), "{e}");
     }
 }

@@ -66,6 +66,11 @@ def main():
     r = rt.ExecSync(pb.ExecSyncRequest(
         container_id=ctr, cmd=["sh", "-c", "hostname; echo to-stderr >&2; exit 3"], timeout=60), timeout=90)
     result["exec"] = {"stdout": r.stdout.decode(), "stderr": r.stderr.decode(), "exit_code": r.exit_code}
+    # Ids as crictl prints them: their first 13 characters.
+    result["by_prefix"] = {
+        "container": rt.ContainerStatus(pb.ContainerStatusRequest(container_id=ctr[:13]), timeout=10).status.id == ctr,
+        "pod": rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod[:13]), timeout=10).status.id == pod,
+    }
 
     # Errors reach this client as gRPC statuses that name what was wrong.
     for name, call in [
