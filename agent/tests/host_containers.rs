@@ -506,3 +506,59 @@ async fn user_rlimits_no_new_privileges_seccomp_and_read_only_root_apply() {
     remove(&c, "sec").await;
     assert_nothing_left(&agent, "sec");
 }
+
+/// A seccomp profile with privilege escalation allowed (`noNewPrivileges:
+/// false`, what CRI sends by default) and no CAP_SYS_ADMIN, for the init
+/// and for an exec: the filter loads (the engine must load it while it
+/// still holds CAP_SYS_ADMIN) and is enforced.
+#[tokio::test]
+async fn a_seccomp_profile_applies_without_no_new_privileges() {
+    if !root_or_skip() {
+        return;
+    }
+    let agent = HostAgent::start();
+    let c = agent.client().await;
+    let root = rootfs(&agent, "nnp");
+    for applet in ["grep", "mkdir"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let script = "grep -E 'NoNewPrivs|^Seccomp:' /proc/self/status; mkdir /tmp/d 2>&1 || echo mkdir-denied; \
+                  read go";
+    let extra = json!({
+        "process": { "noNewPrivileges": false },
+        "linux": {
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }]
+            }
+        }
+    });
+    create(&c, "nnp", spec(&root, &["sh", "-c", script], extra)).await;
+    start(&c, "nnp").await;
+    let process = json!({ "args": ["sh", "-c", "mkdir /tmp/e 2>&1 || echo exec-mkdir-denied"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}, "noNewPrivileges": false });
+    let exec = ExecProcessRequest {
+        container_id: "nnp".into(),
+        exec_id: "e1".into(),
+        process: serde_json::to_vec(&process).unwrap(),
+        ..Default::default()
+    };
+    c.exec_process(ctx(), &exec).await.unwrap_or_else(|e| panic!("exec with noNewPrivileges false: {e:?}"));
+    let exec_out = read_all(&c, "nnp", "e1", false).await;
+    let exec_err = read_all(&c, "nnp", "e1", true).await;
+    let exec_status = wait(&c, "nnp", "e1").await.status;
+    assert!(exec_out.contains("exec-mkdir-denied"), "the exec was not filtered ({exec_status}): {exec_out} {exec_err}");
+    c.write_stdin(
+        ctx(),
+        &WriteStdinRequest { container_id: "nnp".into(), data: b"go\n".to_vec(), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let out = read_all(&c, "nnp", "", false).await;
+    assert!(out.contains("NoNewPrivs:\t0"), "no_new_privs was set: {out}");
+    assert!(out.contains("Seccomp:\t2"), "no filter: {out}");
+    assert!(out.contains("mkdir-denied"), "seccomp did not deny mkdir: {out}");
+    assert_eq!(wait(&c, "nnp", "").await.status, 0);
+    remove(&c, "nnp").await;
+    assert_nothing_left(&agent, "nnp");
+}

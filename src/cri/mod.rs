@@ -10,6 +10,7 @@ pub mod authority;
 pub mod logs;
 pub mod network;
 pub mod runtime;
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod store;

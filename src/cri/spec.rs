@@ -518,6 +518,7 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
         gid = u32::try_from(g.value).map_err(|_| invalid(format!("run_as_group {} is out of range", g.value)))?;
     }
     let caps = capabilities(&security).map_err(invalid)?;
+    let seccomp = super::seccomp::profile(&security, &caps).map_err(invalid)?;
     let ns = security.namespace_options.clone().unwrap_or_default();
     // "Join the sandbox's namespace": a path the shim replaces with the
     // sandbox container's namespace inside the guest (host paths mean
@@ -564,6 +565,9 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
     let mut linux_json = json!({"namespaces": namespaces});
     if let Some(r) = &linux.resources {
         linux_json["resources"] = resources_json(r);
+    }
+    if let Some(profile) = seccomp {
+        linux_json["seccomp"] = profile;
     }
     // Privileged: nothing of /proc masked or read-only (inside the VM).
     if !security.masked_paths.is_empty() && !security.privileged {

@@ -103,7 +103,12 @@ fn run(args: &[String]) -> Result<()> {
         }
         "exec" => {
             let process = a.process.clone().context("exec needs --process")?;
+            let bundle = load(&a)?.bundle().clone();
+            let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+                .with_context(|| format!("reading {}/config.json", bundle.display()))?;
+            let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
             let pid = builder(&a)?
+                .with_executor(UnderContainerSeccomp { seccomp })
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
@@ -115,4 +120,40 @@ fn run(args: &[String]) -> Result<()> {
         other => bail!("unknown operation '{other}'"),
     }
     Ok(())
+}
+
+/// Runs an exec'd process under its container's seccomp profile. The
+/// engine (libcontainer 0.7) builds an exec's spec without the container's
+/// `linux.seccomp`, so without this a `kubectl exec` would run unfiltered.
+/// This loads the profile as the last step before the exec, when the
+/// capabilities are already dropped: a process without CAP_SYS_ADMIN gets
+/// no_new_privs first (the kernel loads no filter otherwise), so an exec'd
+/// process without CAP_SYS_ADMIN in a container with a profile cannot gain
+/// privileges through setuid binaries even where the container's init could.
+#[derive(Clone)]
+struct UnderContainerSeccomp {
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+}
+
+impl libcontainer::workload::Executor for UnderContainerSeccomp {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorError> {
+        use libcontainer::workload::ExecutorError;
+        if let Some(profile) = &self.seccomp {
+            // With CAP_SYS_ADMIN (or no_new_privs already) it loads as is;
+            // otherwise only after no_new_privs.
+            if libcontainer::seccomp::initialize_seccomp(profile).is_err() {
+                // SAFETY: prctl with integer arguments.
+                if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                    return Err(ExecutorError::Other(format!("no_new_privs: {}", std::io::Error::last_os_error())));
+                }
+                libcontainer::seccomp::initialize_seccomp(profile)
+                    .map_err(|e| ExecutorError::Other(format!("loading the container's seccomp profile: {e}")))?;
+            }
+        }
+        libcontainer::workload::default::get_executor().exec(spec)
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
+    }
 }

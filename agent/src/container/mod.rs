@@ -248,9 +248,10 @@ impl Containers {
     pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8]) -> CResult<Started> {
         spec::check_id("exec id", exec_id).map_err(invalid)?;
         let bundle = self.known(id).await?;
-        let process: OciProcess =
+        let mut process: OciProcess =
             serde_json::from_slice(process_json).context("malformed OCI process").map_err(invalid)?;
         spec::check_process(&process).map_err(invalid)?;
+        spec::normalize_no_new_privileges(&mut process);
         let terminal = process.terminal().unwrap_or(false);
         let file = bundle.join(format!("exec-{exec_id}.json"));
         std::fs::write(&file, serde_json::to_vec(&process).map_err(|e| failed(e.into()))?)

@@ -67,10 +67,12 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
     root.set_path(rootfs);
     spec.set_root(Some(root));
 
-    let Some(process) = spec.process() else {
+    let Some(mut process) = spec.process().clone() else {
         bail!("the spec has no process");
     };
-    check_process(process)?;
+    check_process(&process)?;
+    normalize_no_new_privileges(&mut process);
+    spec.set_process(Some(process));
     if let Some(hostname) = spec.hostname() {
         if hostname.len() > 64 {
             bail!("hostname is {} characters long; at most 64", hostname.len());
@@ -125,6 +127,18 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
     }
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// `noNewPrivileges: false` as no field at all. The container engine
+/// (libcontainer 0.7) loads a seccomp filter while it still has
+/// CAP_SYS_ADMIN only when the field is absent, and after dropping
+/// capabilities otherwise, where a filter without no_new_privs cannot be
+/// loaded: a CRI container with a seccomp profile and privilege escalation
+/// allowed (Kubernetes' default) would fail to start. Both mean the same.
+pub fn normalize_no_new_privileges(process: &mut Process) {
+    if process.no_new_privileges() == Some(false) {
+        process.set_no_new_privileges(None);
+    }
 }
 
 pub fn check_process(process: &Process) -> Result<()> {
