@@ -214,9 +214,22 @@ mod tests {
     }
 
     #[test]
-    fn cpu_ticks_reads_a_process_with_spaces_in_its_name() {
-        // Our own process exists and has used some CPU.
-        assert!(cpu_ticks(std::process::id()) < u64::MAX);
+    fn cpu_ticks_reads_a_process_with_spaces_and_parentheses_in_its_name() {
+        // A busy shell whose name ("a b) (c") would derail a parser that
+        // splits /proc/PID/stat at the first ')' or on spaces.
+        let dir = tempfile::tempdir().unwrap();
+        let sh = dir.path().join("a b) (c");
+        std::fs::copy("/bin/sh", &sh).unwrap();
+        let mut child = std::process::Command::new(&sh).args(["-c", "while :; do :; done"]).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut ticks = 0;
+        while ticks == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            ticks = cpu_ticks(child.id());
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(ticks > 0, "no CPU time read for a busy process named {:?}", sh.file_name().unwrap());
         assert_eq!(cpu_ticks(u32::MAX), 0);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ctx, root_or_skip as is_root, HostAgent};
+use common::{ctx, root_or_skip, HostAgent};
 use runv_proto::agent::*;
 use runv_proto::agent_ttrpc::AgentClient;
 
@@ -56,7 +56,7 @@ async fn health_and_guest_details_answer() {
 
 #[tokio::test]
 async fn a_process_streams_stdout_and_stderr_and_reports_its_exit_code() {
-    if !is_root() {
+    if !root_or_skip("a_process_streams_stdout_and_stderr_and_reports_its_exit_code") {
         return;
     }
     let agent = HostAgent::start();
@@ -77,7 +77,7 @@ async fn a_process_streams_stdout_and_stderr_and_reports_its_exit_code() {
 
 #[tokio::test]
 async fn stdin_reaches_the_process_and_closing_it_ends_the_input() {
-    if !is_root() {
+    if !root_or_skip("stdin_reaches_the_process_and_closing_it_ends_the_input") {
         return;
     }
     let agent = HostAgent::start();
@@ -100,7 +100,7 @@ async fn stdin_reaches_the_process_and_closing_it_ends_the_input() {
 
 #[tokio::test]
 async fn signals_end_a_process_with_128_plus_the_signal() {
-    if !is_root() {
+    if !root_or_skip("signals_end_a_process_with_128_plus_the_signal") {
         return;
     }
     let agent = HostAgent::start();
@@ -120,7 +120,7 @@ async fn signals_end_a_process_with_128_plus_the_signal() {
 
 #[tokio::test]
 async fn a_terminal_process_gets_a_pty_that_follows_resizes() {
-    if !is_root() {
+    if !root_or_skip("a_terminal_process_gets_a_pty_that_follows_resizes") {
         return;
     }
     let agent = HostAgent::start();
@@ -143,7 +143,7 @@ async fn a_terminal_process_gets_a_pty_that_follows_resizes() {
 
 #[tokio::test]
 async fn a_process_in_a_root_directory_sees_only_that_root() {
-    if !is_root() {
+    if !root_or_skip("a_process_in_a_root_directory_sees_only_that_root") {
         return;
     }
     let root = tempfile::tempdir().unwrap();
@@ -174,7 +174,7 @@ async fn a_process_in_a_root_directory_sees_only_that_root() {
 
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving() {
-    if !is_root() {
+    if !root_or_skip("bad_requests_get_clear_errors_and_the_agent_keeps_serving") {
         return;
     }
     let agent = HostAgent::start();
@@ -254,7 +254,7 @@ async fn cut_off_and_garbage_frames_do_not_stop_the_agent() {
 
 #[tokio::test]
 async fn shutdown_stops_every_process_and_the_host_agent_exits() {
-    if !is_root() {
+    if !root_or_skip("shutdown_stops_every_process_and_the_host_agent_exits") {
         return;
     }
     let mut agent = HostAgent::start();
@@ -281,7 +281,7 @@ async fn shutdown_stops_every_process_and_the_host_agent_exits() {
 
 #[tokio::test]
 async fn a_process_writes_on_while_nobody_reads_and_nothing_is_lost() {
-    if !is_root() {
+    if !root_or_skip("a_process_writes_on_while_nobody_reads_and_nothing_is_lost") {
         return;
     }
     let agent = HostAgent::start();

@@ -127,7 +127,7 @@ fn assert_nothing_left(agent: &HostAgent, id: &str) {
 
 #[tokio::test]
 async fn a_container_is_isolated_and_reports_output_and_exit_code() {
-    if !root_or_skip() {
+    if !root_or_skip("a_container_is_isolated_and_reports_output_and_exit_code") {
         return;
     }
     let agent = HostAgent::start();
@@ -149,7 +149,7 @@ async fn a_container_is_isolated_and_reports_output_and_exit_code() {
 
 #[tokio::test]
 async fn exec_joins_a_running_container_and_signals_reach_it() {
-    if !root_or_skip() {
+    if !root_or_skip("exec_joins_a_running_container_and_signals_reach_it") {
         return;
     }
     let agent = HostAgent::start();
@@ -192,7 +192,7 @@ async fn exec_joins_a_running_container_and_signals_reach_it() {
 
 #[tokio::test]
 async fn a_memory_limit_is_enforced_and_the_oom_kill_is_reported() {
-    if !root_or_skip() {
+    if !root_or_skip("a_memory_limit_is_enforced_and_the_oom_kill_is_reported") {
         return;
     }
     let agent = HostAgent::start();
@@ -228,7 +228,7 @@ async fn a_memory_limit_is_enforced_and_the_oom_kill_is_reported() {
 
 #[tokio::test]
 async fn a_terminal_container_follows_resizes() {
-    if !root_or_skip() {
+    if !root_or_skip("a_terminal_container_follows_resizes") {
         return;
     }
     let agent = HostAgent::start();
@@ -295,7 +295,7 @@ async fn a_terminal_container_follows_resizes() {
 
 #[tokio::test]
 async fn pause_resume_and_update_act_on_the_cgroup() {
-    if !root_or_skip() {
+    if !root_or_skip("pause_resume_and_update_act_on_the_cgroup") {
         return;
     }
     let agent = HostAgent::start();
@@ -334,7 +334,7 @@ async fn pause_resume_and_update_act_on_the_cgroup() {
 
 #[tokio::test]
 async fn containers_join_the_pause_process_namespaces() {
-    if !root_or_skip() {
+    if !root_or_skip("containers_join_the_pause_process_namespaces") {
         return;
     }
     let agent = HostAgent::start();
@@ -373,7 +373,7 @@ async fn containers_join_the_pause_process_namespaces() {
 
 #[tokio::test]
 async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
-    if !root_or_skip() {
+    if !root_or_skip("bad_container_requests_get_clear_errors_and_the_agent_keeps_serving") {
         return;
     }
     let agent = HostAgent::start();
@@ -464,7 +464,7 @@ async fn bad_container_requests_get_clear_errors_and_the_agent_keeps_serving() {
 
 #[tokio::test]
 async fn user_rlimits_no_new_privileges_seccomp_and_read_only_root_apply() {
-    if !root_or_skip() {
+    if !root_or_skip("user_rlimits_no_new_privileges_seccomp_and_read_only_root_apply") {
         return;
     }
     let agent = HostAgent::start();
@@ -513,7 +513,7 @@ async fn user_rlimits_no_new_privileges_seccomp_and_read_only_root_apply() {
 /// still holds CAP_SYS_ADMIN) and is enforced.
 #[tokio::test]
 async fn a_seccomp_profile_applies_without_no_new_privileges() {
-    if !root_or_skip() {
+    if !root_or_skip("a_seccomp_profile_applies_without_no_new_privileges") {
         return;
     }
     let agent = HostAgent::start();

@@ -56,7 +56,7 @@ fn request() -> SetupNetworkRequest {
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_nic_with_the_pod_mac_gets_the_pod_interface_config() {
-    if !root_or_skip() {
+    if !root_or_skip("the_nic_with_the_pod_mac_gets_the_pod_interface_config") {
         return;
     }
     let agent = HostAgent::start();
@@ -88,7 +88,7 @@ async fn the_nic_with_the_pod_mac_gets_the_pod_interface_config() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn bad_network_requests_are_refused_and_the_agent_keeps_serving() {
-    if !root_or_skip() {
+    if !root_or_skip("bad_network_requests_are_refused_and_the_agent_keeps_serving") {
         return;
     }
     let agent = HostAgent::start();

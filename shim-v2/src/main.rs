@@ -54,6 +54,14 @@ impl Shim for RunvShim {
     /// `delete`: containerd's cleanup after the shim died; removes what the
     /// dead shim left (VM processes, mounts, files) for this id.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        // containerd passes no runtime options to `delete`: the ConfigPath
+        // `start` was given is in the bundle (this process's directory).
+        if std::env::var_os("RUNV_CONFIG").is_none() {
+            if let Some(path) = recorded_config_path(std::path::Path::new(".")) {
+                // SAFETY: set before any other thread of this process reads the environment.
+                unsafe { std::env::set_var("RUNV_CONFIG", path) };
+            }
+        }
         let config = task::load_config().map_err(|e| Error::Other(e.to_string()))?;
         task::cleanup_leftovers(&config, &self.namespace, &self.id);
         // A shim killed outright leaves its socket behind.
@@ -92,7 +100,12 @@ async fn start_action(flags: Flags) -> Result<(), Error> {
     // ConfigPath names the runv config the shim daemon reads.
     let mut options = Vec::new();
     let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut options).await;
-    let address = spawn_daemon(opts, config_path_from_options(&options)).await?;
+    let config_path = config_path_from_options(&options);
+    if let Some(path) = &config_path {
+        record_config_path(std::path::Path::new("."), path)
+            .map_err(|e| Error::Other(format!("recording the config path in the bundle: {e}")))?;
+    }
+    let address = spawn_daemon(opts, config_path).await?;
     use tokio::io::AsyncWriteExt;
     let mut stdout = tokio::io::stdout();
     stdout.write_all(address.as_bytes()).await.map_err(|e| Error::Other(format!("writing the address: {e}")))?;
@@ -106,6 +119,19 @@ async fn spawn_daemon(opts: StartOpts, config_path: Option<String>) -> Result<St
     let grouping = rootfs::sandbox_grouping(std::path::Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
     let vars: Vec<(&str, &str)> = config_path.iter().map(|p| ("RUNV_CONFIG", p.as_str())).collect();
     spawn(opts, &grouping, vars).await
+}
+
+/// The file in a bundle that keeps the runtime options' ConfigPath for the
+/// shim's `delete`, which containerd runs in the bundle without options.
+const CONFIG_PATH_FILE: &str = "runv-config-path";
+
+fn record_config_path(bundle: &std::path::Path, path: &str) -> std::io::Result<()> {
+    std::fs::write(bundle.join(CONFIG_PATH_FILE), path)
+}
+
+fn recorded_config_path(bundle: &std::path::Path) -> Option<String> {
+    let path = std::fs::read_to_string(bundle.join(CONFIG_PATH_FILE)).ok()?;
+    Some(path.trim().to_string()).filter(|p| !p.is_empty())
 }
 
 /// `config_path` (field 2) of containerd's `runtimeoptions.v1.Options`.
@@ -203,7 +229,7 @@ async fn main() {
 
 #[cfg(test)]
 mod tests {
-    use super::config_path_from_options;
+    use super::{config_path_from_options, record_config_path, recorded_config_path};
 
     fn options(type_url: &str, config_path: &str) -> Vec<u8> {
         let mut bytes = Vec::new();
@@ -213,6 +239,14 @@ mod tests {
         out.flush().unwrap();
         drop(out);
         bytes
+    }
+
+    #[test]
+    fn delete_finds_the_config_path_start_was_given() {
+        let bundle = tempfile::tempdir().unwrap();
+        assert_eq!(recorded_config_path(bundle.path()), None);
+        record_config_path(bundle.path(), "/etc/runv/pod.toml").unwrap();
+        assert_eq!(recorded_config_path(bundle.path()).as_deref(), Some("/etc/runv/pod.toml"));
     }
 
     #[test]

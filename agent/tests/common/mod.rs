@@ -67,12 +67,13 @@ pub fn ctx() -> context::Context {
     context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
 }
 
-/// Whether the test runs as root; prints why it skips otherwise.
-pub fn root_or_skip() -> bool {
+/// Whether the test runs as root; prints why `test` skips otherwise, in
+/// the `SKIP <test>: <reason>` form scripts/test.sh counts.
+pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("SKIP: the host agent tests need root (chroot, namespaces, cgroups)");
+        eprintln!("SKIP {test}: the host agent tests need root (chroot, namespaces, cgroups)");
     }
     root
 }
