@@ -264,7 +264,7 @@ pub fn describe(config: &Config) -> Result<String, String> {
         ),
     };
     Ok(format!(
-        "uids {}..{end}, own mount/IPC/UTS/network namespaces and pivot_root (runv-vmm), -runas and -chroot (QEMU), {cgroups}",
+        "uids {}..{end}, own PID/mount/IPC/UTS/network namespaces and pivot_root (runv-vmm), -runas and -chroot (QEMU), {cgroups}",
         config.jail_uid_base
     ))
 }

@@ -268,7 +268,9 @@ async fn a_terminal_container_follows_resizes() {
     )
     .await
     .unwrap();
-    for exec in ["", exec_id.as_str()] {
+    // The exec first: the container's init ending kills every process of
+    // its PID namespace, the exec too.
+    for exec in [exec_id.as_str(), ""] {
         c.write_stdin(
             ctx(),
             &WriteStdinRequest {
@@ -280,10 +282,12 @@ async fn a_terminal_container_follows_resizes() {
         )
         .await
         .unwrap();
+        if !exec.is_empty() {
+            let out = read_all(&c, &id, exec, false).await;
+            assert!(out.contains("/dev/pts/1") && out.contains("20 70"), "exec output: {out:?}");
+            assert_eq!(wait(&c, &id, exec).await.status, 0);
+        }
     }
-    let out = read_all(&c, &id, &exec_id, false).await;
-    assert!(out.contains("/dev/pts/1") && out.contains("20 70"), "exec output: {out:?}");
-    assert_eq!(wait(&c, &id, &exec_id).await.status, 0);
     let out = read_all(&c, &id, "", false).await;
     assert!(out.contains("/dev/pts/0") && out.contains("40 120"), "output: {out:?}");
     assert_eq!(wait(&c, &id, "").await.status, 0);
@@ -561,4 +565,36 @@ async fn a_seccomp_profile_applies_without_no_new_privileges() {
     assert_eq!(wait(&c, "nnp", "").await.status, 0);
     remove(&c, "nnp").await;
     assert_nothing_left(&agent, "nnp");
+}
+
+/// Root propagation as containerd and Kubernetes name it (rshared, rslave,
+/// rprivate) is taken; a name that is none of them is refused by name.
+#[tokio::test]
+async fn root_propagation_takes_the_recursive_names() {
+    if !root_or_skip("root_propagation_takes_the_recursive_names") {
+        return;
+    }
+    let agent = HostAgent::start();
+    let c = agent.client().await;
+    for (id, propagation) in [("prop-shared", "rshared"), ("prop-slave", "rslave"), ("prop-private", "rprivate")] {
+        let root = rootfs(&agent, id);
+        let s = spec(&root, &["true"], json!({ "linux": { "rootfsPropagation": propagation } }));
+        create(&c, id, s).await;
+        start(&c, id).await;
+        assert_eq!(wait(&c, id, "").await.status, 0, "{propagation}");
+        remove(&c, id).await;
+        assert_nothing_left(&agent, id);
+    }
+    let root = rootfs(&agent, "prop-bad");
+    let s = spec(&root, &["true"], json!({ "linux": { "rootfsPropagation": "sideways" } }));
+    let (code, msg) = code_of(
+        c.create_container(
+            ctx(),
+            &CreateContainerRequest { container_id: "prop-bad".into(), oci_spec: s, ..Default::default() },
+        )
+        .await,
+    );
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("rootfsPropagation 'sideways'"), "{msg}");
+    assert_nothing_left(&agent, "prop-bad");
 }

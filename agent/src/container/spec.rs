@@ -122,6 +122,22 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
         }
         linux.set_namespaces(Some(fixed));
     }
+    // The engine applies the root's propagation recursively and knows the
+    // names only without runc's `r` (recursive) prefix: rshared, rslave,
+    // rprivate and runbindable (what containerd and Kubernetes send) mean
+    // what it does with shared, slave, private and unbindable.
+    if let Some(propagation) = linux.rootfs_propagation().clone() {
+        let plain = match propagation.as_str() {
+            "shared" | "rshared" => "shared",
+            "slave" | "rslave" => "slave",
+            "private" | "rprivate" => "private",
+            "unbindable" | "runbindable" => "unbindable",
+            other => {
+                bail!("rootfsPropagation '{other}' is not shared, slave, private or unbindable (r-prefixed or not)")
+            }
+        };
+        linux.set_rootfs_propagation(Some(plain.to_string()));
+    }
     if linux.cgroups_path().is_none() {
         linux.set_cgroups_path(Some(PathBuf::from(format!("/runv/{container_id}"))));
     }
