@@ -4,7 +4,9 @@
 //! also calls Version with each `:authority` real clients send (the socket
 //! path as grpc-go 1.26-era crictl and kubelet send it, grpcio's
 //! percent-encoded path, `localhost`), and names a pod and a container by
-//! the 13-character prefix crictl prints. Needs root, the installed guest,
+//! the 13-character prefix crictl prints; an image pushed under three tags
+//! is listed once with all three, found by every reference form and
+//! removed with all of them by its id. Needs root, the installed guest,
 //! docker-registry and Python's grpcio and grpcio-tools (scripts/test.sh
 //! installs them); skips with a printed reason otherwise.
 
@@ -13,7 +15,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::registry::registry_or_skip;
+use common::registry::{dir_layer, push_with_cmd, registry_or_skip};
 use common::registry_and_server;
 
 /// Whether python3 has grpcio and grpcio-tools; prints why the test skips
@@ -55,7 +57,13 @@ async fn grpcio_with_its_default_channel_runs_a_pod() {
     if !common::e2e_ready(test) || !registry_or_skip(test) || !grpcio_or_skip(test) {
         return;
     }
-    let (_reg, cri, app) = registry_and_server().await;
+    let (reg, cri, app) = registry_and_server().await;
+    // The same image under two more tags (the same manifest, so one image).
+    let rootfs = dir_layer(&std::path::Path::new(common::SHARE_DIR).join("rootfs"));
+    let mut tags = Vec::new();
+    for tag in ["2", "latest"] {
+        tags.push(push_with_cmd(&reg, &format!("runv/busybox:{tag}"), std::slice::from_ref(&rootfs), &["sh"]).await);
+    }
     let logs = cri.dir.path().join("pod-logs");
     let out = Command::new("timeout")
         .arg("600")
@@ -65,6 +73,7 @@ async fn grpcio_with_its_default_channel_runs_a_pod() {
         .arg(cri_proto())
         .arg(&app)
         .arg(&logs)
+        .args(&tags)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -85,7 +94,15 @@ async fn grpcio_with_its_default_channel_runs_a_pod() {
         );
     }
     assert!(r["pulled"].as_str().unwrap().starts_with("sha256:"), "{r}");
-    assert_eq!(r["image_tags"], serde_json::json!([app]));
+    let mut all_tags = vec![app.clone()];
+    all_tags.extend(tags.iter().cloned());
+    all_tags.sort();
+    assert_eq!(r["image_tags"], serde_json::json!(all_tags), "ImageStatus gives every tag of the image");
+    assert_eq!(r["listed_with_tag"], serde_json::json!([all_tags]), "ListImages lists the image once, with every tag");
+    for form in ["tag", "repo@digest", "id", "id prefix", "untagged repo of :latest"] {
+        assert_eq!(r["status_by"][form], true, "ImageStatus by {form}: {}", r["status_by"]);
+    }
+    assert_eq!(r["tags_after_remove"], serde_json::json!([]), "RemoveImage by id left tags");
     assert_eq!(r["pod_state"], "SANDBOX_READY");
     assert_eq!(r["exec"]["stdout"], "grpcio-host\n");
     assert_eq!(r["exec"]["stderr"], "to-stderr\n");

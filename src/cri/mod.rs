@@ -48,13 +48,29 @@ fn image_status(e: ImageError) -> Status {
     }
 }
 
-fn to_cri(r: &ImageRecord) -> Image {
-    // `registry/repository`, whether the image was pulled by tag or digest;
-    // only a tag reference is a repo tag.
-    let (repo, tagged) = match r.reference.parse::<oci_client::Reference>() {
-        Ok(p) => (format!("{}/{}", p.registry(), p.repository()), p.digest().is_none()),
-        Err(_) => (r.reference.clone(), false),
-    };
+/// One CRI image for the stored references `refs` to the same image (one
+/// per tag or digest it was pulled by): its tags and `repo@digest` forms.
+fn to_cri(refs: &[&ImageRecord]) -> Image {
+    let r = refs[0];
+    let mut repo_tags = Vec::new();
+    let mut repo_digests = Vec::new();
+    for each in refs {
+        // `registry/repository`, whether the image was pulled by tag or
+        // digest; only a tag reference is a repo tag.
+        let (repo, tagged) = match each.reference.parse::<oci_client::Reference>() {
+            Ok(p) => (format!("{}/{}", p.registry(), p.repository()), p.digest().is_none()),
+            Err(_) => (each.reference.clone(), false),
+        };
+        if tagged && !repo_tags.contains(&each.reference) {
+            repo_tags.push(each.reference.clone());
+        }
+        let digest = format!("{repo}@{}", r.digest);
+        if !repo_digests.contains(&digest) {
+            repo_digests.push(digest);
+        }
+    }
+    repo_tags.sort();
+    repo_digests.sort();
     let user = r.config["config"]["User"].as_str().unwrap_or_default();
     let (uid, username) = match user.split(':').next().unwrap_or_default() {
         "" => (Some(Int64Value { value: 0 }), String::new()),
@@ -65,14 +81,22 @@ fn to_cri(r: &ImageRecord) -> Image {
     };
     Image {
         id: r.digest.clone(),
-        repo_tags: if tagged { vec![r.reference.clone()] } else { Vec::new() },
-        repo_digests: vec![format!("{repo}@{}", r.digest)],
+        repo_tags,
+        repo_digests,
         size: r.size(),
         uid,
         username,
         spec: Some(ImageSpec { image: r.digest.clone(), ..Default::default() }),
         pinned: false,
     }
+}
+
+/// The stored images grouped by image (id), one CRI image each.
+fn by_image(records: &[ImageRecord]) -> Vec<Image> {
+    let mut ids: Vec<&str> = records.iter().map(|r| r.digest.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    ids.into_iter().map(|id| to_cri(&records.iter().filter(|r| r.digest == id).collect::<Vec<_>>())).collect()
 }
 
 fn wanted_image(spec: Option<ImageSpec>, call: &str) -> Result<String, Status> {
@@ -110,13 +134,13 @@ fn auth_of(auth: Option<AuthConfig>) -> Result<RegistryAuth, Status> {
 impl ImageService for Cri {
     async fn list_images(&self, req: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
         let filter = req.into_inner().filter.and_then(|f| f.image).map(|s| s.image).filter(|s| !s.is_empty());
-        let images = self.images.list();
+        let all = self.images.list();
         let images = match filter {
-            Some(f) => match self.images.get(&f) {
-                Some(one) => vec![to_cri(&one)],
+            Some(f) => match crate::image::resolve(&all, &f) {
+                Some(one) => by_image(&all).into_iter().filter(|i| i.id == one.digest).collect(),
                 None => Vec::new(),
             },
-            None => images.iter().map(to_cri).collect(),
+            None => by_image(&all),
         };
         Ok(Response::new(ListImagesResponse { images }))
     }
@@ -125,14 +149,16 @@ impl ImageService for Cri {
         let req = req.into_inner();
         let wanted = wanted_image(req.image, "ImageStatus")?;
         // A missing image is not an error: the answer has no image.
-        let record = self.images.get(&wanted);
+        let all = self.images.list();
+        let record = crate::image::resolve(&all, &wanted).cloned();
         let mut info = HashMap::new();
         if req.verbose {
             if let Some(r) = &record {
                 info.insert("info".into(), serde_json::to_string(r).unwrap_or_default());
             }
         }
-        Ok(Response::new(ImageStatusResponse { image: record.as_ref().map(to_cri), info }))
+        let image = record.and_then(|r| by_image(&all).into_iter().find(|i| i.id == r.digest));
+        Ok(Response::new(ImageStatusResponse { image, info }))
     }
 
     async fn pull_image(&self, req: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
@@ -577,12 +603,47 @@ mod tests {
     }
 
     #[test]
+    fn every_tag_of_an_image_is_one_image_and_any_reference_finds_it() {
+        let mut other = record("127.0.0.1:5000/runv/other:1");
+        other.digest = format!("sha256:{}", "c".repeat(64));
+        let all = vec![
+            record("127.0.0.1:5000/runv/app:1"),
+            record("127.0.0.1:5000/runv/app:2"),
+            record("127.0.0.1:5000/runv/app:latest"),
+            other,
+        ];
+        let images = by_image(&all);
+        assert_eq!(images.len(), 2);
+        let app = images.iter().find(|i| i.id == all[0].digest).unwrap();
+        assert_eq!(
+            app.repo_tags,
+            ["127.0.0.1:5000/runv/app:1", "127.0.0.1:5000/runv/app:2", "127.0.0.1:5000/runv/app:latest"]
+        );
+        assert_eq!(app.repo_digests, [format!("127.0.0.1:5000/runv/app@sha256:{}", "b".repeat(64))]);
+        let found = |wanted: &str| crate::image::resolve(&all, wanted).map(|r| r.digest.clone());
+        let app_id = Some(all[0].digest.clone());
+        for wanted in [
+            "127.0.0.1:5000/runv/app:2".to_string(),
+            "127.0.0.1:5000/runv/app".to_string(),
+            format!("127.0.0.1:5000/runv/app@sha256:{}", "b".repeat(64)),
+            format!("sha256:{}", "b".repeat(64)),
+            "b".repeat(64),
+            "bbbbbbbbbbbb".to_string(),
+        ] {
+            assert_eq!(found(&wanted), app_id, "{wanted}");
+        }
+        assert_eq!(found("127.0.0.1:5000/runv/app:3"), None);
+        assert_eq!(found(&format!("127.0.0.1:5000/runv/nope@sha256:{}", "b".repeat(64))), None);
+        assert_eq!(found("cccc").as_deref(), Some(&*format!("sha256:{}", "c".repeat(64))));
+    }
+
+    #[test]
     fn repo_tags_and_digests_come_from_the_reference() {
-        let by_tag = to_cri(&record("127.0.0.1:5000/runv/app:1"));
+        let by_tag = to_cri(&[&record("127.0.0.1:5000/runv/app:1")]);
         assert_eq!(by_tag.repo_tags, ["127.0.0.1:5000/runv/app:1"]);
         assert_eq!(by_tag.repo_digests, [format!("127.0.0.1:5000/runv/app@sha256:{}", "b".repeat(64))]);
         assert_eq!(by_tag.uid, Some(Int64Value { value: 1000 }));
-        let by_digest = to_cri(&record(&format!("docker.io/library/busybox@sha256:{}", "a".repeat(64))));
+        let by_digest = to_cri(&[&record(&format!("docker.io/library/busybox@sha256:{}", "a".repeat(64)))]);
         assert!(by_digest.repo_tags.is_empty());
         assert_eq!(by_digest.repo_digests, [format!("docker.io/library/busybox@sha256:{}", "b".repeat(64))]);
     }

@@ -102,6 +102,52 @@ struct Invocation<'a> {
     id: &'a str,
     netns: &'a Path,
     args: String,
+    /// What plugins that declare a capability get in `runtimeConfig`.
+    runtime_config: Value,
+}
+
+/// The CNI capability arguments of a pod: its host ports
+/// (`portMappings`, what the portmap plugin reads), as containerd passes
+/// them.
+fn runtime_config(pod: &PodSandboxConfig) -> Value {
+    let mappings: Vec<Value> = pod
+        .port_mappings
+        .iter()
+        .filter(|m| m.host_port > 0)
+        .map(|m| {
+            let protocol = match k8s_cri::v1::Protocol::try_from(m.protocol) {
+                Ok(k8s_cri::v1::Protocol::Udp) => "udp",
+                Ok(k8s_cri::v1::Protocol::Sctp) => "sctp",
+                _ => "tcp",
+            };
+            serde_json::json!({"hostPort": m.host_port, "containerPort": m.container_port, "protocol": protocol, "hostIP": m.host_ip})
+        })
+        .collect();
+    serde_json::json!({ "portMappings": mappings })
+}
+
+/// `plugin`'s configuration for this call: the list's name and version,
+/// the previous result, and the runtime arguments of each capability the
+/// plugin declares (`capabilities: {"portMappings": true}`).
+fn plugin_config(list: &Value, plugin: &Value, prev: Option<&Value>, runtime_config: &Value) -> Value {
+    let mut conf = plugin.clone();
+    conf["name"] = list["name"].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    if let Some(p) = prev {
+        conf["prevResult"] = p.clone();
+    }
+    let mut given = serde_json::Map::new();
+    for (capability, on) in plugin["capabilities"].as_object().into_iter().flatten() {
+        if on.as_bool() == Some(true) {
+            if let Some(value) = runtime_config.get(capability) {
+                given.insert(capability.clone(), value.clone());
+            }
+        }
+    }
+    if !given.is_empty() {
+        conf["runtimeConfig"] = Value::Object(given);
+    }
+    conf
 }
 
 /// Runs one plugin of the list; returns its result.
@@ -117,12 +163,7 @@ async fn run_plugin(
     if kind.contains('/') {
         return Err(format!("CNI plugin type {kind:?} is not a plain name"));
     }
-    let mut conf = plugin.clone();
-    conf["name"] = list["name"].clone();
-    conf["cniVersion"] = list["cniVersion"].clone();
-    if let Some(p) = prev {
-        conf["prevResult"] = p.clone();
-    }
+    let conf = plugin_config(list, plugin, prev, &inv.runtime_config);
     let binary = config.cni_bin_dir.join(kind);
     let mut child = tokio::process::Command::new(&binary)
         .env_clear()
@@ -174,7 +215,7 @@ pub async fn setup(
         .map_err(|e| Status::internal(format!("saving the CNI configuration: {e}")))?;
     let netns = netns_path(id);
     create_netns(&netns).map_err(|e| Status::internal(format!("creating the network namespace: {e}")))?;
-    let inv = Invocation { config, id, netns: &netns, args: cni_args(id, pod) };
+    let inv = Invocation { config, id, netns: &netns, args: cni_args(id, pod), runtime_config: runtime_config(pod) };
     let mut prev: Option<Value> = None;
     let plugins = list["plugins"].as_array().cloned().unwrap_or_default();
     for plugin in &plugins {
@@ -202,7 +243,7 @@ pub async fn teardown(config: &Config, id: &str, netns: &Path, pod: &PodSandboxC
     let list: Option<Value> =
         std::fs::read(pod_dir.join("cni.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(list) = list {
-        let inv = Invocation { config, id, netns, args: cni_args(id, pod) };
+        let inv = Invocation { config, id, netns, args: cni_args(id, pod), runtime_config: runtime_config(pod) };
         for plugin in list["plugins"].as_array().into_iter().flatten().rev() {
             if let Err(e) = run_plugin(&inv, "DEL", &list, plugin, None).await {
                 tracing::warn!("pod {id}: {e}");
@@ -215,6 +256,42 @@ pub async fn teardown(config: &Config, id: &str, netns: &Path, pod: &PodSandboxC
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_ports_reach_the_plugins_that_ask_for_them() {
+        let pod = PodSandboxConfig {
+            port_mappings: vec![
+                k8s_cri::v1::PortMapping { protocol: 0, container_port: 80, host_port: 8080, host_ip: "".into() },
+                k8s_cri::v1::PortMapping {
+                    protocol: 1,
+                    container_port: 53,
+                    host_port: 5353,
+                    host_ip: "127.0.0.1".into(),
+                },
+                // No host port: nothing to map.
+                k8s_cri::v1::PortMapping { protocol: 0, container_port: 9000, host_port: 0, host_ip: "".into() },
+            ],
+            ..Default::default()
+        };
+        let list = serde_json::json!({"name": "pods", "cniVersion": "1.0.0"});
+        let rc = runtime_config(&pod);
+        let portmap = plugin_config(
+            &list,
+            &serde_json::json!({"type": "portmap", "capabilities": {"portMappings": true}}),
+            None,
+            &rc,
+        );
+        assert_eq!(
+            portmap["runtimeConfig"]["portMappings"],
+            serde_json::json!([
+                {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+                {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "127.0.0.1"}
+            ])
+        );
+        assert_eq!(portmap["name"], "pods");
+        let bridge = plugin_config(&list, &serde_json::json!({"type": "bridge"}), None, &rc);
+        assert!(bridge.get("runtimeConfig").is_none());
+    }
 
     #[test]
     fn the_first_configuration_by_name_is_used_and_a_conf_becomes_a_list() {

@@ -335,22 +335,22 @@ impl ImageStore {
         out
     }
 
-    /// The stored image for a reference, or with a digest (`sha256:...`,
-    /// the image id).
-    pub fn get(&self, reference_or_id: &str) -> Option<ImageRecord> {
-        if reference_or_id.starts_with("sha256:") {
-            return self.list().into_iter().find(|i| i.digest == reference_or_id);
-        }
-        let r = Self::parse(reference_or_id).ok()?;
-        let bytes = std::fs::read(self.record_path(&r.whole())).ok()?;
-        serde_json::from_slice(&bytes).ok()
+    /// The stored image for a reference in any form a CRI client uses (see
+    /// [`resolve`]).
+    pub fn get(&self, wanted: &str) -> Option<ImageRecord> {
+        resolve(&self.list(), wanted).cloned()
     }
 
-    /// Removes an image and every blob and layer no other image uses.
-    pub fn remove(&self, reference_or_id: &str) -> Result<ImageRecord, ImageError> {
-        let record = self.get(reference_or_id).ok_or_else(|| ImageError::NotFound(reference_or_id.into()))?;
-        let path = self.record_path(&record.reference);
-        std::fs::remove_file(&path).map_err(io_err(&path))?;
+    /// Removes an image, by any reference to it, with every other tag and
+    /// digest reference to the same image, then every blob and layer no
+    /// other image uses.
+    pub fn remove(&self, wanted: &str) -> Result<ImageRecord, ImageError> {
+        let all = self.list();
+        let record = resolve(&all, wanted).cloned().ok_or_else(|| ImageError::NotFound(wanted.into()))?;
+        for same in all.iter().filter(|r| r.digest == record.digest) {
+            let path = self.record_path(&same.reference);
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
         self.collect_garbage()?;
         Ok(record)
     }
@@ -625,6 +625,43 @@ fn read_header_entry(entry: &mut impl Read, size: u64) -> Result<Vec<u8>, String
 /// NAME and `.wh..wh..opq` marks its directory opaque. The stream is
 /// bounded by `limits`. An error names the entry; `dest` is left for the
 /// caller to remove.
+/// The image `wanted` names among `images`, in every form CRI clients use,
+/// as containerd resolves them:
+/// - the image id (`sha256:<hex>`), or a unique prefix of its hex;
+/// - a reference as pulled (`registry/repo:tag`, `repo@sha256:...`), with a
+///   registry's defaults applied (`busybox` is
+///   `docker.io/library/busybox:latest`);
+/// - `repo@sha256:...` of an image pulled by tag, found by repository and
+///   digest.
+pub fn resolve<'a>(images: &'a [ImageRecord], wanted: &str) -> Option<&'a ImageRecord> {
+    if let Some(hex) = wanted.strip_prefix("sha256:") {
+        return images.iter().find(|i| i.digest.strip_prefix("sha256:") == Some(hex));
+    }
+    if wanted.len() >= 3
+        && wanted.len() <= 64
+        && wanted.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        let mut ids: Vec<&str> =
+            images.iter().filter_map(|i| i.digest.strip_prefix("sha256:")).filter(|h| h.starts_with(wanted)).collect();
+        ids.sort();
+        ids.dedup();
+        if let [id] = ids[..] {
+            return images.iter().find(|i| i.digest.strip_prefix("sha256:") == Some(id));
+        }
+    }
+    let r = wanted.parse::<Reference>().ok()?;
+    if let Some(found) = images.iter().find(|i| i.reference == r.whole()) {
+        return Some(found);
+    }
+    let digest = r.digest()?;
+    images.iter().find(|i| {
+        i.digest == digest
+            && i.reference
+                .parse::<Reference>()
+                .is_ok_and(|p| p.registry() == r.registry() && p.repository() == r.repository())
+    })
+}
+
 pub fn unpack_layer(reader: impl Read, dest: &Path, limits: &ImageLimits) -> Result<(), String> {
     let root = FsRoot::open(dest).map_err(|e| e.to_string())?;
     let exceeded = std::rc::Rc::new(std::cell::Cell::new(false));

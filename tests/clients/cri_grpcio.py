@@ -7,7 +7,10 @@ It also calls Version with the two other :authority values clients send:
 the raw socket path (grpc-go before 1.5x: crictl 1.26, kubelet 1.26) and
 `localhost` (newer grpc-go).
 
-Usage: cri_grpcio.py SOCKET PROTO IMAGE LOG_DIR
+Usage: cri_grpcio.py SOCKET PROTO IMAGE LOG_DIR [OTHER_TAG...]
+OTHER_TAGs are more tags of IMAGE's image: ListImages must list the image
+once with every tag, ImageStatus find it by any reference form, and
+RemoveImage by id remove every tag.
 Stubs are generated from PROTO (the CRI v1 api.proto) into a temporary
 directory. Prints one JSON object with what each call returned; the Rust
 test (tests/cri_clients.rs) asserts on it. Exits 1 on an unexpected error.
@@ -35,6 +38,7 @@ def stubs(proto):
 
 def main():
     socket, proto, image, log_dir = sys.argv[1:5]
+    other_tags = sys.argv[5:]
     pb, rpc = stubs(proto)
     result = {"version": {}}
     for name, options in [("default", []),
@@ -48,8 +52,20 @@ def main():
     rt, im = rpc.RuntimeServiceStub(ch), rpc.ImageServiceStub(ch)
     spec = pb.ImageSpec(image=image)
     result["pulled"] = im.PullImage(pb.PullImageRequest(image=spec), timeout=120).image_ref
+    for tag in other_tags:
+        im.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=tag)), timeout=120)
     status = im.ImageStatus(pb.ImageStatusRequest(image=spec), timeout=10)
-    result["image_tags"] = list(status.image.repo_tags)
+    result["image_tags"] = sorted(status.image.repo_tags)
+    image_id = status.image.id
+    listed = im.ListImages(pb.ListImagesRequest(), timeout=10).images
+    result["listed_with_tag"] = [sorted(i.repo_tags) for i in listed if image in i.repo_tags]
+    repo = image.rsplit(":", 1)[0]
+    forms = {"tag": image, "repo@digest": status.image.repo_digests[0], "id": image_id,
+             "id prefix": image_id[len("sha256:"):][:12], "untagged repo of :latest": repo}
+    result["status_by"] = {
+        name: im.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=ref)), timeout=10).image.id == image_id
+        for name, ref in forms.items() if name != "untagged repo of :latest" or any(t.endswith(":latest") for t in other_tags)
+    }
 
     pod_config = pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name="grpcio", namespace="default", uid="uid-grpcio"),
@@ -90,6 +106,10 @@ def main():
     rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
     rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
     result["pods_after"] = len(rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items)
+    # Removing the image by its id removes every tag of it.
+    im.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=image_id)), timeout=30)
+    left = [t for i in im.ListImages(pb.ListImagesRequest(), timeout=10).images for t in i.repo_tags]
+    result["tags_after_remove"] = sorted(t for t in left if t in [image] + other_tags)
     ch.close()
     print(json.dumps(result))
 
