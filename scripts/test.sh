@@ -83,7 +83,9 @@ export RUNV_L1_BINS="$builtin_bin $run_bin $ctr_bin $ctd_cri_bin $cri_pods_bin"
 # with "early eof", or the VM "exited while booting", or the agent never
 # answers, or a running guest stalls past an agent call's 10 s deadline,
 # "Request deadline elapsed", seen once late in a long L1 session while
-# the same test alone passed in 54 s; or a binary that hangs past 1200 s,
+# the same test alone passed in 54 s; or a binary that hangs past 600 s
+# (the longest binary takes about 180 s in L1; at 1200 s a hang and its
+# rerun could not fit the step's 2400 s),
 # which is killed: one L1 step hung for 24 minutes; or a running guest
 # reset by its vCPU, which the VMM logs as "a triple fault" at the reset
 # vector with nothing on the guest console, seen once during a 24 MiB
@@ -97,12 +99,12 @@ set -u
 rc=0
 out=$(mktemp)
 tst() {
-    timeout -k 10 1200 "$@" >"$out" 2>&1 && { cat "$out"; return 0; }
-    [ $? = 124 ] && echo "the test binary did not answer within 1200 s (a stalled nested guest); killed" >>"$out"
+    timeout -k 10 600 "$@" >"$out" 2>&1 && { cat "$out"; return 0; }
+    [ $? = 124 ] && echo "the test binary did not answer within 600 s (a stalled nested guest); killed" >>"$out"
     if grep -qE "socket err: early eof|exited while booting|did not answer within|Request deadline elapsed|a triple fault" "$out"; then
         sed "s/^test result:/first attempt (not counted):/" "$out"
         echo "FLAKY: $(basename "$1") failed with the known nested-boot signature; rerunning it once"
-        timeout -k 10 1200 "$@" || rc=1
+        timeout -k 10 600 "$@" || rc=1
     else
         cat "$out"
         rc=1
