@@ -137,7 +137,7 @@ impl ImageService for Cri {
         let all = self.images.list();
         let images = match filter {
             Some(f) => match crate::image::resolve(&all, &f) {
-                Some(one) => by_image(&all).into_iter().filter(|i| i.id == one.digest).collect(),
+                Some(one) => vec![to_cri(&all.iter().filter(|i| i.digest == one.digest).collect::<Vec<_>>())],
                 None => Vec::new(),
             },
             None => by_image(&all),
@@ -157,7 +157,8 @@ impl ImageService for Cri {
                 info.insert("info".into(), serde_json::to_string(r).unwrap_or_default());
             }
         }
-        let image = record.and_then(|r| by_image(&all).into_iter().find(|i| i.id == r.digest));
+        // Only the references to this image: its tags, not every image's.
+        let image = record.map(|r| to_cri(&all.iter().filter(|i| i.digest == r.digest).collect::<Vec<_>>()));
         Ok(Response::new(ImageStatusResponse { image, info }))
     }
 
