@@ -42,8 +42,9 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 # --show-output: a test that skips prints `SKIP <test>: <reason>`, which
-# must reach the log even though the test passes.
-cargo test --release --workspace -- --show-output 2>&1 | tee "$log"
+# must reach the log even though the test passes. A hung test fails the
+# run after 30 minutes instead of holding CI (the host tests take about 12).
+timeout -k 30 1800 cargo test --release --workspace -- --show-output 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 

@@ -662,11 +662,24 @@ pub fn enter_pid_namespace(jail: &JailArg) -> Result<PidNamespace, String> {
         .map_err(|e| format!("unsharing the PID namespace: {e}"))?;
     let (alive_rx, alive_tx) = rustix::pipe::pipe().map_err(|e| format!("a pipe for the reaper: {e}"))?;
     let runv = std::os::unix::process::parent_id() as libc::pid_t;
+    // The reaper's signals are blocked before the fork, so none sent the
+    // moment the init exists is lost (an ignored signal that is not
+    // blocked is discarded), and SIGCHLD is the default, so the init's
+    // exit is never reaped away unseen by an inherited SIG_IGN.
+    // SAFETY: signal calls on sets owned here.
+    let old = unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        libc::sigprocmask(libc::SIG_BLOCK, &reaper_signals(), &mut old);
+        old
+    };
     // SAFETY: the process is single-threaded (checked by the caller); the
     // parent makes only raw system calls from here on (see reap).
     match unsafe { libc::fork() } {
         -1 => Err(format!("forking the jail's init: {}", std::io::Error::last_os_error())),
         0 => {
+            // SAFETY: restoring the mask the process had.
+            unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
             drop(alive_tx);
             // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
@@ -706,12 +719,8 @@ fn reap(child: libc::pid_t, jail: &JailArg, runv: libc::pid_t, alive_tx: std::os
     unsafe {
         // Its own name: `ps` and tests tell it from the VMM it reaps.
         libc::prctl(libc::PR_SET_NAME, REAPER_NAME.as_ptr(), 0, 0, 0);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        // Blocked since before the fork (enter_pid_namespace).
+        let set = reaper_signals();
         let fail = |_why: &str| -> ! {
             libc::kill(child, libc::SIGKILL);
             libc::_exit(1)
@@ -751,6 +760,20 @@ fn reap(child: libc::pid_t, jail: &JailArg, runv: libc::pid_t, alive_tx: std::os
                 libc::kill(child, libc::SIGKILL);
             }
         }
+    }
+}
+
+/// The signals the reaper waits for: its child's end and the four that
+/// end the jail.
+fn reaper_signals() -> libc::sigset_t {
+    // SAFETY: filling a set owned here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
     }
 }
 
@@ -910,9 +933,17 @@ mod tests {
             }
         };
         let wait = |pid: i32| {
+            let deadline = Instant::now() + Duration::from_secs(10);
             let mut status = 0;
             // SAFETY: waiting for a child of this test.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+                if Instant::now() > deadline {
+                    // SAFETY: ending the test's own child before failing.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    panic!("the reaper {pid} did not end");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             status
         };
         let gone = |pid: i32| {
