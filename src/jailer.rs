@@ -806,6 +806,24 @@ fn reaper_filter() -> Result<seccompiler::BpfProgram, String> {
 mod tests {
     use super::*;
 
+    /// Waits up to 20 s for the test's child `pid` and returns its wait
+    /// status; a child still running then is SIGKILLed and the test fails
+    /// (a hang here once held a CI run for its whole time).
+    fn wait_child(pid: i32) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut status = 0;
+        // SAFETY: waiting for a child of this test.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            if Instant::now() > deadline {
+                // SAFETY: ending the test's own child before failing.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the child {pid} did not end within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        status
+    }
+
     #[test]
     fn jail_arguments_parse_or_say_why_not() {
         let a: JailArg = "uid=990000001,gid=990000001,root=/run/x/jail".parse().unwrap();
@@ -882,9 +900,7 @@ mod tests {
             // SAFETY: leaving the forked child without running the parent's destructors.
             unsafe { libc::_exit(i32::from(failures)) };
         }
-        let mut status = 0;
-        // SAFETY: waiting for the child forked above.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let status = wait_child(pid);
         std::env::set_current_dir("/").unwrap();
         assert!(libc::WIFEXITED(status), "the jailed child died: {status:#x}");
         let failures = libc::WEXITSTATUS(status);
@@ -932,20 +948,6 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(10));
             }
         };
-        let wait = |pid: i32| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut status = 0;
-            // SAFETY: waiting for a child of this test.
-            while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
-                if Instant::now() > deadline {
-                    // SAFETY: ending the test's own child before failing.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    panic!("the reaper {pid} did not end");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            status
-        };
         let gone = |pid: i32| {
             let deadline = Instant::now() + Duration::from_secs(10);
             while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
@@ -957,14 +959,14 @@ mod tests {
         let (reaper, init) = start();
         // SAFETY: signalling the reaper forked above.
         unsafe { libc::kill(reaper, libc::SIGTERM) };
-        let status = wait(reaper);
+        let status = wait_child(reaper);
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL, "status {status:#x}");
         gone(init);
 
         let (reaper, init) = start();
         // SAFETY: as above.
         unsafe { libc::kill(reaper, libc::SIGKILL) };
-        wait(reaper);
+        wait_child(reaper);
         gone(init);
     }
 }
