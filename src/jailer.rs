@@ -740,7 +740,16 @@ fn reap(child: libc::pid_t, jail: &JailArg, runv: libc::pid_t, alive_tx: std::os
             Ok(f) if seccompiler::apply_filter(f).is_ok() => {}
             _ => fail("seccomp"),
         }
+        // A kill the init is not yet open to: until it has dropped to the
+        // jail's uid (a moment after the fork) it is root, and a signal
+        // from this uid fails with EPERM. Retried every 20 ms until it
+        // lands (or the init is gone).
+        let mut kill_pending = false;
+        let retry = libc::timespec { tv_sec: 0, tv_nsec: 20_000_000 };
         loop {
+            if kill_pending && (libc::kill(child, libc::SIGKILL) == 0 || *libc::__errno_location() != libc::EPERM) {
+                kill_pending = false;
+            }
             let mut status = 0;
             if libc::waitpid(child, &mut status, libc::WNOHANG) == child {
                 if libc::WIFSIGNALED(status) {
@@ -755,9 +764,13 @@ fn reap(child: libc::pid_t, jail: &JailArg, runv: libc::pid_t, alive_tx: std::os
                 }
                 libc::_exit(libc::WEXITSTATUS(status));
             }
-            let sig = libc::sigwaitinfo(&set, std::ptr::null_mut());
+            let sig = if kill_pending {
+                libc::sigtimedwait(&set, std::ptr::null_mut(), &retry)
+            } else {
+                libc::sigwaitinfo(&set, std::ptr::null_mut())
+            };
             if sig > 0 && sig != libc::SIGCHLD {
-                libc::kill(child, libc::SIGKILL);
+                kill_pending = true;
             }
         }
     }
@@ -806,6 +819,27 @@ fn reaper_filter() -> Result<seccompiler::BpfProgram, String> {
 mod tests {
     use super::*;
 
+    /// What the kernel says of `pid` and its descendants: state, where it
+    /// sleeps, its signals and its kernel stack (for a child that hung).
+    fn describe_tree(pid: i32) -> String {
+        let mut out = String::new();
+        let mut todo = vec![pid];
+        while let Some(p) = todo.pop() {
+            let read = |f: &str| std::fs::read_to_string(format!("/proc/{p}/{f}")).unwrap_or_default();
+            let status: Vec<String> = read("status")
+                .lines()
+                .filter(|l| {
+                    ["State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "Uid", "Seccomp"].iter().any(|k| l.starts_with(k))
+                })
+                .map(str::to_string)
+                .collect();
+            out += &format!("pid {p}: {}; wchan {}; stack:\n{}\n", status.join(", "), read("wchan"), read("stack"));
+            let children = read(&format!("task/{p}/children"));
+            todo.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+        }
+        out
+    }
+
     /// Waits up to 20 s for the test's child `pid` and returns its wait
     /// status; a child still running then is SIGKILLed and the test fails
     /// (a hang here once held a CI run for its whole time).
@@ -815,9 +849,10 @@ mod tests {
         // SAFETY: waiting for a child of this test.
         while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
             if Instant::now() > deadline {
+                let report = describe_tree(pid);
                 // SAFETY: ending the test's own child before failing.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("the child {pid} did not end within 20 s");
+                panic!("the child {pid} did not end within 20 s:\n{report}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
