@@ -1,7 +1,7 @@
 //! The shim v2 task service: containerd's calls mapped onto one sandbox
 //! (microVM) and the guest agent's container calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +91,10 @@ fn agent_error(what: &str, e: runv::sandbox::AgentError) -> ttrpc::Error {
     status(code, format!("{what}: {e}"))
 }
 
-type Exit = (u32, Timestamp);
+/// How a process ended: its exit status, when, and, when the shim lost it
+/// (the VM died, or its agent stopped answering) rather than saw it exit,
+/// why (Wait answers with that error; the status is then 255).
+type Exit = (u32, Timestamp, Option<String>);
 
 /// One process of a container: the init (exec id "") or an exec.
 struct ProcessEntry {
@@ -102,6 +105,8 @@ struct ProcessEntry {
     stderr: String,
     /// An exec's OCI process, kept from Exec until Start.
     spec: Option<oci_spec::runtime::Process>,
+    /// A Start is in flight (the agent call runs without the state lock).
+    starting: bool,
     exit: watch::Sender<Option<Exit>>,
     /// The stdin copier, told to drain the FIFO before CloseIO closes the
     /// guest side.
@@ -122,6 +127,7 @@ impl ProcessEntry {
             stdout: stdout.into(),
             stderr: stderr.into(),
             spec: None,
+            starting: false,
             exit: watch::channel(None).0,
             stdin_pump: None,
         }
@@ -134,14 +140,22 @@ struct Container {
     /// container's namespaces through it).
     guest_pid: u32,
     processes: HashMap<String, ProcessEntry>,
+    /// A Delete is in flight.
+    deleting: bool,
 }
 
+/// What the shim knows. Its lock is held only to read or change these
+/// records, never across a VM boot or an agent call: a slow or hung guest
+/// must not keep containerd from asking about, or acting on, anything else.
 #[derive(Default)]
 struct State {
     config: Option<Config>,
     sandbox: Option<Sandbox>,
-    shared: Option<SharedDir>,
+    shared: Option<Arc<SharedDir>>,
     containers: HashMap<String, Container>,
+    /// Containers whose Create is in flight: their ids are taken, and the
+    /// sandbox stays up for them.
+    creating: HashSet<String>,
 }
 
 #[derive(Clone)]
@@ -151,11 +165,14 @@ pub struct TaskService {
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
     state: Arc<Mutex<State>>,
+    /// Held while the sandbox boots or is torn down (and so across those
+    /// only): one boot, and no teardown under a Create that needs the VM.
+    lifecycle: Arc<Mutex<()>>,
 }
 
 impl TaskService {
     pub fn new(namespace: String, id: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
-        Self { namespace, id, publisher: Arc::new(publisher), exit, state: Arc::default() }
+        Self { namespace, id, publisher: Arc::new(publisher), exit, state: Arc::default(), lifecycle: Arc::default() }
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -165,13 +182,16 @@ impl TaskService {
         }
     }
 
-    /// Boots the sandbox's VM on first use.
     /// Boots the sandbox's VM on first use, sized from the first
     /// container's spec (the CRI sandbox's annotations, or a lone
-    /// container's own limits).
-    async fn ensure_sandbox(&self, state: &mut State, first: &oci_spec::runtime::Spec) -> TtrpcResult<AgentClient> {
-        if let Some(sandbox) = &state.sandbox {
-            return Ok(sandbox.agent().clone());
+    /// container's own limits); returns its agent and shared directory.
+    async fn ensure_sandbox(&self, first: &oci_spec::runtime::Spec) -> TtrpcResult<(AgentClient, Arc<SharedDir>)> {
+        let _lifecycle = self.lifecycle.lock().await;
+        {
+            let state = self.state.lock().await;
+            if let (Some(sandbox), Some(shared)) = (&state.sandbox, &state.shared) {
+                return Ok((sandbox.agent().clone(), shared.clone()));
+            }
         }
         let hostname = first.hostname().as_deref();
         let config = load_config().map_err(|e| status(Code::FAILED_PRECONDITION, format!("runv config: {e}")))?;
@@ -180,7 +200,7 @@ impl TaskService {
         runv::helper::create_private_dir_all(&dir)
             .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", dir.display())))?;
         let shared = match SharedDir::create(&dir) {
-            Ok(s) => s,
+            Ok(s) => Arc::new(s),
             Err(e) => {
                 let _ = runv::helper::remove_tree(&dir);
                 return Err(status(Code::INTERNAL, format!("{e:#}")));
@@ -248,27 +268,72 @@ impl TaskService {
                 }
             }
         });
+        self.watch_sandbox(sandbox.id().to_string());
+        let mut state = self.state.lock().await;
         state.config = Some(config);
         state.sandbox = Some(sandbox);
-        state.shared = Some(shared);
-        Ok(agent)
+        state.shared = Some(shared.clone());
+        Ok((agent, shared))
     }
 
     fn vm_pid(state: &State) -> u32 {
         state.sandbox.as_ref().and_then(Sandbox::vm_pid).unwrap_or(0)
     }
 
-    /// Stops the VM and removes every trace of the sandbox.
-    async fn stop_sandbox(&self, state: &mut State) {
-        if let Some(sandbox) = state.sandbox.take() {
+    /// Stops the VM and removes every trace of the sandbox once no
+    /// container is left and no Create but `creating` (the caller's own,
+    /// failing) is in flight; returns whether it did.
+    async fn stop_sandbox_if_unused(&self, creating: Option<&str>) -> bool {
+        let _lifecycle = self.lifecycle.lock().await;
+        let (sandbox, shared, config) = {
+            let mut state = self.state.lock().await;
+            if !state.containers.is_empty() || state.creating.iter().any(|c| Some(c.as_str()) != creating) {
+                return false;
+            }
+            (state.sandbox.take(), state.shared.take(), state.config.clone())
+        };
+        if let Some(sandbox) = sandbox {
             sandbox.shutdown().await;
         }
-        if let Some(shared) = state.shared.take() {
+        if let Some(shared) = shared {
             shared.destroy();
         }
-        if let Some(config) = &state.config {
+        if let Some(config) = &config {
             cleanup_leftovers(config, &self.namespace, &self.id);
         }
+        true
+    }
+
+    /// Why a process's wait failed: what ended the sandbox, once the
+    /// backend has seen it (the agent's connection may drop a moment
+    /// earlier), or the agent's silence.
+    async fn lost_reason(&self, e: &runv::sandbox::AgentError) -> String {
+        for _ in 0..20 {
+            let fault = self.state.lock().await.sandbox.as_mut().and_then(Sandbox::fault);
+            if let Some(fault) = fault {
+                return format!("{fault} while the process ran");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        format!("the guest agent lost the process: {e}")
+    }
+
+    /// Watches the sandbox `id` until it goes: a helper it cannot run
+    /// without that ends takes the VM with it (`Sandbox::fault`), and every
+    /// process in it is then reported lost.
+    fn watch_sandbox(&self, id: String) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut state = service.state.lock().await;
+                let Some(sandbox) = state.sandbox.as_mut().filter(|s| s.id() == id) else { return };
+                if let Some(fault) = sandbox.fault() {
+                    log::warn!("sandbox {}: {fault}", service.id);
+                    return;
+                }
+            }
+        });
     }
 
     /// Copies the process's stdio between containerd's FIFOs and the agent,
@@ -284,10 +349,14 @@ impl TaskService {
         let exit_tx = entry.exit.clone();
         let service = self.clone();
         tokio::spawn(async move {
-            let code = match agent.wait_process(&cid, &eid).await {
-                Ok(w) => w.status as u32,
+            let (code, lost) = match agent.wait_process(&cid, &eid).await {
+                Ok(w) => (w.status as u32, None),
                 // The VM or its agent went away: the process is gone too.
-                Err(_) => 255,
+                Err(e) => {
+                    let why = service.lost_reason(&e).await;
+                    log::warn!("sandbox {}: process {cid}/{eid}: {why}", service.id);
+                    (255, Some(why))
+                }
             };
             for pump in [stdout, stderr].into_iter().flatten() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
@@ -302,7 +371,7 @@ impl TaskService {
                     p.status = api::Status::STOPPED;
                 }
             }
-            exit_tx.send_replace(Some((code, exited_at.clone())));
+            exit_tx.send_replace(Some((code, exited_at.clone(), lost)));
             let event = TaskExit {
                 container_id: cid.clone(),
                 id: if eid.is_empty() { cid.clone() } else { eid.clone() },
@@ -411,51 +480,38 @@ impl Task for TaskService {
         let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display())))?;
         crate::rootfs::check_id(&req.id).map_err(|e| status(Code::INVALID_ARGUMENT, format!("{e:#}")))?;
-        let mut state = self.state.lock().await;
-        if state.containers.contains_key(&req.id) {
-            return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
-        }
-        if let Some(sandbox) = crate::rootfs::sandbox_of(&spec) {
-            if !state.containers.contains_key(&sandbox) {
-                return Err(status(
-                    Code::NOT_FOUND,
-                    format!("container {}: its sandbox {sandbox} does not run in this shim", req.id),
-                ));
+        {
+            let mut state = self.state.lock().await;
+            if state.containers.contains_key(&req.id) || state.creating.contains(&req.id) {
+                return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
             }
-        }
-        let agent = self.ensure_sandbox(&mut state, &spec).await?;
-        let sandbox_pid =
-            crate::rootfs::sandbox_of(&spec).and_then(|sandbox| state.containers.get(&sandbox)).map(|c| c.guest_pid);
-        let shared = state.shared.as_ref().expect("a started sandbox has a shared directory");
-        let prepared = shared
-            .mount_rootfs(&req.id, &req.rootfs, bundle)
-            .and_then(|()| guest_spec(spec, &req.id, shared, sandbox_pid));
-        let gspec = match prepared {
-            Ok(s) => s,
-            Err(e) => {
-                shared.remove_container(&req.id);
-                if state.containers.is_empty() {
-                    self.stop_sandbox(&mut state).await;
+            if let Some(sandbox) = crate::rootfs::sandbox_of(&spec) {
+                if !state.containers.contains_key(&sandbox) {
+                    return Err(status(
+                        Code::NOT_FOUND,
+                        format!("container {}: its sandbox {sandbox} does not run in this shim", req.id),
+                    ));
                 }
-                return Err(status(Code::FAILED_PRECONDITION, format!("container {}: {e:#}", req.id)));
             }
-        };
-        let guest_pid = match agent.create_container(&req.id, &gspec).await {
+            state.creating.insert(req.id.clone());
+        }
+        let created = self.create_in_sandbox(&req, spec).await;
+        let mut state = self.state.lock().await;
+        state.creating.remove(&req.id);
+        let guest_pid = match created {
             Ok(pid) => pid,
             Err(e) => {
-                if let Some(shared) = &state.shared {
-                    shared.remove_container(&req.id);
-                }
-                if state.containers.is_empty() {
-                    self.stop_sandbox(&mut state).await;
-                }
-                return Err(agent_error(&format!("creating container {}", req.id), e));
+                drop(state);
+                self.stop_sandbox_if_unused(None).await;
+                return Err(e);
             }
         };
         let pid = Self::vm_pid(&state);
         let mut processes = HashMap::new();
         processes.insert(String::new(), ProcessEntry::new(req.terminal, &req.stdin, &req.stdout, &req.stderr));
-        state.containers.insert(req.id.clone(), Container { bundle: req.bundle.clone(), guest_pid, processes });
+        state
+            .containers
+            .insert(req.id.clone(), Container { bundle: req.bundle.clone(), guest_pid, processes, deleting: false });
         drop(state);
         let event = TaskCreate {
             container_id: req.id.clone(),
@@ -477,29 +533,37 @@ impl Task for TaskService {
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let (agent, spec) = {
+            let mut state = self.state.lock().await;
+            let agent = state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))?;
+            let entry = Self::process_mut(&mut state, &req.id, &req.exec_id)?;
+            if entry.status != api::Status::CREATED || entry.starting {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("process {:?} is not in the created state", req.exec_id),
+                ));
+            }
+            entry.starting = true;
+            (agent, entry.spec.clone())
+        };
+        let started = if req.exec_id.is_empty() {
+            agent.start_container(&req.id).await.map_err(|e| agent_error("starting the container", e))
+        } else {
+            // An exec's process spec, kept since Exec.
+            match spec {
+                Some(spec) => agent
+                    .exec_process(&req.id, &req.exec_id, &spec)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| agent_error(&format!("starting exec {}", req.exec_id), e)),
+                None => Err(status(Code::INTERNAL, "exec without a process spec")),
+            }
+        };
         let mut state = self.state.lock().await;
         let pid = Self::vm_pid(&state);
-        let agent = state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))?;
-        let container = state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-        let entry = container
-            .processes
-            .get_mut(&req.exec_id)
-            .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
-        if entry.status != api::Status::CREATED {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("process {:?} is not in the created state", req.exec_id),
-            ));
-        }
-        if req.exec_id.is_empty() {
-            agent.start_container(&req.id).await.map_err(|e| agent_error("starting the container", e))?;
-        } else {
-            let spec = entry.spec.clone().ok_or_else(|| status(Code::INTERNAL, "exec without a process spec"))?;
-            agent
-                .exec_process(&req.id, &req.exec_id, &spec)
-                .await
-                .map_err(|e| agent_error(&format!("starting exec {}", req.exec_id), e))?;
-        }
+        let entry = Self::process_mut(&mut state, &req.id, &req.exec_id)?;
+        entry.starting = false;
+        started?;
         entry.status = api::Status::RUNNING;
         self.run_process(agent, &req.id, &req.exec_id, entry, pid);
         drop(state);
@@ -577,7 +641,10 @@ impl Task for TaskService {
             p.exit.subscribe()
         };
         loop {
-            if let Some((code, at)) = rx.borrow_and_update().clone() {
+            if let Some((code, at, lost)) = rx.borrow_and_update().clone() {
+                if let Some(why) = lost {
+                    return Err(status(Code::UNAVAILABLE, why));
+                }
                 return Ok(api::WaitResponse { exit_status: code, exited_at: Some(at).into(), ..Default::default() });
             }
             if rx.changed().await.is_err() {
@@ -607,42 +674,50 @@ impl Task for TaskService {
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
-        let mut state = self.state.lock().await;
-        let pid = Self::vm_pid(&state);
-        let container = state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-        let p = container
-            .processes
-            .get(&req.exec_id)
-            .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
-        if p.status == api::Status::RUNNING || p.status == api::Status::PAUSED {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("process {:?} of {} is still running", req.exec_id, req.id),
-            ));
-        }
-        let (code, at) = p.exit.borrow().clone().unwrap_or((0, containerd_shim::util::timestamp().unwrap_or_default()));
-        if !req.exec_id.is_empty() {
-            container.processes.remove(&req.exec_id);
-            return Ok(api::DeleteResponse {
-                pid,
-                exit_status: code,
-                exited_at: Some(at).into(),
-                ..Default::default()
-            });
-        }
-        if let Some(agent) = state.sandbox.as_ref().map(|s| s.agent().clone()) {
+        let (pid, code, at, agent, shared) = {
+            let mut state = self.state.lock().await;
+            let pid = Self::vm_pid(&state);
+            let agent = state.sandbox.as_ref().map(|s| s.agent().clone());
+            let shared = state.shared.clone();
+            let container =
+                state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            if container.deleting {
+                return Err(status(Code::FAILED_PRECONDITION, format!("container {} is being deleted", req.id)));
+            }
+            let p = container
+                .processes
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
+            if p.status == api::Status::RUNNING || p.status == api::Status::PAUSED || p.starting {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("process {:?} of {} is still running", req.exec_id, req.id),
+                ));
+            }
+            let (code, at, _) =
+                p.exit.borrow().clone().unwrap_or((0, containerd_shim::util::timestamp().unwrap_or_default(), None));
+            if !req.exec_id.is_empty() {
+                container.processes.remove(&req.exec_id);
+                return Ok(api::DeleteResponse {
+                    pid,
+                    exit_status: code,
+                    exited_at: Some(at).into(),
+                    ..Default::default()
+                });
+            }
+            container.deleting = true;
+            (pid, code, at, agent, shared)
+        };
+        if let Some(agent) = agent {
             if let Err(e) = agent.remove_container(&req.id, true).await {
                 log::warn!("removing container {} in the guest: {e}", req.id);
             }
         }
-        if let Some(shared) = &state.shared {
+        if let Some(shared) = &shared {
             shared.remove_container(&req.id);
         }
-        state.containers.remove(&req.id);
-        if state.containers.is_empty() {
-            self.stop_sandbox(&mut state).await;
-        }
-        drop(state);
+        self.state.lock().await.containers.remove(&req.id);
+        self.stop_sandbox_if_unused(None).await;
         let event = TaskDelete {
             container_id: req.id.clone(),
             pid,
@@ -770,18 +845,55 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        let mut state = self.state.lock().await;
-        if !state.containers.is_empty() {
-            // Other containers of the pod still run in this shim's VM.
-            return Ok(api::Empty::new());
+        // Other containers of the pod may still run in this shim's VM.
+        if self.stop_sandbox_if_unused(None).await {
+            self.exit.signal();
         }
-        self.stop_sandbox(&mut state).await;
-        self.exit.signal();
         Ok(api::Empty::new())
     }
 }
 
 impl TaskService {
+    /// Create's work past its checks, with the id reserved: the VM (booted
+    /// on first use), the rootfs in the shared directory, the container in
+    /// the guest. Returns the init's guest pid; on error the container's
+    /// part of the shared directory is gone again.
+    async fn create_in_sandbox(&self, req: &api::CreateTaskRequest, spec: oci_spec::runtime::Spec) -> TtrpcResult<u32> {
+        let bundle = Path::new(&req.bundle);
+        let (agent, shared) = self.ensure_sandbox(&spec).await?;
+        let sandbox_pid = match crate::rootfs::sandbox_of(&spec) {
+            Some(sandbox) => self.state.lock().await.containers.get(&sandbox).map(|c| c.guest_pid),
+            None => None,
+        };
+        let prepared = shared
+            .mount_rootfs(&req.id, &req.rootfs, bundle)
+            .and_then(|()| guest_spec(spec, &req.id, &shared, sandbox_pid));
+        let gspec = match prepared {
+            Ok(s) => s,
+            Err(e) => {
+                shared.remove_container(&req.id);
+                return Err(status(Code::FAILED_PRECONDITION, format!("container {}: {e:#}", req.id)));
+            }
+        };
+        match agent.create_container(&req.id, &gspec).await {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                shared.remove_container(&req.id);
+                Err(agent_error(&format!("creating container {}", req.id), e))
+            }
+        }
+    }
+
+    fn process_mut<'a>(state: &'a mut State, id: &str, exec_id: &str) -> TtrpcResult<&'a mut ProcessEntry> {
+        state
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))?
+            .processes
+            .get_mut(exec_id)
+            .ok_or_else(|| not_found(&format!("process {exec_id} in {id}")))
+    }
+
     async fn agent_for(&self, container_id: &str) -> TtrpcResult<AgentClient> {
         let state = self.state.lock().await;
         if !state.containers.contains_key(container_id) {

@@ -154,16 +154,60 @@ fn a_killed_vm_ends_the_task_and_leaves_nothing() {
     if !ready("a_killed_vm_ends_the_task_and_leaves_nothing") {
         return;
     }
+    lose_the_sandbox("c6", "qemu-system", "the sandbox VM ended (the VM process ended: signal: 9");
+}
+
+#[test]
+fn a_killed_helper_takes_its_vm_and_leaves_nothing() {
+    if !ready("a_killed_helper_takes_its_vm_and_leaves_nothing") {
+        return;
+    }
+    lose_the_sandbox("c12", "virtiofsd", "virtiofsd ended (signal: 9");
+    lose_the_sandbox("c13", "vhost-device-vsock", "vhost-device-vsock ended (signal: 9");
+}
+
+/// Runs container `id` with an exec in it, SIGKILLs the sandbox's process
+/// whose command line starts with `program`, and checks that the exec
+/// fails with `why` in its error (not a made-up exit status), the task
+/// stops, and removing it leaves nothing.
+fn lose_the_sandbox(id: &str, program: &str, why: &str) {
     let ctd = Containerd::start("");
-    let run = ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, "c6", "sleep", "1000"]);
+    let run = ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, id, "sleep", "1000"]);
     assert!(run.status.success(), "ctr run -d: {}", text(&run.stderr));
-    let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
-    let qemu = common::find_process(|c| c.starts_with("qemu-system") && c.contains(&run_dir));
-    // SAFETY: killing the VM this test started.
-    unsafe { libc::kill(qemu.expect("the VM process"), libc::SIGKILL) };
-    ctd.wait_task_stopped("c6");
-    assert!(ctd.ctr(&["task", "rm", "c6"]).status.success());
-    assert!(ctd.ctr(&["container", "rm", "c6"]).status.success());
+    let mut exec = ctd
+        .ctr_cmd(&["task", "exec", "--exec-id", "long", id, "sh", "-c", "echo up; exec sleep 1000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = exec.stdout.take().unwrap();
+    let (up_tx, up) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = up_tx.send(line);
+    });
+    assert_eq!(up.recv_timeout(Duration::from_secs(30)).as_deref(), Ok("up\n"), "the exec never started");
+    let dir = ctd.dir.path().to_string_lossy().into_owned();
+    // Jailed helpers name their sockets relative to their jail directory
+    // (their working directory), below the test's directory.
+    let target = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+        let cmdline = text(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+        let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+        let argv0 = cmdline.split(' ').next().unwrap_or_default();
+        let named = argv0.rsplit('/').next().is_some_and(|name| name.starts_with(program));
+        (named && (cmdline.contains(&dir) || cwd.starts_with(&dir))).then_some(pid)
+    });
+    // SAFETY: killing a process of the sandbox this test started.
+    unsafe { libc::kill(target.unwrap_or_else(|| panic!("the sandbox's {program}")), libc::SIGKILL) };
+    let exec = common::output_within(exec, Duration::from_secs(30)).expect("the exec outlived its sandbox by 30 s");
+    assert!(!exec.status.success(), "the exec succeeded without its sandbox");
+    let err = text(&exec.stderr);
+    assert!(err.contains(why), "exec stderr: {err}");
+    ctd.wait_task_stopped(id);
+    assert!(ctd.ctr(&["task", "rm", id]).status.success());
+    assert!(ctd.ctr(&["container", "rm", id]).status.success());
     ctd.assert_clean();
 }
 
@@ -395,4 +439,53 @@ fn an_interface_runv_cannot_carry_fails_the_task_clearly_and_leaves_nothing() {
     ctd.assert_clean();
     let links = netns.ip("-o link show");
     assert!(!links.contains("_runv"), "{links}");
+}
+
+#[test]
+fn a_hung_guest_holds_up_no_other_request_and_its_calls_time_out_clearly() {
+    if !ready("a_hung_guest_holds_up_no_other_request_and_its_calls_time_out_clearly") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    let run = ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, "c11", "sleep", "1000"]);
+    assert!(run.status.success(), "ctr run -d: {}", text(&run.stderr));
+    let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
+    let vm = common::find_process(|c| c.starts_with("qemu-system") && c.contains(&run_dir)).expect("the VM process");
+    // The whole guest stops: its agent answers nothing.
+    // SAFETY: stopping the VM this test started.
+    unsafe { libc::kill(vm, libc::SIGSTOP) };
+    // An exec's Start waits on the silent agent (up to its 60 s deadline)...
+    let exec = ctd
+        .ctr_cmd(&["task", "exec", "--exec-id", "e1", "c11", "true"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // ...while every other request to the shim is answered: the task list
+    // (State) at once, and a kill, which needs the agent, with a clear
+    // error when its own deadline passes.
+    let ls = common::output_within(
+        ctd.ctr_cmd(&["task", "ls"]).stdout(std::process::Stdio::piped()).spawn().unwrap(),
+        Duration::from_secs(20),
+    )
+    .expect("ctr task ls waited behind the exec on the hung guest");
+    assert!(text(&ls.stdout).lines().any(|l| l.starts_with("c11") && l.contains("RUNNING")), "{}", text(&ls.stdout));
+    let kill = ctd.ctr(&["task", "kill", "-s", "SIGUSR1", "c11"]);
+    assert!(!kill.status.success());
+    let err = text(&kill.stderr);
+    assert!(err.contains("the guest agent did not answer signal_process before its deadline"), "kill stderr: {err}");
+    let mut exec = exec;
+    assert!(exec.try_wait().unwrap().is_none(), "the exec ended while the guest was stopped");
+    // The guest goes on, and so does the exec.
+    // SAFETY: resuming the VM stopped above.
+    unsafe { libc::kill(vm, libc::SIGCONT) };
+    let exec = common::output_within(exec, Duration::from_secs(60)).expect("the exec did not end once the guest ran");
+    assert!(exec.status.success(), "exec after the guest resumed: {}", text(&exec.stderr));
+    let kill = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "c11"]);
+    assert!(kill.status.success(), "kill: {}", text(&kill.stderr));
+    ctd.wait_task_stopped("c11");
+    assert!(ctd.ctr(&["task", "rm", "c11"]).status.success());
+    assert!(ctd.ctr(&["container", "rm", "c11"]).status.success());
+    ctd.assert_clean();
 }

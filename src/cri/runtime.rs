@@ -422,10 +422,11 @@ impl Runtime {
         let (rt, pod_id, task_id) = (self.clone(), pod_id.to_string(), task_id.to_string());
         tokio::spawn(async move {
             let Ok(shim) = rt.shim(&pod_id).await else { return };
-            let (code, at) = match shim.wait(&task_id, "").await {
-                Ok((code, at)) => (code as i32, at),
-                // The shim went away: the task is gone with it.
-                Err(_) => (255, now_ns()),
+            // An error names how the task was lost: its VM ended, its
+            // agent went silent, or the shim itself went away.
+            let (code, at, lost) = match shim.wait(&task_id, "").await {
+                Ok((code, at)) => (code as i32, at, None),
+                Err(e) => (255, now_ns(), Some(e.to_string())),
             };
             if task_id == pod_id {
                 let mut st = rt.state.lock().await;
@@ -436,12 +437,12 @@ impl Runtime {
                     }
                 }
             } else {
-                rt.container_exited(&task_id, code, at).await;
+                rt.container_exited(&task_id, code, at, lost).await;
             }
         });
     }
 
-    async fn container_exited(&self, id: &str, code: i32, at: i64) {
+    async fn container_exited(&self, id: &str, code: i32, at: i64, lost: Option<String>) {
         let output = {
             let mut st = self.state.lock().await;
             let oom = st.oom.remove(id);
@@ -454,6 +455,10 @@ impl Runtime {
             c.finished_at = at;
             c.reason = if oom {
                 "OOMKilled".into()
+            } else if let Some(why) = lost {
+                // Kata's word for a container whose VM went away.
+                c.message = why;
+                "Error".into()
             } else if code == 0 {
                 "Completed".into()
             } else {
@@ -495,13 +500,14 @@ impl Runtime {
             for c in &live {
                 if c.state == ContainerState::Running {
                     let exit = tokio::time::timeout(Duration::from_secs(10), shim.wait(&c.id, "")).await;
-                    let (code, at) = match exit {
-                        Ok(Ok((code, at))) => (code as i32, at),
-                        _ => (128 + libc::SIGKILL, now_ns()),
+                    let (code, at, lost) = match exit {
+                        Ok(Ok((code, at))) => (code as i32, at, None),
+                        Ok(Err(e)) => (255, now_ns(), Some(e.to_string())),
+                        Err(_) => (128 + libc::SIGKILL, now_ns(), None),
                     };
-                    self.container_exited(&c.id, code, at).await;
+                    self.container_exited(&c.id, code, at, lost).await;
                 } else {
-                    self.container_exited(&c.id, 128 + libc::SIGKILL, now_ns()).await;
+                    self.container_exited(&c.id, 128 + libc::SIGKILL, now_ns(), None).await;
                 }
             }
             // Every task goes, exited ones too: the shim stops the VM with
@@ -522,7 +528,7 @@ impl Runtime {
             self.launcher.delete(&self.store.pod_dir(id), id).await;
         }
         for c in containers.iter().filter(|c| c.state != ContainerState::Exited) {
-            self.container_exited(&c.id, 128 + libc::SIGKILL, now_ns()).await;
+            self.container_exited(&c.id, 128 + libc::SIGKILL, now_ns(), None).await;
         }
         if let Some(netns) = &pod.netns {
             let config = decode::<PodSandboxConfig>(&pod.config).unwrap_or_default();
@@ -808,17 +814,22 @@ impl Runtime {
             if let Ok(Ok((code, at))) =
                 tokio::time::timeout(Duration::from_secs(timeout_s as u64), shim.wait(id, "")).await
             {
-                self.container_exited(id, code as i32, at).await;
+                self.container_exited(id, code as i32, at, None).await;
                 return Ok(());
             }
         }
         let _ = shim.kill(id, "", libc::SIGKILL as u32, true).await;
         match tokio::time::timeout(Duration::from_secs(30), shim.wait(id, "")).await {
             Ok(Ok((code, at))) => {
-                self.container_exited(id, code as i32, at).await;
+                self.container_exited(id, code as i32, at, None).await;
                 Ok(())
             }
-            _ => Err(Status::deadline_exceeded(format!("container {id} did not stop after SIGKILL"))),
+            // Lost with its VM (or its shim): stopped all the same.
+            Ok(Err(e)) => {
+                self.container_exited(id, 255, now_ns(), Some(e.to_string())).await;
+                Ok(())
+            }
+            Err(_) => Err(Status::deadline_exceeded(format!("container {id} did not stop after SIGKILL"))),
         }
     }
 

@@ -138,6 +138,13 @@ impl Hypervisor for Builtin {
         self.vm.as_ref().and_then(HelperProcess::pid)
     }
 
+    fn kill(&mut self) {
+        // Jailed, this is the reaper: its death ends the VMM too.
+        if let Some(vm) = self.vm.as_mut() {
+            vm.kill();
+        }
+    }
+
     fn diagnostics(&self) -> String {
         self.vm.as_ref().map(|vm| vm.log_tail(3)).unwrap_or_default()
     }

@@ -79,6 +79,16 @@ pub enum VmExit {
     Failed(String),
 }
 
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::GuestShutdown => f.write_str("the guest shut down"),
+            VmExit::Stopped => f.write_str("stopped by runv"),
+            VmExit::Failed(how) => write!(f, "the VM process ended: {how}"),
+        }
+    }
+}
+
 /// A running VM as a backend presents it to the sandbox.
 #[async_trait::async_trait]
 pub trait Hypervisor: Send {
@@ -98,6 +108,13 @@ pub trait Hypervisor: Send {
     fn pids(&self) -> Vec<u32>;
     /// Host pid of the VM process.
     fn vm_pid(&self) -> Option<u32>;
+    /// Kills the VM process at once; its end then shows in `try_exit`.
+    fn kill(&mut self);
+    /// A helper process the VM cannot run without that has ended: its
+    /// name and how.
+    fn helper_exit(&mut self) -> Option<String> {
+        None
+    }
 }
 
 fn exit_from_status(exit: HelperExit) -> VmExit {

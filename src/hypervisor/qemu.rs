@@ -182,6 +182,17 @@ impl Hypervisor for Qemu {
         self.vm.as_ref().and_then(HelperProcess::pid)
     }
 
+    fn kill(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.kill();
+        }
+    }
+
+    fn helper_exit(&mut self) -> Option<String> {
+        let vsock = self.vsock.as_mut()?;
+        vsock.try_wait().map(|exit| format!("{} ended ({exit})", vsock.name()))
+    }
+
     fn diagnostics(&self) -> String {
         self.vm.as_ref().map(|vm| vm.log_tail(3)).unwrap_or_default()
     }

@@ -24,12 +24,17 @@ pub enum AgentError {
     Status { code: ttrpc::Code, message: String },
     #[error("agent call {call} failed: {message}")]
     Transport { call: &'static str, message: String },
+    /// The call's deadline passed with no answer.
+    #[error("the guest agent did not answer {call} before its deadline (the guest is hung, overloaded or stopped)")]
+    Timeout { call: &'static str },
 }
 
 impl AgentError {
     fn from_rpc(call: &'static str, e: ttrpc::Error) -> Self {
         match e {
             ttrpc::Error::RpcStatus(s) => AgentError::Status { code: s.code(), message: s.message().to_string() },
+            // ttrpc's words for a call whose deadline passed.
+            ttrpc::Error::Others(m) if m == "Request deadline elapsed" => AgentError::Timeout { call },
             other => AgentError::Transport { call, message: other.to_string() },
         }
     }

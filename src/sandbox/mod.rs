@@ -82,6 +82,8 @@ pub struct Sandbox {
     virtiofsd: Option<Virtiofsd>,
     agent: Option<AgentClient>,
     network: Option<PodNetwork>,
+    /// What ended the sandbox, once something has (see `fault`).
+    fault: Option<String>,
     /// Last, so that it goes after every process it confines: dropping it
     /// kills what is left in the sandbox's cgroup and removes the cgroup.
     jail: Option<Arc<Jail>>,
@@ -113,6 +115,7 @@ impl Sandbox {
             virtiofsd: None,
             agent: None,
             network: None,
+            fault: None,
             jail: None,
         };
         sweep_orphans(&config.runtime_dir.join("sandboxes"), &sandbox.dir);
@@ -294,6 +297,28 @@ impl Sandbox {
     /// How the VM ended, if it has (a guest crash, a killed VMM).
     pub fn vm_exit(&mut self) -> Option<VmExit> {
         self.hypervisor.try_exit()
+    }
+
+    /// What ended the sandbox, if something has: the VM's end, or the end
+    /// of a helper the VM cannot run without (virtiofsd, the vsock
+    /// backend), after which the VM is killed, so that the sandbox ends as
+    /// one and every process in it is reported lost (as Kata does when
+    /// virtiofsd dies). The first answer sticks.
+    pub fn fault(&mut self) -> Option<String> {
+        if self.fault.is_none() {
+            self.fault = if let Some(exit) = self.hypervisor.try_exit() {
+                Some(format!("the sandbox VM ended ({exit})"))
+            } else if let Some(exit) = self.virtiofsd.as_mut().and_then(Virtiofsd::try_exit) {
+                self.hypervisor.kill();
+                Some(format!("virtiofsd ended ({exit}), so the sandbox VM was stopped"))
+            } else if let Some(why) = self.hypervisor.helper_exit() {
+                self.hypervisor.kill();
+                Some(format!("{why}, so the sandbox VM was stopped"))
+            } else {
+                None
+            };
+        }
+        self.fault.clone()
     }
 
     /// Asks the agent to stop every process and sync, then ends the VM,

@@ -58,6 +58,11 @@ impl Virtiofsd {
         self.process.pid()
     }
 
+    /// How virtiofsd ended, if it has.
+    pub fn try_exit(&mut self) -> Option<crate::helper::HelperExit> {
+        self.process.try_wait()
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

@@ -145,24 +145,10 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .env("PATH", path)
-            .env("RUNV_CONFIG", d.join("runv.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let ctd = Self { child, dir, bridge, netns_before: netns_names() };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // Wait for a connection to be accepted: the file appears at bind.
-        while std::os::unix::net::UnixStream::connect(ctd.socket()).is_err() {
-            assert!(Instant::now() < deadline, "containerd did not start: {}", ctd.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        std::fs::write(d.join("shim-dir"), shim_dir.to_string_lossy().as_bytes()).unwrap();
+        let child = Command::new("true").spawn().unwrap();
+        let mut ctd = Self { child, dir, bridge, netns_before: netns_names() };
+        ctd.launch();
         // From this crate (shim-v2) or the root package (the CRI benchmark).
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let script = [root.join("../tests/fixtures/make-oci-image.sh"), root.join("tests/fixtures/make-oci-image.sh")]
@@ -190,6 +176,39 @@ impl Containerd {
             }
         }
         ctd
+    }
+
+    /// Starts containerd on the test directory's config and state (the
+    /// shim on its PATH) and waits until it answers.
+    fn launch(&mut self) {
+        let d = self.dir.path();
+        let shim_dir = std::fs::read_to_string(d.join("shim-dir")).unwrap();
+        let path = format!("{shim_dir}:{}", std::env::var("PATH").unwrap_or_default());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("containerd.log")).unwrap();
+        self.child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .env("RUNV_CONFIG", d.join("runv.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Wait for a connection to be accepted: the file appears at bind.
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(Instant::now() < deadline, "containerd did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills containerd (SIGKILL: its shims and pods stay) and starts it
+    /// again on the same state, as after a crash.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.socket());
+        self.launch();
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -314,6 +333,21 @@ pub fn find_process(matches: impl Fn(&str) -> bool) -> Option<i32> {
         let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
         matches(&cmdline).then_some(pid)
     })
+}
+
+/// The child's output once it ends within `limit`; `None` (and the child
+/// killed) when it does not.
+pub fn output_within(mut child: std::process::Child, limit: Duration) -> Option<Output> {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().ok()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().ok()
 }
 
 pub fn text(b: &[u8]) -> String {
