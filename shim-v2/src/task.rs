@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::ExitSignal;
@@ -170,9 +170,53 @@ pub struct TaskService {
     lifecycle: Arc<Mutex<()>>,
 }
 
+/// How long a Delete waits for the Create of the same container.
+const CREATE_WAIT: Duration = Duration::from_secs(180);
+/// How long a shim with no container, and none being created, stays.
+const IDLE_EXIT: Duration = Duration::from_secs(60);
+
 impl TaskService {
     pub fn new(namespace: String, id: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
-        Self { namespace, id, publisher: Arc::new(publisher), exit, state: Arc::default(), lifecycle: Arc::default() }
+        let service = Self {
+            namespace,
+            id,
+            publisher: Arc::new(publisher),
+            exit,
+            state: Arc::default(),
+            lifecycle: Arc::default(),
+        };
+        service.watch_idle();
+        service
+    }
+
+    /// Ends the shim once it has had no container, and none being
+    /// created, for `IDLE_EXIT`. containerd sends Create right after it
+    /// starts a shim and Shutdown right after the last Delete; a shim idle
+    /// that long was lost by its containerd (one killed between the two,
+    /// for example) and would otherwise run forever.
+    fn watch_idle(&self) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut idle_since = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let idle = {
+                    let state = service.state.lock().await;
+                    state.containers.is_empty() && state.creating.is_empty()
+                };
+                if !idle {
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() >= IDLE_EXIT && service.stop_sandbox_if_unused(None).await {
+                    log::warn!(
+                        "sandbox {}: no container for {} s (its containerd lost track of this shim); exiting",
+                        service.id,
+                        IDLE_EXIT.as_secs()
+                    );
+                    service.exit.signal();
+                    return;
+                }
+            }
+        });
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -250,7 +294,7 @@ impl TaskService {
             let mut filter = crate::oom::OomFilter::default();
             while let Ok(container_id) = oom_agent.next_oom_event().await {
                 let known = service.state.lock().await.containers.contains_key(&container_id);
-                match filter.admit(&container_id, known, std::time::Instant::now()) {
+                match filter.admit(&container_id, known, Instant::now()) {
                     crate::oom::Verdict::Publish => {
                         service
                             .publish(
@@ -469,6 +513,14 @@ fn copy_in(agent: AgentClient, cid: &str, eid: &str, path: &str) -> Option<(Join
     Some((task, StdinPump { close, drained }))
 }
 
+/// Runs `f` on a task of its own and waits for it: dropping the wait (a
+/// cancelled request) does not stop `f`.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = TtrpcResult<T>> + Send + 'static,
+) -> TtrpcResult<T> {
+    tokio::spawn(f).await.unwrap_or_else(|e| Err(status(Code::INTERNAL, format!("the request's task failed: {e}"))))
+}
+
 fn not_found(what: &str) -> ttrpc::Error {
     status(Code::NOT_FOUND, format!("{what} not found"))
 }
@@ -476,113 +528,13 @@ fn not_found(what: &str) -> ttrpc::Error {
 #[async_trait]
 impl Task for TaskService {
     async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
-        let bundle = Path::new(&req.bundle);
-        let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
-            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display())))?;
-        crate::rootfs::check_id(&req.id).map_err(|e| status(Code::INVALID_ARGUMENT, format!("{e:#}")))?;
-        {
-            let mut state = self.state.lock().await;
-            if state.containers.contains_key(&req.id) || state.creating.contains(&req.id) {
-                return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
-            }
-            if let Some(sandbox) = crate::rootfs::sandbox_of(&spec) {
-                if !state.containers.contains_key(&sandbox) {
-                    return Err(status(
-                        Code::NOT_FOUND,
-                        format!("container {}: its sandbox {sandbox} does not run in this shim", req.id),
-                    ));
-                }
-            }
-            state.creating.insert(req.id.clone());
-        }
-        let created = self.create_in_sandbox(&req, spec).await;
-        let mut state = self.state.lock().await;
-        state.creating.remove(&req.id);
-        let guest_pid = match created {
-            Ok(pid) => pid,
-            Err(e) => {
-                drop(state);
-                self.stop_sandbox_if_unused(None).await;
-                return Err(e);
-            }
-        };
-        let pid = Self::vm_pid(&state);
-        let mut processes = HashMap::new();
-        processes.insert(String::new(), ProcessEntry::new(req.terminal, &req.stdin, &req.stdout, &req.stderr));
-        state
-            .containers
-            .insert(req.id.clone(), Container { bundle: req.bundle.clone(), guest_pid, processes, deleting: false });
-        drop(state);
-        let event = TaskCreate {
-            container_id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            rootfs: req.rootfs.clone(),
-            io: Some(TaskIO {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-                ..Default::default()
-            })
-            .into(),
-            pid,
-            ..Default::default()
-        };
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event)).await;
-        Ok(api::CreateTaskResponse { pid, ..Default::default() })
+        let this = self.clone();
+        detached(async move { this.create_task(req).await }).await
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        let (agent, spec) = {
-            let mut state = self.state.lock().await;
-            let agent = state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))?;
-            let entry = Self::process_mut(&mut state, &req.id, &req.exec_id)?;
-            if entry.status != api::Status::CREATED || entry.starting {
-                return Err(status(
-                    Code::FAILED_PRECONDITION,
-                    format!("process {:?} is not in the created state", req.exec_id),
-                ));
-            }
-            entry.starting = true;
-            (agent, entry.spec.clone())
-        };
-        let started = if req.exec_id.is_empty() {
-            agent.start_container(&req.id).await.map_err(|e| agent_error("starting the container", e))
-        } else {
-            // An exec's process spec, kept since Exec.
-            match spec {
-                Some(spec) => agent
-                    .exec_process(&req.id, &req.exec_id, &spec)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| agent_error(&format!("starting exec {}", req.exec_id), e)),
-                None => Err(status(Code::INTERNAL, "exec without a process spec")),
-            }
-        };
-        let mut state = self.state.lock().await;
-        let pid = Self::vm_pid(&state);
-        let entry = Self::process_mut(&mut state, &req.id, &req.exec_id)?;
-        entry.starting = false;
-        started?;
-        entry.status = api::Status::RUNNING;
-        self.run_process(agent, &req.id, &req.exec_id, entry, pid);
-        drop(state);
-        if req.exec_id.is_empty() {
-            self.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(TaskStart { container_id: req.id.clone(), pid, ..Default::default() }),
-            )
-            .await;
-        } else {
-            let event = TaskExecStarted {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                pid,
-                ..Default::default()
-            };
-            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event)).await;
-        }
-        Ok(api::StartResponse { pid, ..Default::default() })
+        let this = self.clone();
+        detached(async move { this.start_task(req).await }).await
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
@@ -674,59 +626,8 @@ impl Task for TaskService {
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
-        let (pid, code, at, agent, shared) = {
-            let mut state = self.state.lock().await;
-            let pid = Self::vm_pid(&state);
-            let agent = state.sandbox.as_ref().map(|s| s.agent().clone());
-            let shared = state.shared.clone();
-            let container =
-                state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            if container.deleting {
-                return Err(status(Code::FAILED_PRECONDITION, format!("container {} is being deleted", req.id)));
-            }
-            let p = container
-                .processes
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
-            if p.status == api::Status::RUNNING || p.status == api::Status::PAUSED || p.starting {
-                return Err(status(
-                    Code::FAILED_PRECONDITION,
-                    format!("process {:?} of {} is still running", req.exec_id, req.id),
-                ));
-            }
-            let (code, at, _) =
-                p.exit.borrow().clone().unwrap_or((0, containerd_shim::util::timestamp().unwrap_or_default(), None));
-            if !req.exec_id.is_empty() {
-                container.processes.remove(&req.exec_id);
-                return Ok(api::DeleteResponse {
-                    pid,
-                    exit_status: code,
-                    exited_at: Some(at).into(),
-                    ..Default::default()
-                });
-            }
-            container.deleting = true;
-            (pid, code, at, agent, shared)
-        };
-        if let Some(agent) = agent {
-            if let Err(e) = agent.remove_container(&req.id, true).await {
-                log::warn!("removing container {} in the guest: {e}", req.id);
-            }
-        }
-        if let Some(shared) = &shared {
-            shared.remove_container(&req.id);
-        }
-        self.state.lock().await.containers.remove(&req.id);
-        self.stop_sandbox_if_unused(None).await;
-        let event = TaskDelete {
-            container_id: req.id.clone(),
-            pid,
-            exit_status: code,
-            exited_at: Some(at.clone()).into(),
-            ..Default::default()
-        };
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event)).await;
-        Ok(api::DeleteResponse { pid, exit_status: code, exited_at: Some(at).into(), ..Default::default() })
+        let this = self.clone();
+        detached(async move { this.delete_task(req).await }).await
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
@@ -737,27 +638,13 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let agent = self.agent_for(&req.id).await?;
-        agent.pause_container(&req.id).await.map_err(|e| agent_error("pausing", e))?;
-        self.set_init_status(&req.id, api::Status::PAUSED).await;
-        self.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(TaskPaused { container_id: req.id, ..Default::default() }),
-        )
-        .await;
-        Ok(api::Empty::new())
+        let this = self.clone();
+        detached(async move { this.pause_task(req).await }).await
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        let agent = self.agent_for(&req.id).await?;
-        agent.resume_container(&req.id).await.map_err(|e| agent_error("resuming", e))?;
-        self.set_init_status(&req.id, api::Status::RUNNING).await;
-        self.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(TaskResumed { container_id: req.id, ..Default::default() }),
-        )
-        .await;
-        Ok(api::Empty::new())
+        let this = self.clone();
+        detached(async move { this.resume_task(req).await }).await
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
@@ -844,7 +731,214 @@ impl Task for TaskService {
         })
     }
 
-    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+    async fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let this = self.clone();
+        detached(async move { this.shutdown_task(req).await }).await
+    }
+}
+
+/// The task calls that change the shim's records and the sandbox, run to
+/// completion on a task of their own: ttrpc drops a request's handler when
+/// its client goes away or its deadline passes, and a Create dropped
+/// half-way would leave its reservation, its mounts and a VM behind.
+impl TaskService {
+    async fn create_task(&self, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
+        let bundle = Path::new(&req.bundle);
+        let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display())))?;
+        crate::rootfs::check_id(&req.id).map_err(|e| status(Code::INVALID_ARGUMENT, format!("{e:#}")))?;
+        {
+            let mut state = self.state.lock().await;
+            if state.containers.contains_key(&req.id) || state.creating.contains(&req.id) {
+                return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
+            }
+            if let Some(sandbox) = crate::rootfs::sandbox_of(&spec) {
+                if !state.containers.contains_key(&sandbox) {
+                    return Err(status(
+                        Code::NOT_FOUND,
+                        format!("container {}: its sandbox {sandbox} does not run in this shim", req.id),
+                    ));
+                }
+            }
+            state.creating.insert(req.id.clone());
+        }
+        let created = self.create_in_sandbox(&req, spec).await;
+        let mut state = self.state.lock().await;
+        state.creating.remove(&req.id);
+        let guest_pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                drop(state);
+                self.stop_sandbox_if_unused(None).await;
+                return Err(e);
+            }
+        };
+        let pid = Self::vm_pid(&state);
+        let mut processes = HashMap::new();
+        processes.insert(String::new(), ProcessEntry::new(req.terminal, &req.stdin, &req.stdout, &req.stderr));
+        state
+            .containers
+            .insert(req.id.clone(), Container { bundle: req.bundle.clone(), guest_pid, processes, deleting: false });
+        drop(state);
+        let event = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            pid,
+            ..Default::default()
+        };
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event)).await;
+        Ok(api::CreateTaskResponse { pid, ..Default::default() })
+    }
+
+    async fn start_task(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let (agent, spec) = {
+            let mut state = self.state.lock().await;
+            let agent = state.sandbox.as_ref().map(|s| s.agent().clone()).ok_or_else(|| not_found("sandbox"))?;
+            let entry = Self::process_mut(&mut state, &req.id, &req.exec_id)?;
+            if entry.status != api::Status::CREATED || entry.starting {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("process {:?} is not in the created state", req.exec_id),
+                ));
+            }
+            entry.starting = true;
+            (agent, entry.spec.clone())
+        };
+        let started = if req.exec_id.is_empty() {
+            agent.start_container(&req.id).await.map_err(|e| agent_error("starting the container", e))
+        } else {
+            // An exec's process spec, kept since Exec.
+            match spec {
+                Some(spec) => agent
+                    .exec_process(&req.id, &req.exec_id, &spec)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| agent_error(&format!("starting exec {}", req.exec_id), e)),
+                None => Err(status(Code::INTERNAL, "exec without a process spec")),
+            }
+        };
+        let mut state = self.state.lock().await;
+        let pid = Self::vm_pid(&state);
+        let entry = Self::process_mut(&mut state, &req.id, &req.exec_id)?;
+        entry.starting = false;
+        started?;
+        entry.status = api::Status::RUNNING;
+        self.run_process(agent, &req.id, &req.exec_id, entry, pid);
+        drop(state);
+        if req.exec_id.is_empty() {
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart { container_id: req.id.clone(), pid, ..Default::default() }),
+            )
+            .await;
+        } else {
+            let event = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event)).await;
+        }
+        Ok(api::StartResponse { pid, ..Default::default() })
+    }
+
+    async fn delete_task(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        // A container whose Create is still in flight (its client went
+        // away, or gave up at its deadline) is deleted once it exists.
+        let deadline = Instant::now() + CREATE_WAIT;
+        while self.state.lock().await.creating.contains(&req.id) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (pid, code, at, agent, shared) = {
+            let mut state = self.state.lock().await;
+            let pid = Self::vm_pid(&state);
+            let agent = state.sandbox.as_ref().map(|s| s.agent().clone());
+            let shared = state.shared.clone();
+            let container =
+                state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            if container.deleting {
+                return Err(status(Code::FAILED_PRECONDITION, format!("container {} is being deleted", req.id)));
+            }
+            let p = container
+                .processes
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("process {} in {}", req.exec_id, req.id)))?;
+            if p.status == api::Status::RUNNING || p.status == api::Status::PAUSED || p.starting {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("process {:?} of {} is still running", req.exec_id, req.id),
+                ));
+            }
+            let (code, at, _) =
+                p.exit.borrow().clone().unwrap_or((0, containerd_shim::util::timestamp().unwrap_or_default(), None));
+            if !req.exec_id.is_empty() {
+                container.processes.remove(&req.exec_id);
+                return Ok(api::DeleteResponse {
+                    pid,
+                    exit_status: code,
+                    exited_at: Some(at).into(),
+                    ..Default::default()
+                });
+            }
+            container.deleting = true;
+            (pid, code, at, agent, shared)
+        };
+        if let Some(agent) = agent {
+            if let Err(e) = agent.remove_container(&req.id, true).await {
+                log::warn!("removing container {} in the guest: {e}", req.id);
+            }
+        }
+        if let Some(shared) = &shared {
+            shared.remove_container(&req.id);
+        }
+        self.state.lock().await.containers.remove(&req.id);
+        self.stop_sandbox_if_unused(None).await;
+        let event = TaskDelete {
+            container_id: req.id.clone(),
+            pid,
+            exit_status: code,
+            exited_at: Some(at.clone()).into(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event)).await;
+        Ok(api::DeleteResponse { pid, exit_status: code, exited_at: Some(at).into(), ..Default::default() })
+    }
+
+    async fn pause_task(&self, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let agent = self.agent_for(&req.id).await?;
+        agent.pause_container(&req.id).await.map_err(|e| agent_error("pausing", e))?;
+        self.set_init_status(&req.id, api::Status::PAUSED).await;
+        self.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(TaskPaused { container_id: req.id, ..Default::default() }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resume_task(&self, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let agent = self.agent_for(&req.id).await?;
+        agent.resume_container(&req.id).await.map_err(|e| agent_error("resuming", e))?;
+        self.set_init_status(&req.id, api::Status::RUNNING).await;
+        self.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(TaskResumed { container_id: req.id, ..Default::default() }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn shutdown_task(&self, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         // Other containers of the pod may still run in this shim's VM.
         if self.stop_sandbox_if_unused(None).await {
             self.exit.signal();

@@ -84,6 +84,8 @@ pub struct Sandbox {
     network: Option<PodNetwork>,
     /// What ended the sandbox, once something has (see `fault`).
     fault: Option<String>,
+    /// When `fault` first saw a helper gone.
+    helper_gone_at: Option<Instant>,
     /// Last, so that it goes after every process it confines: dropping it
     /// kills what is left in the sandbox's cgroup and removes the cgroup.
     jail: Option<Arc<Jail>>,
@@ -116,6 +118,7 @@ impl Sandbox {
             agent: None,
             network: None,
             fault: None,
+            helper_gone_at: None,
             jail: None,
         };
         sweep_orphans(&config.runtime_dir.join("sandboxes"), &sandbox.dir);
@@ -304,20 +307,29 @@ impl Sandbox {
     /// backend), after which the VM is killed, so that the sandbox ends as
     /// one and every process in it is reported lost (as Kata does when
     /// virtiofsd dies). The first answer sticks.
+    ///
+    /// A helper also ends by itself when the VM goes (it sees its peer
+    /// leave), a moment before the VM is reaped: a helper is blamed only
+    /// once it has been gone for a second with the VM still running.
     pub fn fault(&mut self) -> Option<String> {
-        if self.fault.is_none() {
-            self.fault = if let Some(exit) = self.hypervisor.try_exit() {
-                Some(format!("the sandbox VM ended ({exit})"))
-            } else if let Some(exit) = self.virtiofsd.as_mut().and_then(Virtiofsd::try_exit) {
-                self.hypervisor.kill();
-                Some(format!("virtiofsd ended ({exit}), so the sandbox VM was stopped"))
-            } else if let Some(why) = self.hypervisor.helper_exit() {
-                self.hypervisor.kill();
-                Some(format!("{why}, so the sandbox VM was stopped"))
-            } else {
-                None
-            };
+        if self.fault.is_some() {
+            return self.fault.clone();
         }
+        if let Some(exit) = self.hypervisor.try_exit() {
+            self.fault = Some(format!("the sandbox VM ended ({exit})"));
+            return self.fault.clone();
+        }
+        let helper = match self.virtiofsd.as_mut().and_then(Virtiofsd::try_exit) {
+            Some(exit) => Some(format!("virtiofsd ended ({exit})")),
+            None => self.hypervisor.helper_exit(),
+        };
+        let why = helper?;
+        let since = *self.helper_gone_at.get_or_insert_with(Instant::now);
+        if since.elapsed() < HELPER_GRACE {
+            return None;
+        }
+        self.hypervisor.kill();
+        self.fault = Some(format!("{why}, so the sandbox VM was stopped"));
         self.fault.clone()
     }
 
@@ -431,6 +443,10 @@ async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
     crate::check::record_probe(&cache, &result);
     result.map(|_| ()).map_err(|e| e.to_string())
 }
+
+/// How long a helper must have been gone, the VM still running, before
+/// `Sandbox::fault` blames it.
+const HELPER_GRACE: Duration = Duration::from_secs(1);
 
 /// The hybrid vsock socket's name (in the jail directory, or the sandbox
 /// directory when jails are off).

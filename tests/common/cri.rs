@@ -86,6 +86,14 @@ impl CriServer {
         self.launch();
     }
 
+    /// Kills the server (SIGKILL: no word to its shims or pods) and starts
+    /// it again on the same state, as after a crash.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.launch();
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("cri.sock")
     }
