@@ -166,9 +166,7 @@ async fn main() {
         std::process::exit(1);
     }
     let reg = registry::Registry::start();
-    let rootfs = registry::dir_layer(&Path::new(containerd::SHARE_DIR).join("rootfs"));
-    let app = registry::push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
-    let pause = registry::push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    let (app, pause) = rig::push_images(&reg).await;
 
     let mut ctd = Rig::containerd(95).await;
     let mut ours = Rig::runv_cri(&reg, &app, &pause, 96).await;

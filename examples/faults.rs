@@ -6,9 +6,10 @@
 //! For each way, each part of a pod and each phase of its life, a pod is
 //! taken to the phase and the part is killed with SIGKILL. The parts are
 //! the VM, virtiofsd, vhost-device-vsock, the shim, the guest and the CRI
-//! server (containerd or `runv cri`). The guest is ended from root inside
-//! it (the agent is its PID 1: the agent's death is the guest's). The
-//! phases are booting, creating, running, exec and stopping.
+//! server (containerd or `runv cri`), and the VM while the server is down
+//! (the server restarted after). The guest is ended from root inside it
+//! (the agent is its PID 1: the agent's death is the guest's). The phases
+//! are booting, creating, running, exec and stopping.
 //!
 //! After each kill:
 //! - the request in flight must return (no hang);
@@ -54,6 +55,9 @@ enum Part {
     Shim,
     Guest,
     Server,
+    /// The server killed, then the VM, then the server restarted: what
+    /// died while the server was down must be reported, not forgotten.
+    VmWhileServerDown,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -65,7 +69,8 @@ enum Phase {
     Stopping,
 }
 
-const PARTS: [Part; 6] = [Part::Vmm, Part::Virtiofsd, Part::Vsock, Part::Shim, Part::Guest, Part::Server];
+const PARTS: [Part; 7] =
+    [Part::Vmm, Part::Virtiofsd, Part::Vsock, Part::Shim, Part::Guest, Part::Server, Part::VmWhileServerDown];
 const PHASES: [Phase; 5] = [Phase::Booting, Phase::Creating, Phase::Running, Phase::Exec, Phase::Stopping];
 
 /// How long a request in flight may take to return after the kill.
@@ -78,7 +83,7 @@ fn program(part: Part) -> &'static str {
         Part::Virtiofsd => "virtiofsd",
         Part::Vsock => "vhost-device-vsock",
         Part::Shim => "containerd-shim-runv-v2",
-        Part::Guest | Part::Server => unreachable!("not found by program"),
+        Part::Guest | Part::Server | Part::VmWhileServerDown => unreachable!("not found by program"),
     }
 }
 
@@ -109,6 +114,7 @@ async fn wait_for<T>(mut find: impl FnMut() -> Option<T>) -> Option<T> {
 }
 
 async fn case(rig: &mut Rig, part: Part, phase: Phase, n: usize) -> Outcome {
+    let began = Instant::now();
     let name = format!("f{n}");
     let needle = rig.dir.to_string_lossy().into_owned();
     let mut notes: Vec<String> = Vec::new();
@@ -188,6 +194,18 @@ async fn case(rig: &mut Rig, part: Part, phase: Phase, n: usize) -> Outcome {
         Part::Server => {
             rig.crash_server().await;
             notes.push(format!("{} killed and restarted", rig.name()));
+        }
+        Part::VmWhileServerDown => {
+            rig.kill_server();
+            match processes(&needle, program(Part::Vmm)).first() {
+                Some((pid, name)) => {
+                    // SAFETY: killing the VM of this benchmark's pod.
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                    notes.push(format!("{} killed, then {name}, then {0} restarted", rig.name()));
+                }
+                None => failed.push("no VM process to kill".into()),
+            }
+            rig.restart_server().await;
         }
         Part::Guest => {
             let sandbox = pod.clone().unwrap_or_default();
@@ -288,12 +306,13 @@ async fn case(rig: &mut Rig, part: Part, phase: Phase, n: usize) -> Outcome {
         notes.push(format!("the host settled after {} s", settling.elapsed().as_secs()));
     }
     let line = format!(
-        "case {n}: {} {:?} {:?}: {}; leaked {}{}",
+        "case {n}: {} {:?} {:?}: {}; leaked {} ({} s){}",
         rig.name(),
         part,
         phase,
         notes.join("; "),
         leaked.len(),
+        began.elapsed().as_secs(),
         if failed.is_empty() { String::new() } else { format!("; FAILED: {}", failed.join("; ")) }
     );
     Outcome { line, leaked, failed }
@@ -318,9 +337,7 @@ async fn main() {
     }
     let builtin = std::env::var("RUNV_TEST_HYPERVISOR").as_deref() == Ok("builtin");
     let reg = registry::Registry::start();
-    let rootfs = registry::dir_layer(&Path::new(containerd::SHARE_DIR).join("rootfs"));
-    let app = registry::push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
-    let pause = registry::push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    let (app, pause) = rig::push_images(&reg).await;
 
     let mut rigs = vec![Rig::containerd(93).await, Rig::runv_cri(&reg, &app, &pause, 94).await];
     // Each census sees the whole host: the baselines after both rigs.
@@ -340,7 +357,11 @@ async fn main() {
             }
             // The short form: each part once, in the phase where it hurts
             // most (an exec in flight; the server mid-boot).
-            let short_phase = if part == Part::Server { Phase::Booting } else { Phase::Exec };
+            let short_phase = match part {
+                Part::Server => Phase::Booting,
+                Part::VmWhileServerDown => Phase::Running,
+                _ => Phase::Exec,
+            };
             let only = std::env::var("RUNV_FAULTS_ONLY").ok();
             let picked = only.as_deref().is_none_or(|o| o == format!("{part:?} {phase:?}"));
             if picked && (!short || phase == short_phase || only.is_some()) {

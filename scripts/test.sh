@@ -134,6 +134,21 @@ if [ "$l1_status" != 0 ]; then
     status=1
 fi
 
+# Every benchmark once, in a short form (tests/bench/; run them with
+# their default sizes on demand). Their figures are printed, not judged;
+# the fault matrix and the concurrent starts fail on a leak, a hang or a
+# failed case. The L1 comparison (tests/bench/l1.sh) boots L1 again and
+# is left to on-demand runs.
+echo "==> benchmarks, short forms (tests/bench/)" >&2
+for bench in "run.sh 1" "vmm.sh 2" "pod.sh 1" "cri.sh 1" "net.sh 1 4" "faults.sh short" "concurrent.sh 4"; do
+    echo "==> tests/bench/$bench" >&2
+    # shellcheck disable=SC2086
+    if ! timeout -k 10 900 tests/bench/$bench 2>&1 | tee -a "$log"; then
+        echo "FAILED: tests/bench/$bench" | tee -a "$log" >&2
+        status=1
+    fi
+done
+
 # Every parser of guest or client bytes under libFuzzer, briefly (the
 # corpus grows in the cache between runs; tests/fuzz.sh SECONDS for more).
 echo "==> fuzz (tests/fuzz.sh)" >&2

@@ -106,6 +106,10 @@ async fn start_action(flags: Flags) -> Result<(), Error> {
             .map_err(|e| Error::Other(format!("recording the config path in the bundle: {e}")))?;
     }
     let address = spawn_daemon(opts, config_path).await?;
+    // The bundle's `address` file is how a restarted containerd finds the
+    // shim again (it reads it to reconnect); without it, containerd takes
+    // the live shim for dead and cleans up under the running pod.
+    std::fs::write("address", &address).map_err(|e| Error::Other(format!("writing the bundle's address file: {e}")))?;
     use tokio::io::AsyncWriteExt;
     let mut stdout = tokio::io::stdout();
     stdout.write_all(address.as_bytes()).await.map_err(|e| Error::Other(format!("writing the address: {e}")))?;

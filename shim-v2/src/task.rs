@@ -352,14 +352,34 @@ impl TaskService {
     /// backend has seen it (the agent's connection may drop a moment
     /// earlier), or the agent's silence.
     async fn lost_reason(&self, e: &runv::sandbox::AgentError) -> String {
+        match self.sandbox_fault().await {
+            Some(fault) => format!("{fault} while the process ran"),
+            None => format!("the guest agent lost the process: {e}"),
+        }
+    }
+
+    /// What ended the sandbox, if something has or does within 2 s.
+    async fn sandbox_fault(&self) -> Option<String> {
         for _ in 0..20 {
             let fault = self.state.lock().await.sandbox.as_mut().and_then(Sandbox::fault);
-            if let Some(fault) = fault {
-                return format!("{fault} while the process ran");
+            if fault.is_some() {
+                return fault;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        format!("the guest agent lost the process: {e}")
+        None
+    }
+
+    /// An agent call's failure as an answer: when the agent gave no answer
+    /// (its connection went, or the deadline passed), what ended the
+    /// sandbox, if something did, names the cause.
+    async fn agent_failure(&self, what: &str, e: runv::sandbox::AgentError) -> ttrpc::Error {
+        if e.code().is_none() {
+            if let Some(fault) = self.sandbox_fault().await {
+                return status(Code::UNAVAILABLE, format!("{what}: {fault}"));
+            }
+        }
+        agent_error(what, e)
     }
 
     /// Watches the sandbox `id` until it goes: a helper it cannot run
@@ -814,15 +834,17 @@ impl TaskService {
             (agent, entry.spec.clone())
         };
         let started = if req.exec_id.is_empty() {
-            agent.start_container(&req.id).await.map_err(|e| agent_error("starting the container", e))
+            match agent.start_container(&req.id).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(self.agent_failure("starting the container", e).await),
+            }
         } else {
             // An exec's process spec, kept since Exec.
             match spec {
-                Some(spec) => agent
-                    .exec_process(&req.id, &req.exec_id, &spec)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| agent_error(&format!("starting exec {}", req.exec_id), e)),
+                Some(spec) => match agent.exec_process(&req.id, &req.exec_id, &spec).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(self.agent_failure(&format!("starting exec {}", req.exec_id), e).await),
+                },
                 None => Err(status(Code::INTERNAL, "exec without a process spec")),
             }
         };
@@ -973,7 +995,7 @@ impl TaskService {
             Ok(pid) => Ok(pid),
             Err(e) => {
                 shared.remove_container(&req.id);
-                Err(agent_error(&format!("creating container {}", req.id), e))
+                Err(self.agent_failure(&format!("creating container {}", req.id), e).await)
             }
         }
     }

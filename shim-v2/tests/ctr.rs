@@ -489,3 +489,30 @@ fn a_hung_guest_holds_up_no_other_request_and_its_calls_time_out_clearly() {
     assert!(ctd.ctr(&["container", "rm", "c11"]).status.success());
     ctd.assert_clean();
 }
+
+#[test]
+fn a_restarted_containerd_finds_its_runv_task_again() {
+    if !ready("a_restarted_containerd_finds_its_runv_task_again") {
+        return;
+    }
+    let mut ctd = Containerd::start("");
+    let run = ctd.ctr(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, "c14", "sleep", "1000"]);
+    assert!(run.status.success(), "ctr run -d: {}", text(&run.stderr));
+    // containerd dies (its shims live on) and starts again on its state: it
+    // reconnects to the shim through the bundle's address file.
+    ctd.crash_and_restart();
+    let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
+    assert!(
+        ls.lines().any(|l| l.starts_with("c14") && l.contains("RUNNING")),
+        "after the restart: {ls}\n{}",
+        ctd.log()
+    );
+    let exec = ctd.ctr(&["task", "exec", "--exec-id", "after", "c14", "echo", "still here"]);
+    assert_eq!(text(&exec.stdout), "still here\n", "exec after the restart: {}", text(&exec.stderr));
+    let kill = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "c14"]);
+    assert!(kill.status.success(), "kill: {}", text(&kill.stderr));
+    ctd.wait_task_stopped("c14");
+    assert!(ctd.ctr(&["task", "rm", "c14"]).status.success());
+    assert!(ctd.ctr(&["container", "rm", "c14"]).status.success());
+    ctd.assert_clean();
+}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The fault matrix (examples/faults.rs): through containerd's CRI plugin
 # (runv handler) and through `runv cri`, each part of a pod (the VM,
-# virtiofsd, vhost-device-vsock, the shim, the guest, the CRI server)
-# SIGKILLed in each phase (booting, creating, running, exec, stopping).
+# virtiofsd, vhost-device-vsock, the shim, the guest, the CRI server, and
+# the VM while the server is down) SIGKILLed in each phase (booting,
+# creating, running, exec, stopping).
 # After each: the request in flight returns, the server answers, the pod
 # reports NotReady with a reason (Ready again after a server restart), its
 # removal succeeds, and a census of the host (processes, mounts, links,
@@ -10,7 +11,7 @@
 # the one before. Prints each case and `cycles: N, leaked: M, failed: F`.
 #
 # Usage: tests/bench/faults.sh [ROUNDS|short]
-#   ROUNDS (default 2): the whole matrix ROUNDS times (58 cases a round
+#   ROUNDS (default 2): the whole matrix ROUNDS times (68 cases a round
 #   on QEMU); short: one case per part and way (what CI runs).
 # Needs scripts/install.sh and root.
 set -euo pipefail

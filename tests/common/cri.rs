@@ -89,8 +89,17 @@ impl CriServer {
     /// Kills the server (SIGKILL: no word to its shims or pods) and starts
     /// it again on the same state, as after a crash.
     pub fn crash_and_restart(&mut self) {
+        self.crash();
+        self.launch();
+    }
+
+    /// Kills the server (SIGKILL); `relaunch` starts it again.
+    pub fn crash(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    pub fn relaunch(&mut self) {
         self.launch();
     }
 

@@ -187,17 +187,39 @@ impl Rig {
 
     /// Kills the server (SIGKILL) and starts it again on its state.
     pub async fn crash_server(&mut self) {
+        self.kill_server();
+        self.restart_server().await;
+    }
+
+    /// Kills the server (SIGKILL); its shims and pods stay.
+    pub fn kill_server(&mut self) {
+        match self.via {
+            Via::Containerd => self.ctd.as_mut().unwrap().crash(),
+            Via::RunvCri => self.cri.as_mut().unwrap().crash(),
+        }
+    }
+
+    /// Starts the killed server again on its state and reconnects.
+    pub async fn restart_server(&mut self) {
         match self.via {
             Via::Containerd => {
                 let ctd = self.ctd.as_mut().unwrap();
-                ctd.crash_and_restart();
+                ctd.relaunch();
                 self.rt = containerd::cri_client(&ctd.socket()).await;
             }
             Via::RunvCri => {
                 let server = self.cri.as_mut().unwrap();
-                server.crash_and_restart();
+                server.relaunch();
                 self.rt = RuntimeServiceClient::new(server.channel().await);
             }
+        }
+        // containerd's CRI plugin answers "not initialized" until it has
+        // recovered its pods: as a kubelet does, wait for it (up to 60 s).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline
+            && self.rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await.is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -331,6 +353,15 @@ pub fn walk(dir: &Path, depth: usize, dirs_only: bool, f: &mut dyn FnMut(&Path))
             f(&e.path());
         }
     }
+}
+
+/// The default rootfs pushed to `reg` as a busybox image and a pause
+/// image (for `runv cri`); their references.
+pub async fn push_images(reg: &registry::Registry) -> (String, String) {
+    let rootfs = registry::dir_layer(&Path::new(containerd::SHARE_DIR).join("rootfs"));
+    let app = registry::push_with_cmd(reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
+    let pause = registry::push_with_cmd(reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
+    (app, pause)
 }
 
 pub async fn create_and_start(

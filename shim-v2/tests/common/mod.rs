@@ -205,9 +205,18 @@ impl Containerd {
     /// Kills containerd (SIGKILL: its shims and pods stay) and starts it
     /// again on the same state, as after a crash.
     pub fn crash_and_restart(&mut self) {
+        self.crash();
+        self.launch();
+    }
+
+    /// Kills containerd (SIGKILL); `relaunch` starts it again.
+    pub fn crash(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(self.socket());
+    }
+
+    pub fn relaunch(&mut self) {
         self.launch();
     }
 
