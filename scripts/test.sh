@@ -85,7 +85,10 @@ export RUNV_L1_BINS="$builtin_bin $run_bin $ctr_bin $ctd_cri_bin $cri_pods_bin"
 # with "early eof", or the VM "exited while booting", or the agent never
 # answers, or a running guest stalls past an agent call's 10 s deadline,
 # "did not answer ... before its deadline", seen once late in a long L1 session while
-# the same test alone passed in 54 s; or a binary that hangs past 600 s
+# the same test alone passed in 54 s; or a binary that hangs past 600 s,
+# even past SIGKILL: twice a whole L1 step was lost to a binary that
+# `timeout` could not end, so each is waited for at most 630 s and then
+# left behind, its output kept
 # (the longest binary takes about 180 s in L1; at 1200 s a hang and its
 # rerun could not fit the step's 2400 s),
 # which is killed: one L1 step hung for 24 minutes; or a running guest
@@ -100,13 +103,29 @@ l1_script='
 set -u
 rc=0
 out=$(mktemp)
+run_bounded() { # a test binary, waited for at most 630 s even if unkillable
+    timeout -k 10 600 "$@" >"$out" 2>&1 &
+    pid=$!
+    waited=0
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 630 ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "the test binary did not end within 630 s, even after SIGKILL (a process stuck in the nested kernel); left behind" >>"$out"
+        ps >>"$out" 2>&1
+        return 124
+    fi
+    wait "$pid"
+}
 tst() {
-    timeout -k 10 600 "$@" >"$out" 2>&1 && { cat "$out"; return 0; }
+    run_bounded "$@" && { cat "$out"; return 0; }
     [ $? = 124 ] && echo "the test binary did not answer within 600 s (a stalled nested guest); killed" >>"$out"
     if grep -qE "socket err: early eof|exited while booting|did not answer within|before its deadline|a triple fault" "$out"; then
         sed "s/^test result:/first attempt (not counted):/" "$out"
         echo "FLAKY: $(basename "$1") failed with the known nested-boot signature; rerunning it once"
-        timeout -k 10 600 "$@" || rc=1
+        run_bounded "$@" || rc=1
+        cat "$out"
     else
         cat "$out"
         rc=1
