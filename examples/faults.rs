@@ -43,8 +43,9 @@ mod rig;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use containerd::sandbox_processes as processes;
 use k8s_cri::v1::*;
-use rig::{create_and_start, processes, Rig};
+use rig::{create_and_start, Rig};
 use tokio::task::JoinHandle;
 
 #[derive(Clone, Copy, Debug, PartialEq)]

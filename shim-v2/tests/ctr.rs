@@ -189,16 +189,7 @@ fn lose_the_sandbox(id: &str, program: &str, why: &str) {
     });
     assert_eq!(up.recv_timeout(Duration::from_secs(30)).as_deref(), Ok("up\n"), "the exec never started");
     let dir = ctd.dir.path().to_string_lossy().into_owned();
-    // Jailed helpers name their sockets relative to their jail directory
-    // (their working directory), below the test's directory.
-    let target = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
-        let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
-        let cmdline = text(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
-        let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
-        let argv0 = cmdline.split(' ').next().unwrap_or_default();
-        let named = argv0.rsplit('/').next().is_some_and(|name| name.starts_with(program));
-        (named && (cmdline.contains(&dir) || cwd.starts_with(&dir))).then_some(pid)
-    });
+    let target = common::sandbox_processes(&dir, program).first().map(|p| p.0);
     // SAFETY: killing a process of the sandbox this test started.
     unsafe { libc::kill(target.unwrap_or_else(|| panic!("the sandbox's {program}")), libc::SIGKILL) };
     let exec = common::output_within(exec, Duration::from_secs(30)).expect("the exec outlived its sandbox by 30 s");

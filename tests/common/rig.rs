@@ -28,29 +28,6 @@ pub enum Via {
 /// stays in flight for its whole grace period.
 pub const APP: [&str; 3] = ["sh", "-c", "trap '' TERM; exec sleep 1000"];
 
-/// The processes whose command line mentions `needle` and whose program
-/// (its file name) starts with `prefix`; a jailed VMM's reaper is left out
-/// (the VM is the VMM itself).
-pub fn processes(needle: &str, prefix: &str) -> Vec<(i32, String)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let cmdline =
-            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
-        let argv0 = cmdline.split(' ').next().unwrap_or_default();
-        let name = Path::new(argv0).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let reaper = std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "runv-vmm-reaper");
-        // A jailed helper names its sockets relative to its jail directory,
-        // its working directory.
-        let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
-        let ours = cmdline.contains(needle) || cwd.starts_with(needle);
-        if ours && name.starts_with(prefix) && !reaper {
-            found.push((pid, name));
-        }
-    }
-    found
-}
-
 /// A server (containerd or `runv cri`) with its client, image and network.
 pub struct Rig {
     pub via: Via,

@@ -334,6 +334,30 @@ fn runv_unmount_below(dir: &Path) {
     }
 }
 
+/// The processes of a test's sandboxes: those whose command line (or
+/// working directory) mentions `needle` and whose program
+/// (its file name) starts with `prefix`; a jailed VMM's reaper is left out
+/// (the VM is the VMM itself).
+pub fn sandbox_processes(needle: &str, prefix: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        let argv0 = cmdline.split(' ').next().unwrap_or_default();
+        let name = Path::new(argv0).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let reaper = std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "runv-vmm-reaper");
+        // A jailed helper names its sockets relative to its jail directory,
+        // its working directory.
+        let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+        let ours = cmdline.contains(needle) || cwd.starts_with(needle);
+        if ours && name.starts_with(prefix) && !reaper {
+            found.push((pid, name));
+        }
+    }
+    found
+}
+
 /// The first process whose command line (arguments joined by spaces)
 /// matches.
 pub fn find_process(matches: impl Fn(&str) -> bool) -> Option<i32> {
