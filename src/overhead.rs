@@ -48,6 +48,7 @@ pub async fn measure(config: &Config, settle: Duration, window: Duration) -> any
         memory_mib: config.memory_mib,
         netns: None,
         cgroup: None,
+        dir_record: None,
     };
     let sandbox = Sandbox::start(config, &spec).await?;
     let result = measure_sandbox(&sandbox, settle, window).await;

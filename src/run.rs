@@ -149,6 +149,7 @@ pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
         memory_mib,
         netns: None,
         cgroup: None,
+        dir_record: None,
     };
     let sandbox = tokio::select! {
         r = Sandbox::start(config, &spec) => r.map_err(|e| RunError::runv(e.to_string()))?,

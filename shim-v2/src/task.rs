@@ -257,6 +257,7 @@ impl TaskService {
             memory_mib: size.memory_mib,
             netns: pod_netns(first),
             cgroup: pod_cgroup(first),
+            dir_record: Some(dir.join("sandbox-dir")),
         };
         let sandbox = match Sandbox::start(&config, &spec).await {
             Ok(s) => s,
@@ -269,7 +270,6 @@ impl TaskService {
         let pids: Vec<String> =
             sandbox.pids().into_iter().filter_map(runv::helper::ProcessIdentity::of).map(|id| id.record()).collect();
         let _ = runv::helper::write_private(&dir.join("pids"), pids.join("\n").as_bytes());
-        let _ = runv::helper::write_private(&dir.join("sandbox-dir"), sandbox.dir().to_string_lossy().as_bytes());
         if let Some(network) = sandbox.network() {
             let _ = runv::helper::write_private(&dir.join("network"), network.record().as_bytes());
         }

@@ -117,6 +117,45 @@ fn a_killed_shim_is_cleaned_up_by_containerd() {
     assert_eq!(ours.count(), 0, "the dead shim's socket is left");
 }
 
+#[test]
+fn a_shim_killed_while_its_vm_boots_is_cleaned_up_by_containerd() {
+    if !ready("a_shim_killed_while_its_vm_boots_is_cleaned_up_by_containerd") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    let run = ctd
+        .ctr_cmd(&["run", "-d", "--runtime", "io.containerd.runv.v2", IMAGE, "c9", "sleep", "1000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The moment the sandbox's directory exists the VM is on its way up
+    // and the shim has not yet recorded anything but that directory.
+    let sandboxes = ctd.dir.path().join("run/sandboxes");
+    let dir = ctd.dir.path().to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let shim = loop {
+        let booting = std::fs::read_dir(&sandboxes).into_iter().flatten().flatten().next().is_some();
+        let shim = common::find_process(|c| {
+            c.contains("containerd-shim-runv-v2") && c.contains("-id c9") && c.contains(&dir) && !c.ends_with("start")
+        });
+        if let (true, Some(shim)) = (booting, shim) {
+            break shim;
+        }
+        assert!(Instant::now() < deadline, "no sandbox started booting: {}", ctd.log());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: killing the shim this test started.
+    unsafe { libc::kill(shim, libc::SIGKILL) };
+    let out = common::output_within(run, Duration::from_secs(60)).expect("ctr run answers once its shim is gone");
+    assert!(!out.status.success(), "ctr run succeeded with its shim killed mid-boot");
+    let _ = ctd.ctr(&["task", "rm", "-f", "c9"]);
+    let _ = ctd.ctr(&["container", "rm", "c9"]);
+    // containerd's `shim delete` finds the sandbox directory the dead shim
+    // recorded before booting: the VM, its helpers, jail and cgroups go.
+    ctd.assert_clean();
+}
+
 /// Whether `hash` names the socket of container c4 of this containerd.
 fn containerd_shim_socket_hash_matches(ctd: &Containerd, hash: &str) -> bool {
     let address = ctd.socket().to_string_lossy().into_owned();

@@ -32,7 +32,7 @@ pub enum AgentError {
 impl AgentError {
     fn from_rpc(call: &'static str, e: ttrpc::Error) -> Self {
         match e {
-            ttrpc::Error::RpcStatus(s) => AgentError::Status { code: s.code(), message: s.message().to_string() },
+            ttrpc::Error::RpcStatus(s) => AgentError::Status { code: s.code(), message: guest_text(s.message()) },
             // ttrpc's words for a call whose deadline passed.
             ttrpc::Error::Others(m) if m == "Request deadline elapsed" => AgentError::Timeout { call },
             other => AgentError::Transport { call, message: other.to_string() },
@@ -45,6 +45,31 @@ impl AgentError {
             _ => None,
         }
     }
+}
+
+/// The most of a guest-written error message that reaches the host's
+/// errors, logs and CRI statuses.
+pub const GUEST_MESSAGE_MAX: usize = 4096;
+
+/// A message the guest wrote, as the host passes it on: at most
+/// `GUEST_MESSAGE_MAX` bytes (cut at a character boundary, the cut said),
+/// control characters other than newline and tab shown escaped, so that a
+/// hostile agent can neither grow every record that quotes it nor forge
+/// lines in a log.
+pub fn guest_text(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(GUEST_MESSAGE_MAX) + 32);
+    for (i, c) in message.char_indices() {
+        if out.len() >= GUEST_MESSAGE_MAX {
+            out.push_str(&format!("… ({} more bytes from the guest cut)", message.len() - i));
+            break;
+        }
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Opens a stream to `port` in the guest through the hybrid vsock socket.
@@ -313,6 +338,19 @@ mod tests {
     use super::*;
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
+
+    #[test]
+    fn attack_a_guest_error_message_is_capped_and_cannot_forge_log_lines() {
+        let flood = "é".repeat(1 << 20);
+        let status = ttrpc::get_status(ttrpc::Code::INTERNAL, flood.clone());
+        let e = AgentError::from_rpc("create_container", ttrpc::Error::RpcStatus(status));
+        let text = e.to_string();
+        assert!(text.len() < GUEST_MESSAGE_MAX + 64, "{} bytes reached the host", text.len());
+        assert!(text.ends_with(&format!("… ({} more bytes from the guest cut)", flood.len() - GUEST_MESSAGE_MAX)));
+        let forged = guest_text("failed\r\x1b[2Klevel=info msg=\"all good\"\u{0}\nsecond line\ttab");
+        assert_eq!(forged, "failed\\r\\u{1b}[2Klevel=info msg=\"all good\"\\u{0}\nsecond line\ttab");
+        assert_eq!(guest_text("short"), "short");
+    }
 
     /// A hybrid-vsock host socket that answers the handshake with `reply`
     /// and then writes `after` on the stream.

@@ -43,6 +43,10 @@ pub struct SandboxSpec {
     /// The pod's cgroup (relative to each hierarchy's root), which the
     /// sandbox's host processes join; None: `runv/<sandbox id>`.
     pub cgroup: Option<PathBuf>,
+    /// A file `Sandbox::start` writes the sandbox directory's path to as
+    /// soon as the directory exists, before anything is started: a cleanup
+    /// after the caller died mid-boot finds the jail and its cgroups there.
+    pub dir_record: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +112,12 @@ impl Sandbox {
         let id = new_sandbox_id();
         let dir = config.runtime_dir.join("sandboxes").join(&id);
         create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
+        if let Some(record) = &spec.dir_record {
+            if let Err(source) = crate::helper::write_private(record, dir.to_string_lossy().as_bytes()) {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(SandboxError::WorkDir { path: record.clone(), source });
+            }
+        }
         let mut sandbox = Sandbox {
             id,
             console_log: dir.join("console.log"),
@@ -431,6 +441,7 @@ async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
         memory_mib: 128,
         netns: None,
         cgroup: None,
+        dir_record: None,
     };
     let started = Instant::now();
     let result = match Box::pin(Sandbox::start(&forced, &spec)).await {
