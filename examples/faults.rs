@@ -88,6 +88,20 @@ fn program(part: Part) -> &'static str {
     }
 }
 
+/// The processes of `part` of this benchmark's pods. A shim is its
+/// daemon: the `start` action that spawns it lives a moment and is not the
+/// shim a kill is meant for.
+fn targets(needle: &str, part: Part) -> Vec<(i32, String)> {
+    let mut found = processes(needle, program(part));
+    if part == Part::Shim {
+        found.retain(|(pid, _)| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).next_back().is_some_and(|a| a == b"start")
+        });
+    }
+    found
+}
+
 /// One case's outcome.
 struct Outcome {
     line: String,
@@ -135,13 +149,15 @@ async fn case(rig: &mut Rig, part: Part, phase: Phase, n: usize) -> Outcome {
                     .map_err(|e| e.message().to_string())
             }),
         ));
-        // The part's own process once it exists; the VM for the rest.
+        // The part's own process once it exists; the VM for the rest (the
+        // shim is there before the boot begins: it is killed once the VM
+        // is on its way up).
         let trigger = match part {
-            Part::Vmm | Part::Virtiofsd | Part::Vsock | Part::Shim => program(part),
-            _ => program(Part::Vmm),
+            Part::Vmm | Part::Virtiofsd | Part::Vsock => part,
+            _ => Part::Vmm,
         };
-        if wait_for(|| processes(&needle, trigger).first().cloned()).await.is_none() {
-            failed.push(format!("no {trigger} process appeared while the pod booted"));
+        if wait_for(|| targets(&needle, trigger).first().cloned()).await.is_none() {
+            failed.push(format!("no {} process appeared while the pod booted", program(trigger)));
         }
     } else {
         match rig.run_pod(&name).await {
@@ -198,7 +214,7 @@ async fn case(rig: &mut Rig, part: Part, phase: Phase, n: usize) -> Outcome {
         }
         Part::VmWhileServerDown => {
             rig.kill_server();
-            match processes(&needle, program(Part::Vmm)).first() {
+            match targets(&needle, Part::Vmm).first() {
                 Some((pid, name)) => {
                     // SAFETY: killing the VM of this benchmark's pod.
                     unsafe { libc::kill(*pid, libc::SIGKILL) };
@@ -215,7 +231,7 @@ async fn case(rig: &mut Rig, part: Part, phase: Phase, n: usize) -> Outcome {
                 Err(e) => failed.push(format!("ending the guest: {e}")),
             }
         }
-        _ => match processes(&needle, program(part)).first() {
+        _ => match targets(&needle, part).first() {
             Some((pid, name)) => {
                 // SAFETY: killing a process of this benchmark's pod.
                 unsafe { libc::kill(*pid, libc::SIGKILL) };

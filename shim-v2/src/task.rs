@@ -884,7 +884,9 @@ impl TaskService {
         let (pid, code, at, agent, shared) = {
             let mut state = self.state.lock().await;
             let pid = Self::vm_pid(&state);
-            let agent = state.sandbox.as_ref().map(|s| s.agent().clone());
+            // A sandbox that has ended has no guest to ask: the delete is
+            // answered at once, not after the agent call's deadline.
+            let agent = state.sandbox.as_mut().and_then(|s| s.fault().is_none().then(|| s.agent().clone()));
             let shared = state.shared.clone();
             let container =
                 state.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;

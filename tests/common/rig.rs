@@ -379,8 +379,23 @@ pub async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &str) -> Ve
         if let Err(e) = rt.stop_container(stop).await {
             failed.push(format!("StopContainer: {}", e.message()));
         }
-        if let Err(e) = rt.remove_container(RemoveContainerRequest { container_id: c.id }).await {
-            failed.push(format!("RemoveContainer: {}", e.message()));
+        // containerd's CRI plugin may refuse a container whose task has
+        // ended but whose exit it has not yet recorded ("still running"):
+        // kubelet tries again, and so does this, for up to 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match rt.remove_container(RemoveContainerRequest { container_id: c.id.clone() }).await {
+                Ok(_) => break,
+                Err(e) if e.message().contains("still running") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let stop = StopContainerRequest { container_id: c.id.clone(), timeout: 0 };
+                    let _ = rt.stop_container(stop).await;
+                }
+                Err(e) => {
+                    failed.push(format!("RemoveContainer: {}", e.message()));
+                    break;
+                }
+            }
         }
     }
     if let Err(e) = rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.into() }).await {
