@@ -96,7 +96,7 @@ fn targets(needle: &str, part: Part) -> Vec<(i32, String)> {
     if part == Part::Shim {
         found.retain(|(pid, _)| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            !cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).next_back().is_some_and(|a| a == b"start")
+            cmdline.split(|b| *b == 0).rfind(|a| !a.is_empty()).is_none_or(|a| a != b"start")
         });
     }
     found

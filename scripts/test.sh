@@ -14,6 +14,20 @@ cd "$repo"
 # Test-only packages: a registry for the image pull tests (they start their
 # own on a loopback port). Debian enables its service on install; a test
 # host needs no registry on :5000, so it is stopped and disabled again.
+# Prometheus and promtool read runv cri's metrics in tests/metrics.rs (the
+# test starts its own; Debian's service is stopped and disabled again).
+if [ "${RUNV_SKIP_APT:-0}" != 1 ] && ! command -v promtool >/dev/null; then
+    echo "==> installing Debian packages for the tests: prometheus" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+fi
+# openssl makes the TLS registry's CA and certificate at test time.
+if [ "${RUNV_SKIP_APT:-0}" != 1 ] && ! command -v openssl >/dev/null; then
+    echo "==> installing Debian packages for the tests: openssl" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
 if [ "${RUNV_SKIP_APT:-0}" != 1 ] && ! command -v docker-registry >/dev/null; then
     echo "==> installing Debian packages for the tests: docker-registry" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry >/dev/null
@@ -167,6 +181,13 @@ for bench in "run.sh 1" "vmm.sh 2" "pod.sh 1" "cri.sh 1" "net.sh 1 4" "faults.sh
         status=1
     fi
 done
+
+# The Debian package, installed, run, upgraded and purged with dpkg.
+echo "==> the Debian package (tests/package.sh)" >&2
+if ! RUNV_PACKAGE_SKIP_INSTALL=1 timeout -k 10 900 tests/package.sh 2>&1 | tee -a "$log"; then
+    echo "FAILED: tests/package.sh" | tee -a "$log" >&2
+    status=1
+fi
 
 # Every parser of guest or client bytes under libFuzzer, briefly (the
 # corpus grows in the cache between runs; tests/fuzz.sh SECONDS for more).

@@ -75,6 +75,13 @@ pub struct Config {
     pub cri_image_root: PathBuf,
     /// Registries (`host[:port]`) `runv cri` may reach over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// containerd-style registry hosts directory: `<registry>/hosts.toml`
+    /// (mirrors, server, capabilities, ca, skip_verify), `_default/hosts.toml`
+    /// for every other registry; a missing directory configures nothing.
+    pub registry_config_path: PathBuf,
+    /// A docker-style `config.json` with registry credentials by host; a
+    /// missing file holds none.
+    pub registry_auth_file: PathBuf,
     /// Where `runv cri` keeps its pods' and containers' state and bundles.
     pub cri_state_root: PathBuf,
     /// The image of every pod's sandbox (pause) container, pulled on first use.
@@ -133,6 +140,8 @@ impl Default for Config {
             log_level: "warn".into(),
             cri_image_root: PathBuf::from("/var/lib/runv/images"),
             insecure_registries: Vec::new(),
+            registry_config_path: PathBuf::from("/etc/runv/certs.d"),
+            registry_auth_file: PathBuf::from("/etc/runv/auth.json"),
             cri_state_root: PathBuf::from("/var/lib/runv/cri"),
             cri_sandbox_image: "registry.k8s.io/pause:3.10".into(),
             cri_stream_address: "127.0.0.1:0".into(),
@@ -220,6 +229,15 @@ impl Config {
 }
 
 impl Config {
+    /// Where `runv cri` pulls each registry's images from.
+    pub fn registry_hosts(&self) -> crate::image::RegistryHosts {
+        crate::image::RegistryHosts {
+            config_path: Some(self.registry_config_path.clone()),
+            insecure: self.insecure_registries.clone(),
+            auth_file: Some(self.registry_auth_file.clone()),
+        }
+    }
+
     /// The image store's caps on one layer.
     pub fn image_limits(&self) -> crate::image::ImageLimits {
         crate::image::ImageLimits {

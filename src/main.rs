@@ -97,6 +97,10 @@ enum Command {
         /// The socket to serve on.
         #[arg(long, default_value = "/run/runv/cri.sock", value_name = "PATH")]
         listen: PathBuf,
+        /// Serve Prometheus metrics on http://ADDRESS/metrics (host:port;
+        /// port 0 picks one, printed at start). Off when not given.
+        #[arg(long, value_name = "ADDRESS")]
+        metrics_address: Option<String>,
     },
     /// Run CMD as root in a sandbox's guest, outside every container.
     ///
@@ -151,11 +155,16 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Vmm(args) => runv::vmm::process::main(args, &config),
-        Command::Cri { listen } => {
+        Command::Cri { listen, metrics_address } => {
             let Some(runtime) = async_runtime(tokio::runtime::Builder::new_multi_thread()) else {
                 return ExitCode::from(EXIT_RUNV_ERROR as u8);
             };
-            match runtime.block_on(runv::cri::serve(&listen, config.clone(), cli.config.as_deref())) {
+            match runtime.block_on(runv::cri::serve(
+                &listen,
+                config.clone(),
+                cli.config.as_deref(),
+                metrics_address.as_deref(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("runv: error: {e:#}");

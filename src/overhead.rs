@@ -108,7 +108,7 @@ fn process_name(pid: u32) -> String {
 }
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
     // The command name may hold spaces; fields resume after its ')'.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };

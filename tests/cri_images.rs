@@ -216,3 +216,36 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving_many_cli
     runtime.version(VersionRequest::default()).await.unwrap();
     assert!(Path::new(&cri.socket()).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_k8s_io_is_pulled_from_the_mirror_its_hosts_toml_names() {
+    let test = "registry_k8s_io_is_pulled_from_the_mirror_its_hosts_toml_names";
+    if !registry_or_skip(test) {
+        return;
+    }
+    let reg = Registry::start();
+    push(&reg, "pause:3.10", &[base_layer()]).await;
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hosts.path().join("registry.k8s.io")).unwrap();
+    std::fs::write(
+        hosts.path().join("registry.k8s.io/hosts.toml"),
+        format!(
+            "server = \"https://registry.k8s.io\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.addr
+        ),
+    )
+    .unwrap();
+    // Not in insecure_registries: the plain-HTTP mirror is the hosts.toml's word.
+    let cri = CriServer::start("none", &format!("registry_config_path = \"{}\"", hosts.path().display()));
+    let mut images = ImageServiceClient::new(cri.channel().await);
+    let pulled = images
+        .pull_image(PullImageRequest { image: spec("registry.k8s.io/pause:3.10"), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    let listed = images.list_images(ListImagesRequest { filter: None }).await.unwrap().into_inner().images;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, pulled);
+    assert_eq!(listed[0].repo_tags, ["registry.k8s.io/pause:3.10"]);
+}

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use common::registry::{base_layer, push, registry_or_skip, sha, top_layer, Registry};
 use oci_client::secrets::RegistryAuth;
-use runv::image::{ImageError, ImageStore};
+use runv::image::{ImageError, ImageStore, RegistryHosts};
 
 fn ready(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -128,4 +128,121 @@ async fn bad_references_unknown_images_unreachable_registries_and_corrupt_blobs_
     let tmp: Vec<_> = std::fs::read_dir(dir.path().join("store/tmp")).unwrap().collect();
     assert!(tmp.is_empty(), "{tmp:?}");
     assert!(!dir.path().join("store/blobs/sha256").join(sha(&data)).exists());
+}
+
+/// A `hosts.toml` for `registry` in a fresh registry hosts directory.
+fn hosts_dir(registry: &str, text: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join(registry)).unwrap();
+    std::fs::write(dir.path().join(registry).join("hosts.toml"), text).unwrap();
+    dir
+}
+
+fn store_with_hosts(root: &Path, hosts: &Path) -> ImageStore {
+    ImageStore::open(root, &[])
+        .unwrap()
+        .with_hosts(RegistryHosts { config_path: Some(hosts.to_path_buf()), ..Default::default() })
+}
+
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_mirror_serves_registry_k8s_io_and_a_dead_mirror_passes_to_the_next() {
+    if !ready("a_loopback_mirror_serves_registry_k8s_io_and_a_dead_mirror_passes_to_the_next") {
+        return;
+    }
+    let reg = Registry::start();
+    push(&reg, "pause:3.10", &[base_layer()]).await;
+    let (dead, dead_server) = (closed_port(), closed_port());
+    // No name resolution, no redirect: registry.k8s.io's images come from
+    // the mirror because its hosts.toml says so. The first mirror is down.
+    let hosts = hosts_dir(
+        "registry.k8s.io",
+        &format!(
+            "server = \"https://registry.k8s.io\"\n\n\
+             [host.\"http://127.0.0.1:{dead}\"]\n  capabilities = [\"pull\", \"resolve\"]\n\n\
+             [host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.addr
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_hosts(&dir.path().join("store"), hosts.path());
+    let image = store.pull("registry.k8s.io/pause:3.10", &RegistryAuth::Anonymous).await.unwrap();
+    assert_eq!(image.reference, "registry.k8s.io/pause:3.10");
+    assert_eq!(store.get("registry.k8s.io/pause:3.10").unwrap(), image);
+    mount_base_check(&store, &image, dir.path());
+
+    // A mirror that may only pull serves a digest but not a tag; then the
+    // error names every host tried and what each said.
+    let hosts = hosts_dir(
+        "registry.k8s.io",
+        &format!(
+            "server = \"http://127.0.0.1:{dead_server}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\"]\n",
+            reg.addr
+        ),
+    );
+    let store = store_with_hosts(&dir.path().join("store2"), hosts.path());
+    let by_digest = format!("registry.k8s.io/pause@{}", image.digest);
+    assert_eq!(store.pull(&by_digest, &RegistryAuth::Anonymous).await.unwrap().digest, image.digest);
+    let err = store.pull("registry.k8s.io/pause:3.10", &RegistryAuth::Anonymous).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("every host failed: 127.0.0.1:{dead_server} (server)")), "{err}");
+    assert!(!err.contains(&reg.addr), "a pull-only mirror resolved a tag: {err}");
+
+    // A hosts.toml runv cannot honour is refused, naming file and key.
+    let hosts = hosts_dir("registry.k8s.io", "[host.\"https://m\"]\n  client = \"/etc/cert.pem\"\n");
+    let store = store_with_hosts(&dir.path().join("store3"), hosts.path());
+    let err = store.pull("registry.k8s.io/pause:3.10", &RegistryAuth::Anonymous).await.unwrap_err().to_string();
+    assert!(err.contains("registry.k8s.io/hosts.toml [host.\"https://m\"]: `client`"), "{err}");
+}
+
+fn mount_base_check(store: &ImageStore, image: &runv::image::ImageRecord, dir: &Path) {
+    let target = dir.join("rootfs");
+    store.mount_rootfs(image, &dir.join("rw"), &target).unwrap();
+    let hello = std::fs::read_to_string(target.join("bin/hello"));
+    nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert_eq!(hello.unwrap(), "hello from layer 1\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_registry_is_pulled_from_with_its_ca_or_skip_verify_and_refused_without() {
+    let test = "a_tls_registry_is_pulled_from_with_its_ca_or_skip_verify_and_refused_without";
+    if !ready(test) {
+        return;
+    }
+    if runv::helper::find_program(Path::new("openssl")).is_none() {
+        eprintln!("SKIP {test}: needs openssl (scripts/test.sh installs it)");
+        return;
+    }
+    let plain = Registry::start();
+    push(&plain, "runv/tls:1", &[base_layer()]).await;
+    let tls = Registry::start_tls_over(&plain);
+    let reference = format!("{}/runv/tls:1", tls.addr);
+    let dir = tempfile::tempdir().unwrap();
+
+    // No configuration: HTTPS with the system's roots, which do not know
+    // the test CA.
+    let empty = tempfile::tempdir().unwrap();
+    let store = store_with_hosts(&dir.path().join("s1"), empty.path());
+    let err = store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap_err();
+    assert!(matches!(err, ImageError::Pull { .. }), "{err}");
+
+    // `ca`, relative to the hosts.toml's directory.
+    let hosts = hosts_dir(&tls.addr, "ca = \"ca.pem\"\n");
+    std::fs::copy(tls.dir.path().join("ca.pem"), hosts.path().join(&tls.addr).join("ca.pem")).unwrap();
+    let store = store_with_hosts(&dir.path().join("s2"), hosts.path());
+    let image = store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap();
+    assert_eq!(image.reference, reference);
+
+    // `skip_verify`, no CA.
+    let hosts = hosts_dir(&tls.addr, "skip_verify = true\n");
+    let store = store_with_hosts(&dir.path().join("s3"), hosts.path());
+    store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap();
+
+    // A `ca` that is not a certificate is named.
+    let hosts = hosts_dir(&tls.addr, "ca = \"/etc/hostname\"\n");
+    let store = store_with_hosts(&dir.path().join("s4"), hosts.path());
+    let err = store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap_err().to_string();
+    assert!(err.contains("ca /etc/hostname is not a PEM certificate"), "{err}");
 }

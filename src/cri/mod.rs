@@ -8,6 +8,7 @@
 
 pub mod authority;
 pub mod logs;
+pub mod metrics;
 pub mod network;
 pub mod runtime;
 pub mod seccomp;
@@ -117,15 +118,9 @@ fn auth_of(auth: Option<AuthConfig>) -> Result<RegistryAuth, Status> {
     }
     if !a.auth.is_empty() {
         // base64("user:password"), as in a docker config.
-        use base64::Engine;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(a.auth.trim())
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
+        let (user, pass) = crate::image::hosts::decode_basic_auth(&a.auth)
             .ok_or_else(|| Status::invalid_argument("auth: not base64 of user:password"))?;
-        let (user, pass) =
-            decoded.split_once(':').ok_or_else(|| Status::invalid_argument("auth: not base64 of user:password"))?;
-        return Ok(RegistryAuth::Basic(user.into(), pass.into()));
+        return Ok(RegistryAuth::Basic(user, pass));
     }
     Ok(RegistryAuth::Anonymous)
 }
@@ -166,7 +161,11 @@ impl ImageService for Cri {
         let req = req.into_inner();
         let wanted = wanted_image(req.image, "PullImage")?;
         let auth = auth_of(req.auth)?;
-        let record = self.images.pull(&wanted, &auth).await.map_err(image_status)?;
+        let result = self.images.pull(&wanted, &auth).await;
+        let m = &metrics::METRICS;
+        m.pulls.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+        let record = result.map_err(image_status)?;
+        m.pull_bytes.inc_by(record.layers.iter().map(|l| l.size).sum());
         Ok(Response::new(PullImageResponse { image_ref: record.digest }))
     }
 
@@ -301,8 +300,14 @@ impl RuntimeService for Cri {
         &self,
         req: Request<RunPodSandboxRequest>,
     ) -> Result<Response<RunPodSandboxResponse>, Status> {
-        let pod_sandbox_id = self.runtime.run_pod(req.into_inner()).await?;
-        Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id }))
+        let began = std::time::Instant::now();
+        let result = self.runtime.run_pod(req.into_inner()).await;
+        let hypervisor = format!("{:?}", self.runtime.config().hypervisor).to_lowercase();
+        metrics::METRICS
+            .pod_start
+            .with_label_values(&[hypervisor.as_str(), if result.is_ok() { "ok" } else { "error" }])
+            .observe(began.elapsed().as_secs_f64());
+        Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id: result? }))
     }
 
     async fn stop_pod_sandbox(
@@ -490,10 +495,22 @@ impl RuntimeService for Cri {
             "runv cri takes pod addresses from the CNI configuration in cni_conf_dir; it renders no CNI template from the pod CIDR";
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse:
             "checkpointing is not supported (the container runs in a microVM)";
-        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse:
-            "runv cri serves stats through ContainerStats and PodSandboxStats, not CRI metrics";
-        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse:
-            "runv cri serves stats through ContainerStats and PodSandboxStats, not CRI metrics";
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<ListMetricDescriptorsRequest>,
+    ) -> Result<Response<ListMetricDescriptorsResponse>, Status> {
+        Ok(Response::new(ListMetricDescriptorsResponse { descriptors: metrics::Metrics::descriptors() }))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<ListPodSandboxMetricsResponse>, Status> {
+        Ok(Response::new(ListPodSandboxMetricsResponse {
+            pod_metrics: metrics::Metrics::pod_sandbox_metrics(&self.runtime).await,
+        }))
     }
 
     type GetContainerEventsStream =
@@ -520,10 +537,17 @@ impl RuntimeService for Cri {
 /// Serves CRI on the Unix socket `listen` until SIGINT or SIGTERM (which
 /// remove the socket; pods keep running and a restarted server takes them
 /// back). `config_path` is handed to the shims.
-pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) -> anyhow::Result<()> {
+pub async fn serve(
+    listen: &Path,
+    config: Config,
+    config_path: Option<&Path>,
+    metrics_address: Option<&str>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let images = Arc::new(
-        ImageStore::open(&config.cri_image_root, &config.insecure_registries)?.with_limits(config.image_limits()),
+        ImageStore::open(&config.cri_image_root, &config.insecure_registries)?
+            .with_limits(config.image_limits())
+            .with_hosts(config.registry_hosts()),
     );
     if let Some(dir) = listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -542,6 +566,10 @@ pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) ->
     runtime.follow_shim_events(shim_events.subscribe());
     let (streams, stream_listener) = stream::StreamServer::bind(&config.cri_stream_address).await?;
     streams.clone().serve(stream_listener, runtime.clone());
+    let metrics_addr = match metrics_address {
+        Some(address) => Some(metrics::serve(address, runtime.clone()).await?),
+        None => None,
+    };
     let cri = Arc::new(Cri { images, runtime, streams: streams.clone() });
     let _ = std::fs::remove_file(listen);
     let listener =
@@ -561,10 +589,11 @@ pub async fn serve(listen: &Path, config: Config, config_path: Option<&Path>) ->
         }
     };
     eprintln!(
-        "runv cri {} serving CRI {CRI_API_VERSION} on {} (streaming on {})",
+        "runv cri {} serving CRI {CRI_API_VERSION} on {} (streaming on {}{})",
         env!("CARGO_PKG_VERSION"),
         listen.display(),
-        streams.addr()
+        streams.addr(),
+        metrics_addr.map(|a| format!(", metrics on http://{a}/metrics")).unwrap_or_default()
     );
     let result = tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::from_arc(cri.clone()))

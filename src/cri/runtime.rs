@@ -613,6 +613,25 @@ impl Runtime {
             .collect()
     }
 
+    /// The host processes of a pod's sandbox (VM, virtiofsd, vsock device)
+    /// by name and pid, from its shim's record, each only while it is
+    /// still the process the shim started.
+    pub async fn host_processes(&self, pod_id: &str) -> Vec<(String, u32)> {
+        if pod_id.is_empty() || pod_id.contains('/') || pod_id.starts_with('.') {
+            return Vec::new();
+        }
+        let file = self.config().runtime_dir.join("shim").join(super::shim::NAMESPACE).join(pod_id).join("pids");
+        let text = tokio::fs::read_to_string(&file).await.unwrap_or_default();
+        text.lines()
+            .filter_map(crate::helper::ProcessIdentity::parse)
+            .filter(|p| p.is_alive())
+            .map(|p| {
+                let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).unwrap_or_default();
+                (comm.trim().to_string(), p.pid)
+            })
+            .collect()
+    }
+
     // --- containers ---------------------------------------------------------
 
     pub async fn create_container(self: &Arc<Self>, req: CreateContainerRequest) -> Result<String, Status> {

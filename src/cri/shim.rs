@@ -131,6 +131,7 @@ fn call_error(call: &'static str, e: ttrpc::Error) -> ShimError {
         }
         other => (tonic::Code::Unavailable, other.to_string()),
     };
+    super::metrics::call_failed(call, code);
     ShimError::Call { call, code, message }
 }
 
@@ -151,11 +152,13 @@ impl Shim {
     }
 
     pub async fn create(&self, req: api::CreateTaskRequest) -> Result<u32, ShimError> {
+        let _timer = super::metrics::time_call("create");
         let r = self.client.create(ctx(Some(CALL_TIMEOUT)), &req).await.map_err(|e| call_error("create", e))?;
         Ok(r.pid)
     }
 
     pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, ShimError> {
+        let _timer = super::metrics::time_call("start");
         let req = api::StartRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() };
         let r = self.client.start(ctx(Some(CALL_TIMEOUT)), &req).await.map_err(|e| call_error("start", e))?;
         Ok(r.pid)
@@ -170,28 +173,33 @@ impl Shim {
     }
 
     pub async fn state(&self, id: &str) -> Result<api::StateResponse, ShimError> {
+        let _timer = super::metrics::time_call("state");
         let req = api::StateRequest { id: id.into(), ..Default::default() };
         self.client.state(ctx(Some(CALL_TIMEOUT)), &req).await.map_err(|e| call_error("state", e))
     }
 
     pub async fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), ShimError> {
+        let _timer = super::metrics::time_call("kill");
         let req = api::KillRequest { id: id.into(), exec_id: exec_id.into(), signal, all, ..Default::default() };
         self.client.kill(ctx(Some(CALL_TIMEOUT)), &req).await.map_err(|e| call_error("kill", e))?;
         Ok(())
     }
 
     pub async fn delete(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
+        let _timer = super::metrics::time_call("delete");
         let req = api::DeleteRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() };
         self.client.delete(ctx(Some(CALL_TIMEOUT)), &req).await.map_err(|e| call_error("delete", e))?;
         Ok(())
     }
 
     pub async fn exec(&self, req: api::ExecProcessRequest) -> Result<(), ShimError> {
+        let _timer = super::metrics::time_call("exec");
         self.client.exec(ctx(Some(CALL_TIMEOUT)), &req).await.map_err(|e| call_error("exec", e))?;
         Ok(())
     }
 
     pub async fn resize(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<(), ShimError> {
+        let _timer = super::metrics::time_call("resize");
         let req = api::ResizePtyRequest { id: id.into(), exec_id: exec_id.into(), width, height, ..Default::default() };
         self.client.resize_pty(ctx(Some(CALL_TIMEOUT)), &req).await.map_err(|e| call_error("resize", e))?;
         Ok(())

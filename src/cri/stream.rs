@@ -156,6 +156,12 @@ impl StreamServer {
         // Bounded: a client that reads slowly slows the copy, not the host.
         let (tx, rx) = mpsc::channel::<Message>(STREAM_QUEUE_FRAMES);
         let writer = tokio::spawn(write_all(sink, rx));
+        let kind = match &request {
+            Pending::Exec(_) => "exec",
+            Pending::Attach(_) => "attach",
+            Pending::PortForward(_) => "portforward",
+        };
+        super::metrics::METRICS.streams.with_label_values(&[kind]).inc();
         match request {
             Pending::Exec(req) => exec(&runtime, req, &tx, source, v5).await,
             Pending::Attach(req) => attach(&runtime, req, &tx, source, v5).await,

@@ -21,7 +21,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::fsroot::{open_child, remove_child, FsRoot};
 
-use oci_client::client::{ClientConfig, ClientProtocol};
+pub mod hosts;
+
+pub use hosts::{Endpoint, RegistryHosts};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
@@ -78,7 +80,9 @@ impl ImageRecord {
 
 pub struct ImageStore {
     root: PathBuf,
-    client: Client,
+    hosts: RegistryHosts,
+    /// One registry client per endpoint's settings (clients keep tokens).
+    clients: std::sync::Mutex<std::collections::HashMap<String, Client>>,
     limits: ImageLimits,
     /// Layers a pull in progress uses (by hex, counted): garbage collection
     /// keeps them even before the pull has written its image record.
@@ -132,13 +136,36 @@ impl ImageStore {
         for dir in ["blobs/sha256", "layers", "images", "tmp"] {
             crate::helper::create_private_dir_all(&root.join(dir)).map_err(io_err(root))?;
         }
-        let config = ClientConfig { protocol: ClientProtocol::HttpsExcept(insecure.to_vec()), ..Default::default() };
         Ok(Self {
             root: root.to_path_buf(),
-            client: Client::new(config),
+            hosts: RegistryHosts { insecure: insecure.to_vec(), ..Default::default() },
+            clients: Default::default(),
             limits: ImageLimits::default(),
             pinned: Default::default(),
         })
+    }
+
+    /// Sets where registries are pulled from (`hosts.toml` files, the auth
+    /// file); the insecure list `open` was given is kept unless `hosts`
+    /// has one.
+    pub fn with_hosts(mut self, mut hosts: RegistryHosts) -> Self {
+        if hosts.insecure.is_empty() {
+            hosts.insecure = std::mem::take(&mut self.hosts.insecure);
+        }
+        self.hosts = hosts;
+        self
+    }
+
+    fn client_for(&self, endpoint: &Endpoint) -> Result<Client, String> {
+        let key = endpoint.client_key();
+        let mut clients = self.clients.lock().expect("client lock");
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let client = Client::try_from(endpoint.client_config()?)
+            .map_err(|e| format!("{}: the registry client: {e}", endpoint.origin))?;
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Sets the caps on what one layer may hold.
@@ -178,14 +205,77 @@ impl ImageStore {
 
     /// Pulls `reference` (manifest, config, layers), verifies every digest,
     /// unpacks layers not unpacked yet, and records the image.
+    ///
+    /// The registry's hosts (see [`hosts`]) are tried in order: a host that
+    /// cannot serve the image (unreachable, an error, not found, content
+    /// that fails its digest) passes it to the next; the error names what
+    /// each host said.
     pub async fn pull(&self, reference: &str, auth: &RegistryAuth) -> Result<ImageRecord, ImageError> {
         let r = Self::parse(reference)?;
         let name = r.whole();
+        let registry = r.registry().to_string();
+        let endpoints = self.hosts.endpoints(&registry).map_err(|reason| ImageError::Pull {
+            reference: name.clone(),
+            reason: format!("registry hosts configuration: {reason}"),
+        })?;
+        let by_digest = r.digest().is_some();
+        let usable: Vec<&Endpoint> = endpoints.iter().filter(|e| e.pull && (by_digest || e.resolve)).collect();
+        if usable.is_empty() {
+            return Err(ImageError::Pull {
+                reference: name,
+                reason: format!(
+                    "no host of {registry} may {} (see the `capabilities` of its hosts.toml)",
+                    if by_digest { "pull" } else { "resolve a tag" }
+                ),
+            });
+        }
+        let mut tried = Vec::new();
+        for endpoint in usable {
+            let failed = |reason: String| ImageError::Pull { reference: name.clone(), reason };
+            let client = self.client_for(endpoint).map_err(failed)?;
+            let auth = self.hosts.auth_for(&registry, endpoint, auth).map_err(failed)?;
+            let mut at = r.clone();
+            if endpoint.mirror || endpoint.host != registry {
+                at.set_mirror_registry(endpoint.host.clone());
+            }
+            match self.pull_from(&client, &at, &name, &auth).await {
+                Ok(record) => return Ok(record),
+                // The image itself is at fault, or the store: no other
+                // host can help.
+                Err(e @ (ImageError::Layer { .. } | ImageError::Io { .. } | ImageError::BadReference { .. })) => {
+                    return Err(e)
+                }
+                Err(e) if endpoints.len() == 1 => return Err(e),
+                Err(e) => {
+                    let why = match e {
+                        ImageError::Pull { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    tracing::info!(image = %name, host = %endpoint.host, "pull failed, trying the next host: {why}");
+                    tried.push(format!(
+                        "{} ({}): {why}",
+                        endpoint.host,
+                        if endpoint.mirror { "mirror" } else { "server" }
+                    ));
+                }
+            }
+        }
+        Err(ImageError::Pull { reference: name, reason: format!("every host failed: {}", tried.join("; ")) })
+    }
+
+    async fn pull_from(
+        &self,
+        client: &Client,
+        r: &Reference,
+        name: &str,
+        auth: &RegistryAuth,
+    ) -> Result<ImageRecord, ImageError> {
+        let name = name.to_string();
         let pull_err = |e: oci_client::errors::OciDistributionError| ImageError::Pull {
             reference: name.clone(),
             reason: e.to_string(),
         };
-        let (manifest, digest, config) = self.client.pull_manifest_and_config(&r, auth).await.map_err(pull_err)?;
+        let (manifest, digest, config) = client.pull_manifest_and_config(r, auth).await.map_err(pull_err)?;
         let config_digest = manifest.config.digest.clone();
         let config_hex = digest_hex(&config_digest).ok_or_else(|| ImageError::Pull {
             reference: name.clone(),
@@ -219,7 +309,7 @@ impl ImageStore {
         let mut layers = Vec::new();
         for (layer, hex) in manifest.layers.iter().zip(&pins.hexes) {
             if !self.blob_path(hex).is_file() {
-                self.fetch_blob(&r, layer, hex).await?;
+                self.fetch_blob(client, r, layer, hex).await?;
             }
             self.unpack(hex, &layer.media_type)?;
             layers.push(LayerRecord {
@@ -238,6 +328,7 @@ impl ImageStore {
 
     async fn fetch_blob(
         &self,
+        client: &Client,
         r: &Reference,
         layer: &oci_client::manifest::OciDescriptor,
         hex: &str,
@@ -252,7 +343,7 @@ impl ImageStore {
                 left: self.limits.max_layer_bytes,
                 exceeded: false,
             };
-            self.client.pull_blob(r, layer, &mut writer).await.map_err(|e| {
+            client.pull_blob(r, layer, &mut writer).await.map_err(|e| {
                 let reason = e.to_string();
                 if writer.exceeded {
                     ImageError::Layer {

@@ -14,6 +14,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub struct CriServer {
     pub child: Child,
     pub dir: tempfile::TempDir,
+    /// More arguments of `runv cri` (after `--listen`).
+    pub args: Vec<String>,
 }
 
 /// The `runv` binary of this build (tests know it; an example finds it
@@ -38,6 +40,11 @@ impl CriServer {
     /// Starts `runv cri` with its state in a fresh directory; `extra` is
     /// more config (TOML lines).
     pub fn start(insecure: &str, extra: &str) -> Self {
+        Self::start_with_args(insecure, extra, &[])
+    }
+
+    /// As `start`, with more arguments of `runv cri`.
+    pub fn start_with_args(insecure: &str, extra: &str, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("runv-cri-").tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("net.d")).unwrap();
         let config = dir.path().join("config.toml");
@@ -52,7 +59,8 @@ impl CriServer {
             ),
         )
         .unwrap();
-        let mut server = CriServer { child: Command::new("true").spawn().unwrap(), dir };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut server = CriServer { child: Command::new("true").spawn().unwrap(), dir, args };
         server.launch();
         server
     }
@@ -66,6 +74,7 @@ impl CriServer {
             .arg("cri")
             .arg("--listen")
             .arg(&socket)
+            .args(&self.args)
             .env_remove("RUNV_LOG")
             .stdout(Stdio::null())
             .stderr(log)

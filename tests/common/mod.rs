@@ -21,12 +21,17 @@ pub struct TestEnv {
 /// image, and a `runv cri` using that pause image; returns the busybox
 /// image's reference too.
 pub async fn registry_and_server() -> (registry::Registry, cri::CriServer, String) {
+    registry_and_server_with_args(&[]).await
+}
+
+/// As `registry_and_server`, with more arguments of `runv cri`.
+pub async fn registry_and_server_with_args(args: &[&str]) -> (registry::Registry, cri::CriServer, String) {
     use registry::{dir_layer, push_with_cmd, Registry};
     let reg = Registry::start();
     let rootfs = dir_layer(&Path::new(SHARE_DIR).join("rootfs"));
     let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
     let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
-    let cri = cri::CriServer::start(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""));
+    let cri = cri::CriServer::start_with_args(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""), args);
     (reg, cri, app)
 }
 

@@ -30,14 +30,70 @@ pub struct Registry {
 impl Registry {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        Self::serve(dir, &data, None)
+    }
+
+    /// A second registry over the same storage, serving HTTPS with a
+    /// certificate for 127.0.0.1 signed by a CA made here (`ca.pem` in the
+    /// returned registry's directory).
+    pub fn start_tls_over(plain: &Registry) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(d).output().expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=runv test CA"],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat(),
+        );
+        std::fs::write(
+            d.join("ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        let tls = (d.join("server.pem"), d.join("server.key"));
+        Self::serve(dir, &plain.dir.path().join("data"), Some(tls))
+    }
+
+    fn serve(dir: tempfile::TempDir, data: &Path, tls: Option<(PathBuf, PathBuf)>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
+        let tls = tls
+            .map(|(cert, key)| format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{tls}",
+                data.display()
             ),
         )
         .unwrap();

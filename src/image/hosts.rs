@@ -1,0 +1,454 @@
+//! Where a registry's images are pulled from, read the way containerd reads
+//! it: a directory (`registry_config_path`) of `<registry>/hosts.toml`
+//! files (containerd's `docs/hosts.md` format), falling back to
+//! `_default/hosts.toml`, then to the registry itself over HTTPS (plain
+//! HTTP for one listed in `insecure_registries`). Credentials come from the
+//! CRI request for the image's own registry, and from a docker-style
+//! `config.json` (`registry_auth_file`) for any host.
+//!
+//! A `hosts.toml`:
+//!
+//! ```toml
+//! server = "https://registry.k8s.io"        # tried last; default https://<registry>
+//!
+//! [host."http://10.0.0.5:5000"]             # mirrors, tried in file order
+//!   capabilities = ["pull", "resolve"]      # default: pull, resolve, push
+//!
+//! [host."https://mirror.internal"]
+//!   ca = "mirror-ca.pem"                    # relative to this file's directory
+//!   skip_verify = false
+//! ```
+//!
+//! A host with `resolve` may turn a tag into a digest; a host with only
+//! `pull` serves references by digest. `client` (client certificates) and
+//! `header` are part of the format that runv's registry client (oci-client)
+//! cannot honour: a file that sets them is refused, naming the key, rather
+//! than pulled from without them.
+
+use std::path::{Path, PathBuf};
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+
+/// One place to pull a registry's images from, in the order tried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host[:port]` contacted.
+    pub host: String,
+    pub plain_http: bool,
+    pub skip_verify: bool,
+    /// PEM files of extra certificate authorities.
+    pub ca: Vec<PathBuf>,
+    pub pull: bool,
+    pub resolve: bool,
+    /// A mirror (any host but the registry's own server).
+    pub mirror: bool,
+    /// Where this endpoint was configured, for errors.
+    pub origin: String,
+}
+
+impl Endpoint {
+    /// The registry client's settings for this endpoint.
+    pub fn client_config(&self) -> Result<ClientConfig, String> {
+        let mut extra = Vec::new();
+        for path in &self.ca {
+            let data = std::fs::read(path).map_err(|e| format!("{}: ca {}: {e}", self.origin, path.display()))?;
+            if !data.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(format!("{}: ca {} is not a PEM certificate", self.origin, path.display()));
+            }
+            extra.push(Certificate { encoding: CertificateEncoding::Pem, data });
+        }
+        Ok(ClientConfig {
+            protocol: if self.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
+            accept_invalid_certificates: self.skip_verify,
+            extra_root_certificates: extra,
+            ..Default::default()
+        })
+    }
+
+    /// What distinguishes one client from another (a client is kept per key).
+    pub fn client_key(&self) -> String {
+        format!("{}|{}|{}|{:?}", self.host, self.plain_http, self.skip_verify, self.ca)
+    }
+}
+
+/// The registry hosts configuration.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryHosts {
+    /// The `hosts.toml` directory; None or missing: none is read.
+    pub config_path: Option<PathBuf>,
+    /// Registries reached over plain HTTP when no `hosts.toml` names them.
+    pub insecure: Vec<String>,
+    /// A docker-style `config.json` with credentials by host.
+    pub auth_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostsFile {
+    server: Option<String>,
+    // The server's settings (serde's flatten cannot deny unknown keys).
+    capabilities: Option<Vec<String>>,
+    ca: Option<OneOrMany>,
+    skip_verify: Option<bool>,
+    override_path: Option<bool>,
+    client: Option<toml::Value>,
+    header: Option<toml::Value>,
+    #[serde(default)]
+    host: toml::Table,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostSettings {
+    capabilities: Option<Vec<String>>,
+    ca: Option<OneOrMany>,
+    skip_verify: Option<bool>,
+    override_path: Option<bool>,
+    client: Option<toml::Value>,
+    header: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The docker.io registry's real server.
+const DOCKER_HUB: &str = "registry-1.docker.io";
+
+impl RegistryHosts {
+    /// The hosts to pull `registry`'s images from, mirrors first.
+    pub fn endpoints(&self, registry: &str) -> Result<Vec<Endpoint>, String> {
+        if let Some(dir) = &self.config_path {
+            for name in [host_dir_name(registry), "_default".to_string()] {
+                let file = dir.join(&name).join("hosts.toml");
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => return parse_hosts(&text, &file, registry),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("reading {}: {e}", file.display())),
+                }
+            }
+        }
+        Ok(vec![Endpoint {
+            host: default_server(registry),
+            plain_http: self.insecure.iter().any(|i| i == registry),
+            skip_verify: false,
+            ca: Vec::new(),
+            pull: true,
+            resolve: true,
+            mirror: false,
+            origin: "the registry itself".into(),
+        }])
+    }
+
+    /// The credentials for `host`: `given` (the CRI request's) when `host`
+    /// is the image's own registry, else the auth file's entry for `host`,
+    /// else none.
+    pub fn auth_for(&self, registry: &str, endpoint: &Endpoint, given: &RegistryAuth) -> Result<RegistryAuth, String> {
+        let own = endpoint.host == registry || endpoint.host == default_server(registry);
+        if own && !matches!(given, RegistryAuth::Anonymous) {
+            return Ok(given.clone());
+        }
+        let Some(file) = &self.auth_file else { return Ok(RegistryAuth::Anonymous) };
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
+            Err(e) => return Err(format!("reading {}: {e}", file.display())),
+        };
+        auth_from_docker_config(&text, &endpoint.host, own.then_some(registry))
+            .map_err(|e| format!("{}: {e}", file.display()))
+    }
+}
+
+/// containerd's directory name for a registry host (`host:port` as is;
+/// docker.io's images live under `docker.io`).
+fn host_dir_name(registry: &str) -> String {
+    if registry == "index.docker.io" || registry == DOCKER_HUB {
+        "docker.io".into()
+    } else {
+        registry.to_string()
+    }
+}
+
+fn default_server(registry: &str) -> String {
+    if registry == "docker.io" || registry == "index.docker.io" {
+        DOCKER_HUB.into()
+    } else {
+        registry.to_string()
+    }
+}
+
+/// Parses one `hosts.toml` (at `file`, for `registry`).
+pub fn parse_hosts(text: &str, file: &Path, registry: &str) -> Result<Vec<Endpoint>, String> {
+    let bad = |what: String| format!("{}: {what}", file.display());
+    let parsed: HostsFile = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for (url, value) in &parsed.host {
+        let origin = format!("{} [host.\"{url}\"]", file.display());
+        let settings: HostSettings =
+            value.clone().try_into().map_err(|e: toml::de::Error| format!("{origin}: {}", e.message()))?;
+        out.push(endpoint(url, &settings, base, &origin, true)?);
+    }
+    let server = parsed.server.unwrap_or_else(|| format!("https://{}", default_server(registry)));
+    let origin = format!("{} server", file.display());
+    let settings = HostSettings {
+        capabilities: parsed.capabilities,
+        ca: parsed.ca,
+        skip_verify: parsed.skip_verify,
+        override_path: parsed.override_path,
+        client: parsed.client,
+        header: parsed.header,
+    };
+    let server = endpoint(&server, &settings, base, &origin, false)?;
+    out.push(server);
+    Ok(out)
+}
+
+fn endpoint(url: &str, s: &HostSettings, base: &Path, origin: &str, mirror: bool) -> Result<Endpoint, String> {
+    let bad = |what: String| Err(format!("{origin}: {what}"));
+    if s.client.is_some() {
+        return bad("`client` (client certificates) is not supported by runv's registry client; \
+                    remove it, or use a mirror that needs none"
+            .into());
+    }
+    if s.header.is_some() {
+        return bad("`header` is not supported by runv's registry client; remove it".into());
+    }
+    let with_scheme = if url.contains("://") { url.to_string() } else { format!("https://{url}") };
+    let (scheme, rest) = with_scheme.split_once("://").expect("a scheme");
+    let plain_http = match scheme {
+        "http" => true,
+        "https" => false,
+        other => return bad(format!("scheme '{other}' is neither http nor https")),
+    };
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if host.is_empty() || host.contains(['?', '#', '@', ' ']) {
+        return bad(format!("'{url}' does not name a host"));
+    }
+    let path = path.trim_end_matches('/');
+    // containerd appends /v2 unless `override_path`; runv's client speaks
+    // the distribution API at /v2 only.
+    let full =
+        if s.override_path == Some(true) || path.ends_with("/v2") { path.to_string() } else { format!("{path}/v2") };
+    if full != "/v2" {
+        return bad(format!("path '{full}': runv pulls only from a registry's /v2 (no path prefix)"));
+    }
+    let mut pull = true;
+    let mut resolve = true;
+    if let Some(caps) = &s.capabilities {
+        pull = false;
+        resolve = false;
+        for c in caps {
+            match c.as_str() {
+                "pull" => pull = true,
+                "resolve" => resolve = true,
+                "push" => {}
+                other => return bad(format!("capability '{other}' is not one of pull, resolve, push")),
+            }
+        }
+    }
+    let ca = match &s.ca {
+        None => Vec::new(),
+        Some(OneOrMany::One(p)) => vec![p.clone()],
+        Some(OneOrMany::Many(v)) => v.clone(),
+    };
+    Ok(Endpoint {
+        host: host.to_string(),
+        plain_http,
+        skip_verify: s.skip_verify.unwrap_or(false),
+        ca: ca.into_iter().map(|p| base.join(p)).collect(),
+        pull,
+        resolve,
+        mirror,
+        origin: origin.to_string(),
+    })
+}
+
+/// `user:password` from base64, as docker configs and CRI's `auth` hold it.
+pub fn decode_basic_auth(encoded: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_string(), pass.to_string()))
+}
+
+/// The credentials a docker-style `config.json` holds for `host` (also
+/// under `https://host`, and docker.io's under its legacy index URL).
+fn auth_from_docker_config(text: &str, host: &str, registry: Option<&str>) -> Result<RegistryAuth, String> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        auths: std::collections::BTreeMap<String, Entry>,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        auth: String,
+        #[serde(default)]
+        username: String,
+        #[serde(default)]
+        password: String,
+        #[serde(default)]
+        registrytoken: String,
+        #[serde(default)]
+        identitytoken: String,
+    }
+    let file: File = serde_json::from_str(text).map_err(|e| format!("not a docker config.json: {e}"))?;
+    let mut keys = vec![host.to_string(), format!("https://{host}"), format!("http://{host}")];
+    if let Some(r) = registry {
+        keys.push(r.to_string());
+        if r == "docker.io" {
+            keys.push("https://index.docker.io/v1/".into());
+        }
+    }
+    let Some((key, e)) = keys.iter().find_map(|k| file.auths.get(k).map(|e| (k, e))) else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    if !e.registrytoken.is_empty() {
+        return Ok(RegistryAuth::Bearer(e.registrytoken.clone()));
+    }
+    if !e.identitytoken.is_empty() {
+        return Err(format!("auths.\"{key}\": identitytoken (an OAuth refresh token) is not supported"));
+    }
+    if !e.username.is_empty() {
+        return Ok(RegistryAuth::Basic(e.username.clone(), e.password.clone()));
+    }
+    if !e.auth.is_empty() {
+        let (user, pass) =
+            decode_basic_auth(&e.auth).ok_or_else(|| format!("auths.\"{key}\".auth is not base64 of user:password"))?;
+        return Ok(RegistryAuth::Basic(user, pass));
+    }
+    Ok(RegistryAuth::Anonymous)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(dir: &Path) -> RegistryHosts {
+        RegistryHosts { config_path: Some(dir.to_path_buf()), insecure: vec!["plain:5000".into()], auth_file: None }
+    }
+
+    #[test]
+    fn mirrors_come_in_file_order_then_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("registry.k8s.io")).unwrap();
+        std::fs::write(
+            dir.path().join("registry.k8s.io/hosts.toml"),
+            r#"
+server = "https://registry.k8s.io"
+
+[host."http://10.0.0.9:5000"]
+  capabilities = ["pull", "resolve"]
+
+[host."https://a.mirror/v2"]
+  capabilities = ["pull"]
+  ca = ["ca.pem", "/etc/other.pem"]
+  skip_verify = true
+
+[host."b.mirror:8443"]
+"#,
+        )
+        .unwrap();
+        let e = hosts(dir.path()).endpoints("registry.k8s.io").unwrap();
+        let names: Vec<_> = e.iter().map(|e| e.host.as_str()).collect();
+        assert_eq!(names, ["10.0.0.9:5000", "a.mirror", "b.mirror:8443", "registry.k8s.io"]);
+        assert!(e[0].plain_http && e[0].pull && e[0].resolve && e[0].mirror);
+        assert!(!e[1].plain_http && e[1].pull && !e[1].resolve && e[1].skip_verify);
+        assert_eq!(e[1].ca, [dir.path().join("registry.k8s.io/ca.pem"), PathBuf::from("/etc/other.pem")]);
+        assert!(e[2].pull && e[2].resolve && !e[2].plain_http);
+        assert!(!e[3].mirror && !e[3].plain_http);
+    }
+
+    #[test]
+    fn without_a_file_the_registry_itself_or_the_default_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hosts(dir.path());
+        assert_eq!(h.endpoints("docker.io").unwrap()[0].host, "registry-1.docker.io");
+        let plain = h.endpoints("plain:5000").unwrap();
+        assert_eq!(plain.len(), 1);
+        assert!(plain[0].plain_http && !plain[0].mirror);
+        std::fs::create_dir_all(dir.path().join("_default")).unwrap();
+        std::fs::write(dir.path().join("_default/hosts.toml"), "[host.\"http://cache:5000\"]\n").unwrap();
+        let e = h.endpoints("quay.io").unwrap();
+        assert_eq!(e.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(), ["cache:5000", "quay.io"]);
+        let none = RegistryHosts { config_path: Some(dir.path().join("missing")), ..Default::default() };
+        assert_eq!(none.endpoints("quay.io").unwrap()[0].host, "quay.io");
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_the_key() {
+        let file = Path::new("/etc/runv/certs.d/r.io/hosts.toml");
+        for (text, want) in [
+            ("[host.\"https://m\"]\nclient = \"/c.pem\"\n", "[host.\"https://m\"]: `client`"),
+            ("header = { x = \"y\" }\n", "server: `header`"),
+            ("[host.\"https://m\"]\ncapabilities = [\"push\", \"fly\"]\n", "capability 'fly'"),
+            ("[host.\"ftp://m\"]\n", "scheme 'ftp'"),
+            ("[host.\"https://m/prefix\"]\n", "path '/prefix/v2'"),
+            ("[host.\"https://m/prefix\"]\noverride_path = true\n", "path '/prefix'"),
+            ("serverr = \"https://x\"\n", "unknown field `serverr`"),
+            ("[host.\"https://m\"]\nskip_verify = \"yes\"\n", "[host.\"https://m\"]"),
+        ] {
+            let err = parse_hosts(text, file, "r.io").unwrap_err();
+            assert!(err.starts_with(&file.display().to_string()), "{err}");
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let ok = parse_hosts("[host.\"https://m/v2/\"]\n", file, "r.io").unwrap();
+        assert_eq!(ok[0].host, "m");
+    }
+
+    #[test]
+    fn credentials_come_from_the_request_for_the_registry_and_from_the_auth_file_by_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auth.json");
+        std::fs::write(
+            &file,
+            r#"{"auths": {
+                "mirror:5000": {"auth": "bWlycm9yOnNlY3JldA=="},
+                "https://quay.io": {"username": "q", "password": "p"},
+                "https://index.docker.io/v1/": {"registrytoken": "tok"},
+                "broken:1": {"auth": "%%%"}
+            }}"#,
+        )
+        .unwrap();
+        let h = RegistryHosts { auth_file: Some(file.clone()), ..Default::default() };
+        let at = |host: &str, mirror: bool| Endpoint {
+            host: host.into(),
+            plain_http: false,
+            skip_verify: false,
+            ca: vec![],
+            pull: true,
+            resolve: true,
+            mirror,
+            origin: String::new(),
+        };
+        let given = RegistryAuth::Basic("cri".into(), "pw".into());
+        assert!(h.auth_for("quay.io", &at("quay.io", false), &given).unwrap() == given);
+        assert!(
+            h.auth_for("quay.io", &at("mirror:5000", true), &given).unwrap()
+                == RegistryAuth::Basic("mirror".into(), "secret".into())
+        );
+        assert!(
+            h.auth_for("quay.io", &at("quay.io", false), &RegistryAuth::Anonymous).unwrap()
+                == RegistryAuth::Basic("q".into(), "p".into())
+        );
+        assert!(
+            h.auth_for("docker.io", &at("registry-1.docker.io", false), &RegistryAuth::Anonymous).unwrap()
+                == RegistryAuth::Bearer("tok".into())
+        );
+        assert!(h.auth_for("x.io", &at("x.io", false), &RegistryAuth::Anonymous).unwrap() == RegistryAuth::Anonymous);
+        let Err(err) = h.auth_for("x", &at("broken:1", true), &RegistryAuth::Anonymous) else {
+            panic!("a broken auth entry was accepted")
+        };
+        assert!(err.contains("auth.json") && err.contains("auths.\"broken:1\".auth"), "{err}");
+    }
+}

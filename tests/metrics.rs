@@ -1,0 +1,213 @@
+//! `runv cri --metrics-address` read by parts runv did not write: Debian's
+//! Prometheus scrapes it while a pod runs (its HTTP API must return the
+//! series), `promtool check metrics` passes on what it serves, and the
+//! CRI's ListMetricDescriptors/ListPodSandboxMetrics answer from the same
+//! figures. Needs root, the installed guest, docker-registry and
+//! prometheus (scripts/test.sh installs them); skips with a printed reason.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::registry::registry_or_skip;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+
+/// The body of `GET path` on `addr` (HTTP/1.0, read to the end).
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "GET {path}: {head}");
+    body.to_string()
+}
+
+/// The value of the first sample of `series` (a name with its labels, as
+/// printed) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sum of the samples of `name` whose labels include every one of
+/// `labels` (`key="value"` as printed), and how many there were.
+fn samples(scrape: &str, name: &str, labels: &[&str]) -> (f64, usize) {
+    let found: Vec<f64> = scrape
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (found.iter().sum(), found.len())
+}
+
+fn metrics_address(log: &str) -> Option<String> {
+    let at = log.find("metrics on http://")? + "metrics on http://".len();
+    Some(log[at..].split('/').next()?.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer() {
+    let test = "prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer";
+    if !common::e2e_ready(test) || !registry_or_skip(test) {
+        return;
+    }
+    for tool in ["prometheus", "promtool"] {
+        if runv::helper::find_program(Path::new(tool)).is_none() {
+            println!("SKIP {test}: needs {tool} (Debian's prometheus package; scripts/test.sh installs it)");
+            return;
+        }
+    }
+    let (_reg, cri, app) = common::registry_and_server_with_args(&["--metrics-address", "127.0.0.1:0"]).await;
+    let addr = metrics_address(&cri.log()).unwrap_or_else(|| panic!("no metrics address printed: {}", cri.log()));
+    let channel = cri.channel().await;
+    let mut images = ImageServiceClient::new(channel.clone());
+    let mut rt = RuntimeServiceClient::new(channel);
+    images
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pod_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "metered".into(),
+            namespace: "ops".into(),
+            uid: "u1".into(),
+            attempt: 0,
+        }),
+        log_directory: cri.dir.path().join("logs").display().to_string(),
+        ..Default::default()
+    };
+    let pod = rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: "runv".into() })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let container = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata { name: "app".into(), attempt: 0 }),
+                image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
+                command: vec!["sh".into(), "-c".into(), "exec sleep 1000".into()],
+                log_path: "app.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest { container_id: container.clone() }).await.unwrap();
+    let exec = rt
+        .exec_sync(ExecSyncRequest { container_id: container.clone(), cmd: vec!["true".into()], timeout: 30 })
+        .await
+        .unwrap();
+    assert_eq!(exec.into_inner().exit_code, 0);
+
+    // What runv cri serves, as the text format, checked by promtool.
+    let scrape = http_get(&addr, "/metrics");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{scrape}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert_eq!(sample(&scrape, "runv_sandboxes{state=\"ready\"}"), Some(1.0), "{scrape}");
+    assert_eq!(sample(&scrape, "runv_containers{state=\"running\"}"), Some(1.0), "{scrape}");
+    assert!(scrape.contains("runv_pod_start_duration_seconds_count{hypervisor="), "{scrape}");
+    assert!(
+        sample(&scrape, "runv_task_call_duration_seconds_count{call=\"create\"}").is_some_and(|v| v >= 2.0),
+        "{scrape}"
+    );
+    assert!(
+        sample(&scrape, "runv_task_call_duration_seconds_count{call=\"exec\"}").is_some_and(|v| v >= 1.0),
+        "{scrape}"
+    );
+    assert!(sample(&scrape, "runv_image_pulls_total{result=\"ok\"}").is_some_and(|v| v >= 1.0), "{scrape}");
+    assert!(sample(&scrape, "runv_image_pull_bytes_total").is_some_and(|v| v > 0.0), "{scrape}");
+    let sandbox = format!("sandbox=\"{pod}\"");
+    let ours = [sandbox.as_str(), "pod=\"metered\"", "namespace=\"ops\""];
+    let (guest_mem, n) = samples(&scrape, "runv_sandbox_guest_memory_working_set_bytes", &ours);
+    assert!(n == 1 && guest_mem > 0.0, "{scrape}");
+    let (host_rss, n) = samples(&scrape, "runv_sandbox_host_resident_memory_bytes", &ours);
+    assert!(
+        n >= 2 && host_rss > 16.0 * 1024.0 * 1024.0,
+        "the sandbox's host processes hold {host_rss} bytes: {scrape}"
+    );
+
+    // Prometheus itself scrapes it, and its query API returns the series.
+    let prom_dir = tempfile::tempdir().unwrap();
+    let prom_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        prom_dir.path().join("prometheus.yml"),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: runv\n    static_configs:\n      - targets: ['{addr}']\n"),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", prom_dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", prom_dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(prom_dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let prom = format!("127.0.0.1:{prom_port}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let answer = loop {
+        let reply = std::net::TcpStream::connect(&prom)
+            .ok()
+            .map(|_| http_get(&prom, "/api/v1/query?query=runv_sandboxes%7Bstate%3D%22ready%22%7D"));
+        if let Some(r) = reply.filter(|r| r.contains("\"value\":[")) {
+            break r;
+        }
+        if Instant::now() > deadline {
+            let _ = prometheus.kill();
+            panic!(
+                "Prometheus never returned the series: {}",
+                std::fs::read_to_string(prom_dir.path().join("prometheus.log")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(answer.contains("\"job\":\"runv\"") && answer.contains(",\"1\"]"), "{answer}");
+
+    // The CRI's metrics calls, from the same figures.
+    let descriptors =
+        rt.list_metric_descriptors(ListMetricDescriptorsRequest {}).await.unwrap().into_inner().descriptors;
+    assert!(descriptors.iter().any(|d| d.name == "runv_sandbox_host_resident_memory_bytes"), "{descriptors:?}");
+    let pods = rt.list_pod_sandbox_metrics(ListPodSandboxMetricsRequest {}).await.unwrap().into_inner().pod_metrics;
+    let ours = pods.iter().find(|p| p.pod_sandbox_id == pod).unwrap_or_else(|| panic!("{pods:?}"));
+    let host = ours.metrics.iter().find(|m| m.name == "runv_sandbox_host_resident_memory_bytes").unwrap();
+    assert!(host.value.as_ref().unwrap().value > 16 << 20, "{host:?}");
+    assert_eq!(host.label_values, [pod.clone(), "metered".to_string(), "ops".to_string()]);
+
+    rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let after = http_get(&addr, "/metrics");
+    assert_eq!(sample(&after, "runv_sandboxes{state=\"ready\"}"), Some(0.0), "{after}");
+    assert!(!after.contains(&sandbox), "a removed sandbox's series remain: {after}");
+    let left = cri.settled_leftovers();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
