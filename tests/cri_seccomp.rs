@@ -45,22 +45,8 @@ async fn seccomp_profiles_reach_the_guest_and_bad_ones_are_named() {
             "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#,
     )
     .unwrap();
-    let pod_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "sec".into(),
-            namespace: "default".into(),
-            uid: "uid-sec".into(),
-            attempt: 0,
-        }),
-        log_directory: cri.dir.path().join("pod-logs").display().to_string(),
-        ..Default::default()
-    };
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: "runv".into() })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_config = common::cri::pod_config("sec", "default", &cri.dir.path().join("pod-logs"));
+    let pod = common::cri::run_pod(&mut rt, &cri, &pod_config).await;
     let create = |name: &str, linux: LinuxContainerConfig| CreateContainerRequest {
         pod_sandbox_id: pod.clone(),
         config: Some(ContainerConfig {

@@ -76,22 +76,8 @@ async fn prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer() {
         })
         .await
         .unwrap();
-    let pod_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "metered".into(),
-            namespace: "ops".into(),
-            uid: "u1".into(),
-            attempt: 0,
-        }),
-        log_directory: cri.dir.path().join("logs").display().to_string(),
-        ..Default::default()
-    };
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: "runv".into() })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_config = common::cri::pod_config("metered", "ops", &cri.dir.path().join("logs"));
+    let pod = common::cri::run_pod(&mut rt, &cri, &pod_config).await;
     let container = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
@@ -143,7 +129,10 @@ async fn prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer() {
         sample(&scrape, "runv_task_call_duration_seconds_count{call=\"exec\"}").is_some_and(|v| v >= 1.0),
         "{scrape}"
     );
-    assert!(sample(&scrape, "runv_image_pulls_total{result=\"ok\"}").is_some_and(|v| v >= 1.0), "{scrape}");
+    assert!(
+        sample(&scrape, "runv_image_pulls_total{result=\"ok\"}").is_some_and(|v| v >= 2.0),
+        "app and pause: {scrape}"
+    );
     assert!(sample(&scrape, "runv_image_pull_bytes_total").is_some_and(|v| v > 0.0), "{scrape}");
     let sandbox = format!("sandbox=\"{pod}\"");
     let ours = [sandbox.as_str(), "pod=\"metered\"", "namespace=\"ops\""];

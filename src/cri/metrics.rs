@@ -146,6 +146,14 @@ pub fn call_failed(call: &'static str, code: tonic::Code) {
     METRICS.task_errors.with_label_values(&[call, &format!("{code:?}")]).inc();
 }
 
+/// Counts a pull (PullImage, or the pause image a pod start pulls).
+pub fn pulled(result: &Result<crate::image::ImageRecord, crate::image::ImageError>) {
+    METRICS.pulls.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+    if let Ok(record) = result {
+        METRICS.pull_bytes.inc_by(record.layers.iter().map(|l| l.size).sum());
+    }
+}
+
 /// One sandbox's host processes: `(name, pid)`, from its task's pids file
 /// under the shim's state.
 pub type HostProcesses = Vec<(String, u32)>;

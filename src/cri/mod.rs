@@ -162,10 +162,8 @@ impl ImageService for Cri {
         let wanted = wanted_image(req.image, "PullImage")?;
         let auth = auth_of(req.auth)?;
         let result = self.images.pull(&wanted, &auth).await;
-        let m = &metrics::METRICS;
-        m.pulls.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+        metrics::pulled(&result);
         let record = result.map_err(image_status)?;
-        m.pull_bytes.inc_by(record.layers.iter().map(|l| l.size).sum());
         Ok(Response::new(PullImageResponse { image_ref: record.digest }))
     }
 

@@ -267,10 +267,9 @@ impl Runtime {
         if !pull {
             return Err(Status::not_found(format!("image {reference} is not present; pull it first")));
         }
-        self.images
-            .pull(reference, &oci_client::secrets::RegistryAuth::Anonymous)
-            .await
-            .map_err(|e| Status::unavailable(format!("pulling the sandbox image {reference}: {e}")))
+        let result = self.images.pull(reference, &oci_client::secrets::RegistryAuth::Anonymous).await;
+        super::metrics::pulled(&result);
+        result.map_err(|e| Status::unavailable(format!("pulling the sandbox image {reference}: {e}")))
     }
 
     /// The overlay rootfs mount (for the shim) of a container of `image`

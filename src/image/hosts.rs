@@ -84,21 +84,6 @@ pub struct RegistryHosts {
     pub auth_file: Option<PathBuf>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HostsFile {
-    server: Option<String>,
-    // The server's settings (serde's flatten cannot deny unknown keys).
-    capabilities: Option<Vec<String>>,
-    ca: Option<OneOrMany>,
-    skip_verify: Option<bool>,
-    override_path: Option<bool>,
-    client: Option<toml::Value>,
-    header: Option<toml::Value>,
-    #[serde(default)]
-    host: toml::Table,
-}
-
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HostSettings {
@@ -185,25 +170,30 @@ fn default_server(registry: &str) -> String {
 /// Parses one `hosts.toml` (at `file`, for `registry`).
 pub fn parse_hosts(text: &str, file: &Path, registry: &str) -> Result<Vec<Endpoint>, String> {
     let bad = |what: String| format!("{}: {what}", file.display());
-    let parsed: HostsFile = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
+    // `server` and `host` beside the server's own settings.
+    let server = match table.remove("server") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s),
+        Some(_) => return Err(bad("`server` must be a URL string".into())),
+    };
+    let hosts = match table.remove("host") {
+        None => toml::Table::new(),
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => return Err(bad("`host` must be a table of hosts".into())),
+    };
+    let settings: HostSettings =
+        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| bad(e.message().to_string()))?;
     let base = file.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
-    for (url, value) in &parsed.host {
+    for (url, value) in &hosts {
         let origin = format!("{} [host.\"{url}\"]", file.display());
-        let settings: HostSettings =
+        let host: HostSettings =
             value.clone().try_into().map_err(|e: toml::de::Error| format!("{origin}: {}", e.message()))?;
-        out.push(endpoint(url, &settings, base, &origin, true)?);
+        out.push(endpoint(url, &host, base, &origin, true)?);
     }
-    let server = parsed.server.unwrap_or_else(|| format!("https://{}", default_server(registry)));
+    let server = server.unwrap_or_else(|| format!("https://{}", default_server(registry)));
     let origin = format!("{} server", file.display());
-    let settings = HostSettings {
-        capabilities: parsed.capabilities,
-        ca: parsed.ca,
-        skip_verify: parsed.skip_verify,
-        override_path: parsed.override_path,
-        client: parsed.client,
-        header: parsed.header,
-    };
     let server = endpoint(&server, &settings, base, &origin, false)?;
     out.push(server);
     Ok(out)

@@ -307,9 +307,17 @@ impl ImageStore {
         }
         let pins = self.pin(hexes);
         let mut layers = Vec::new();
-        for (layer, hex) in manifest.layers.iter().zip(&pins.hexes) {
-            if !self.blob_path(hex).is_file() {
+        let count = manifest.layers.len();
+        tracing::info!(image = %name, digest = %digest, "pulling {count} layers ({:.1} MiB) from {}",
+            manifest.layers.iter().map(|l| l.size.max(0) as f64).sum::<f64>() / 1048576.0, r.resolve_registry());
+        for (i, (layer, hex)) in manifest.layers.iter().zip(&pins.hexes).enumerate() {
+            if self.blob_path(hex).is_file() {
+                tracing::info!(image = %name, "layer {}/{count} {} already present", i + 1, layer.digest);
+            } else {
+                let began = std::time::Instant::now();
                 self.fetch_blob(client, r, layer, hex).await?;
+                tracing::info!(image = %name, "layer {}/{count} {} fetched: {:.1} MiB in {:.1} s", i + 1, layer.digest,
+                    layer.size.max(0) as f64 / 1048576.0, began.elapsed().as_secs_f64());
             }
             self.unpack(hex, &layer.media_type)?;
             layers.push(LayerRecord {

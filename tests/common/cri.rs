@@ -215,3 +215,33 @@ impl Drop for CriServer {
         runv::helper::unmount_below(self.dir.path());
     }
 }
+
+/// A pod's config as a kubelet sends the simplest one: its name and
+/// namespace (uid `uid-<name>`), its logs under `log_dir`.
+pub fn pod_config(name: &str, namespace: &str, log_dir: &Path) -> k8s_cri::v1::PodSandboxConfig {
+    k8s_cri::v1::PodSandboxConfig {
+        metadata: Some(k8s_cri::v1::PodSandboxMetadata {
+            name: name.into(),
+            namespace: namespace.into(),
+            uid: format!("uid-{name}"),
+            attempt: 0,
+        }),
+        log_directory: log_dir.display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Runs a pod with the `runv` handler; panics with the server's log when
+/// it fails. Returns the pod's id.
+pub async fn run_pod(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    cri: &CriServer,
+    config: &k8s_cri::v1::PodSandboxConfig,
+) -> String {
+    let req = k8s_cri::v1::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: "runv".into() };
+    rt.run_pod_sandbox(req)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log()))
+        .into_inner()
+        .pod_sandbox_id
+}
