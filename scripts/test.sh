@@ -108,8 +108,17 @@ killed_runv_leaves_no_helper_running"
 # the rerun's result counts. Any other failure, or the same one twice,
 # fails the run.
 l1_signature="socket err: early eof|exited while booting|did not answer within|before its deadline|a triple fault|L1 did not finish|L1 stopped before"
+# The whole step stays within 2700 s, whatever hangs: each L1 gets at
+# most 900 s and no more than what is left.
+l1_deadline=$((SECONDS + 2700))
 l1_one() { # NAME SCRIPT: one L1 for one test binary; its output into $l1_out
-    RUNV_EXPECT_BUILTIN=1 scripts/l1.sh --timeout 900 --memory 6144 -- sh -c "$2" 2>&1 \
+    local left=$((l1_deadline - SECONDS))
+    [ "$left" -gt 900 ] && left=900
+    if [ "$left" -lt 120 ]; then
+        echo "l1: error: no time left in the L1 step's 2700 s for $1" >"$l1_out"
+        return 1
+    fi
+    RUNV_EXPECT_BUILTIN=1 scripts/l1.sh --timeout "$left" --memory 6144 -- sh -c "$2" 2>&1 \
         | grep -v 'Unhandled WRMSR' >"$l1_out"
     return "${PIPESTATUS[0]}"
 }
