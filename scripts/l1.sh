@@ -139,6 +139,17 @@ timeout --foreground -k 10 "$timeout" qemu-system-x86_64 \
     </dev/null &
 qemu_pid=$!
 set +e
+# Once COMMAND's status is back, L1 powers off; a QEMU still running 15 s
+# later (seen: TCG spinning both vCPUs after L1's "reboot: Power down",
+# until the timeout) is ended: the run is over either way.
+while kill -0 "$qemu_pid" 2>/dev/null; do
+    if [ -s "$run/rc" ]; then
+        for _ in $(seq 30); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.5; done
+        pkill -9 -P "$qemu_pid" 2>/dev/null
+        break
+    fi
+    sleep 1
+done
 wait "$qemu_pid"
 status=$?
 set -e
