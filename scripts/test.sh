@@ -90,9 +90,10 @@ run_streams_stdout_and_stderr_and_returns_the_exit_code run_reports_death_by_sig
 run_forwards_stdin_byte_for_byte run_gives_a_terminal_with_tty command_not_found_exits_127_with_one_line \
 the_command_runs_in_an_isolated_container the_vm_runs_jailed_and_the_jail_goes_with_it"
 # Not in L1 for now (#15): killed_runv_leaves_no_helper_running (SIGKILL to
-# runv while its jailed runv-vmm runs) froze the whole L1 twice in a row,
-# past the test binary's own SIGKILL; it runs on the host (QEMU) in
-# `cargo test` above.
+# runv while its jailed runv-vmm runs) froze the whole L1, past the test
+# binary's own SIGKILL, in an L1 of its own binary (and most likely in the
+# rehearsal before, where e2e_run never reported); it runs on the host
+# (QEMU) in `cargo test` above.
 # Each binary runs in an L1 of its own, even when one before it failed
 # (`runv check` first in the first; each L1 probes KVM once, cached on its
 # tmpfs).
