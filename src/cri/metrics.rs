@@ -154,9 +154,16 @@ pub fn pulled(result: &Result<crate::image::ImageRecord, crate::image::ImageErro
     }
 }
 
-/// One sandbox's host processes: `(name, pid)`, from its task's pids file
-/// under the shim's state.
-pub type HostProcesses = Vec<(String, u32)>;
+/// A ready sandbox's guest figures from its stats: its id, metadata, CPU
+/// time (ns) and working set (bytes).
+fn guest_figures(s: &PodSandboxStats) -> Option<(String, PodSandboxMetadata, u64, u64)> {
+    let attrs = s.attributes.as_ref()?;
+    let meta = attrs.metadata.clone().unwrap_or_default();
+    let linux = s.linux.as_ref();
+    let cpu = linux.and_then(|l| l.cpu.as_ref()?.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
+    let mem = linux.and_then(|l| l.memory.as_ref()?.working_set_bytes.as_ref()).map_or(0, |v| v.value);
+    Some((attrs.id.clone(), meta, cpu, mem))
+}
 
 impl Metrics {
     /// Reads the figures that are read, not counted, and encodes everything.
@@ -195,12 +202,8 @@ impl Metrics {
         self.guest_cpu.reset();
         self.guest_memory.reset();
         for s in runtime.list_pod_stats(None).await {
-            let Some(attrs) = &s.attributes else { continue };
-            let meta = attrs.metadata.clone().unwrap_or_default();
-            let labels = [attrs.id.as_str(), meta.name.as_str(), meta.namespace.as_str()];
-            let linux = s.linux.as_ref();
-            let cpu = linux.and_then(|l| l.cpu.as_ref()?.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
-            let mem = linux.and_then(|l| l.memory.as_ref()?.working_set_bytes.as_ref()).map_or(0, |v| v.value);
+            let Some((id, meta, cpu, mem)) = guest_figures(&s) else { continue };
+            let labels = [id.as_str(), meta.name.as_str(), meta.namespace.as_str()];
             self.guest_cpu.with_label_values(&labels).inc_by(cpu as f64 / 1e9);
             self.guest_memory.with_label_values(&labels).set(mem as f64);
         }
@@ -237,14 +240,10 @@ impl Metrics {
         let now = super::runtime::now_ns();
         let mut out = Vec::new();
         for s in runtime.list_pod_stats(None).await {
-            let Some(attrs) = &s.attributes else { continue };
-            let meta = attrs.metadata.clone().unwrap_or_default();
-            let labels = vec![attrs.id.clone(), meta.name.clone(), meta.namespace.clone()];
-            let linux = s.linux.as_ref();
-            let cpu = linux.and_then(|l| l.cpu.as_ref()?.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
-            let mem = linux.and_then(|l| l.memory.as_ref()?.working_set_bytes.as_ref()).map_or(0, |v| v.value);
+            let Some((id, meta, cpu, mem)) = guest_figures(&s) else { continue };
+            let labels = vec![id.clone(), meta.name, meta.namespace];
             let mut rss = 0u64;
-            for (_, pid) in runtime.host_processes(&attrs.id).await {
+            for (_, pid) in runtime.host_processes(&id).await {
                 rss += proc_usage(pid).map_or(0, |(r, _)| r);
             }
             let metric = |name: &str, kind: MetricType, value: u64| Metric {
@@ -255,7 +254,7 @@ impl Metrics {
                 value: Some(UInt64Value { value }),
             };
             out.push(PodSandboxMetrics {
-                pod_sandbox_id: attrs.id.clone(),
+                pod_sandbox_id: id,
                 metrics: vec![
                     // Whole seconds: the CRI carries integers.
                     metric("runv_sandbox_guest_cpu_seconds_total", MetricType::Counter, cpu / 1_000_000_000),
