@@ -200,6 +200,12 @@ tests/security.sh --from-log "$log" || status=1
 grep -E '^SKIP ' "$log" | sort -u || true
 flaky=$(grep -c '^FLAKY: ' "$log" || true)
 [ "$flaky" = 0 ] || echo "flaky: $flaky test binaries in L1 failed with the known nested-boot signature and passed when rerun (FLAKY lines above)"
+# Each failed test's panic, last, where a reader of the log's tail sees it
+# (the whole output is above; this is its first lines per test).
+awk '/^failures:$/ { inside = !inside; next }
+     inside && /^---- .* stdout ----$/ { name = $2; n = 0; next }
+     inside && name != "" && /panicked at/ { n = 1 }
+     inside && n > 0 && n <= 12 && total < 60 { if (n == 1) print "failure of " name ":"; print "    " $0; n++; total++ }' "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      /^SKIP / { if (!seen[$0]++) s++ }
      /^FAILED: / { f++ }

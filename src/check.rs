@@ -424,7 +424,11 @@ pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Re
             net_devices: Vec::new(),
             jail: None,
         };
-        let cmd = Qemu::new(&config.qemu, &config.vhost_vsock, accel).command(&vm, None);
+        let cmd = Qemu::new(&config.qemu, &config.vhost_vsock, accel).command(
+            &vm,
+            None,
+            &crate::hypervisor::Connected::default(),
+        );
         let started = Instant::now();
         let mut qemu = HelperProcess::spawn("qemu", cmd, &dir.join("qemu.log")).map_err(|e| e.to_string())?;
         loop {

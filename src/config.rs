@@ -101,6 +101,9 @@ pub struct Config {
     pub image_max_unpacked_mib: u64,
     /// Most tar entries in one layer.
     pub image_max_layer_entries: u64,
+    /// Most layers in one image (a manifest listing more is refused before
+    /// any layer is fetched).
+    pub image_max_layers: u64,
     /// Most of a guest's console kept on the host per sandbox, KiB
     /// (`console.log` plus the rotated `console.log.1`).
     pub console_log_max_kib: u64,
@@ -151,6 +154,7 @@ impl Default for Config {
             image_max_layer_mib: 8192,
             image_max_unpacked_mib: 32768,
             image_max_layer_entries: 1_000_000,
+            image_max_layers: 128,
             console_log_max_kib: 1024,
             debug_console: false,
             jail: true,
@@ -203,6 +207,7 @@ impl Config {
             ("image_max_layer_mib", self.image_max_layer_mib),
             ("image_max_unpacked_mib", self.image_max_unpacked_mib),
             ("image_max_layer_entries", self.image_max_layer_entries),
+            ("image_max_layers", self.image_max_layers),
             ("console_log_max_kib", self.console_log_max_kib),
         ] {
             if value == 0 || value > 1 << 40 {
@@ -244,6 +249,7 @@ impl Config {
             max_layer_bytes: self.image_max_layer_mib << 20,
             max_unpacked_bytes: self.image_max_unpacked_mib << 20,
             max_entries: self.image_max_layer_entries,
+            max_layers: self.image_max_layers,
         }
     }
 }

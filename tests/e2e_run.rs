@@ -92,6 +92,16 @@ fn the_vm_runs_jailed_and_the_jail_goes_with_it() {
             .expect("vhost-device-vsock runs in the jail directory");
         assert_eq!(proc_status(&vsock.to_string(), "Uid:"), uid.to_string());
         assert_eq!(proc_status(&vsock.to_string(), "CapEff:"), "0000000000000000");
+        // QEMU starts as root: it is handed its vhost-user connections
+        // rather than resolving socket names in the jail-owned directory.
+        let args = String::from_utf8_lossy(&std::fs::read(format!("/proc/{vm}/cmdline")).unwrap()).replace('\0', " ");
+        for id in ["vsock", "fs"] {
+            assert!(
+                args.contains(&format!("socket,id={id},fd=")),
+                "QEMU's {id} chardev is not a passed connection: {args}"
+            );
+        }
+        assert!(!args.contains(",path="), "QEMU resolves a socket name itself: {args}");
     }
     let cgroup = std::fs::read_to_string(format!("/proc/{vm}/cgroup")).unwrap();
     let line = cgroup

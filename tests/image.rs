@@ -14,7 +14,7 @@ use std::path::Path;
 
 use common::registry::{base_layer, push, registry_or_skip, sha, top_layer, Registry};
 use oci_client::secrets::RegistryAuth;
-use runv::image::{ImageError, ImageStore, RegistryHosts};
+use runv::image::{ImageError, ImageLimits, ImageStore, RegistryHosts};
 
 fn ready(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -128,6 +128,37 @@ async fn bad_references_unknown_images_unreachable_registries_and_corrupt_blobs_
     let tmp: Vec<_> = std::fs::read_dir(dir.path().join("store/tmp")).unwrap().collect();
     assert!(tmp.is_empty(), "{tmp:?}");
     assert!(!dir.path().join("store/blobs/sha256").join(sha(&data)).exists());
+}
+
+#[tokio::test]
+async fn attack_an_image_of_more_layers_than_the_cap_is_refused_before_any_fetch() {
+    let test = "attack_an_image_of_more_layers_than_the_cap_is_refused_before_any_fetch";
+    if !ready(test) {
+        return;
+    }
+    println!("ATTACK an image listing more layers than image_max_layers: tried");
+    let reg = Registry::start();
+    let name = push(&reg, "runv/deep:1", &[base_layer(), top_layer(), base_layer()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&dir.path().join("store"), std::slice::from_ref(&reg.addr))
+        .unwrap()
+        .with_limits(ImageLimits { max_layers: 2, ..Default::default() });
+    let err = store.pull(&name, &RegistryAuth::Anonymous).await.unwrap_err().to_string();
+    assert!(
+        err.contains("lists 3 layers, over the cap of 2 (image_max_layers)") && err.contains("runv/deep:1"),
+        "{err}"
+    );
+    // Nothing was fetched, nothing recorded.
+    assert!(store.get(&name).is_none());
+    let blobs = dir.path().join("store/blobs/sha256");
+    let fetched: Vec<_> = std::fs::read_dir(&blobs).map(|d| d.collect()).unwrap_or_default();
+    assert!(fetched.is_empty(), "{fetched:?}");
+    // Within the cap the same image pulls.
+    let store = ImageStore::open(&dir.path().join("store"), &[reg.addr.clone()])
+        .unwrap()
+        .with_limits(ImageLimits { max_layers: 3, ..Default::default() });
+    assert_eq!(store.pull(&name, &RegistryAuth::Anonymous).await.unwrap().layers.len(), 3);
+    println!("ATTACK an image listing more layers than image_max_layers: held");
 }
 
 /// A `hosts.toml` for `registry` in a fresh registry hosts directory.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use builtin::Builtin;
-pub use qemu::{Qemu, QEMU_SANDBOX};
+pub use qemu::{Connected, Qemu, QEMU_SANDBOX};
 
 use crate::config::Accel;
 use crate::helper::HelperExit;

@@ -2,6 +2,8 @@
 //! served by vhost-device-vsock (hybrid vsock on the host) and the shared
 //! directory by a vhost-user-fs daemon.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -35,6 +37,28 @@ pub const QEMU_SANDBOX_JAILED: &str = "on,obsolete=deny,elevateprivileges=allow,
 /// vhost-device-vsock's sockets in the socket directory.
 const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 
+/// vhost-user backends runv connected for QEMU. A jailed QEMU starts as
+/// root, and the jail directory holding the backends' sockets belongs to
+/// the sandbox's uid (vhost-device-vsock runs as it): QEMU resolving a name
+/// there as root could be turned by a symlink towards another host socket.
+/// runv connects without following one (`jailer::connect_nofollow`) and
+/// QEMU gets the connections.
+#[derive(Default)]
+pub struct Connected {
+    vsock: Option<UnixStream>,
+    fs: Option<UnixStream>,
+}
+
+impl Connected {
+    fn to(vsock: &Path, fs: Option<&Path>) -> Result<Self, HypervisorError> {
+        let connect = |path: &Path| {
+            crate::jailer::connect_nofollow(path)
+                .map_err(|e| HypervisorError::Start(format!("connecting to {}: {e}", path.display())))
+        };
+        Ok(Self { vsock: Some(connect(vsock)?), fs: fs.map(connect).transpose()? })
+    }
+}
+
 impl Qemu {
     pub fn new(qemu: &Path, vhost_vsock: &Path, accel: &'static str) -> Self {
         Self {
@@ -48,8 +72,9 @@ impl Qemu {
     }
 
     /// The QEMU command line for `vm`; `vsock_socket` is the vhost-user
-    /// socket of the vsock backend, if any.
-    pub fn command(&self, vm: &VmConfig, vsock_socket: Option<&Path>) -> Command {
+    /// socket of the vsock backend, if any. A backend in `connected` is
+    /// handed to QEMU as that connection instead of its socket's name.
+    pub fn command(&self, vm: &VmConfig, vsock_socket: Option<&Path>, connected: &Connected) -> Command {
         let mut cmd = Command::new(&self.qemu);
         let mem = format!("{}M", vm.memory_mib);
         // vhost-user devices need guest memory the backend can map: a shared
@@ -73,12 +98,16 @@ impl Qemu {
             // resource changes, from the start of guest execution on.
             .args(["-sandbox", if vm.jail.is_some() { QEMU_SANDBOX_JAILED } else { QEMU_SANDBOX }])
             .args(["-serial", &format!("file:{}", vm.console_path().display())]);
+        let chardev = |id: &str, path: &Path, conn: &Option<UnixStream>| match conn {
+            Some(conn) => format!("socket,id={id},fd={}", conn.as_raw_fd()),
+            None => format!("socket,id={id},path={}", path.display()),
+        };
         if let Some(sock) = vsock_socket {
-            cmd.args(["-chardev", &format!("socket,id=vsock,path={}", sock.display())])
+            cmd.args(["-chardev", &chardev("vsock", sock, &connected.vsock)])
                 .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
         }
         if let Some(sock) = &vm.shared_fs_socket {
-            cmd.args(["-chardev", &format!("socket,id=fs,path={}", sock.display())])
+            cmd.args(["-chardev", &chardev("fs", sock, &connected.fs)])
                 .args(["-device", &format!("vhost-user-fs-device,chardev=fs,tag={}", vm.shared_fs_tag)]);
         }
         for (i, net) in vm.net_devices.iter().enumerate() {
@@ -91,8 +120,10 @@ impl Qemu {
             cmd.args(jail.qemu_args());
             jail.join_cgroups(&mut cmd);
         }
-        // QEMU inherits the taps and the console pipe under the same numbers.
-        let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).chain(vm.console_fd).collect();
+        // QEMU inherits the taps, the console pipe and the connected
+        // backends under the same numbers.
+        let conns = [&connected.vsock, &connected.fs].into_iter().flatten().map(AsRawFd::as_raw_fd);
+        let fds: Vec<_> = vm.net_devices.iter().map(|n| n.tap_fd).chain(vm.console_fd).chain(conns).collect();
         crate::helper::inherit_fds(&mut cmd, fds);
         cmd
     }
@@ -134,8 +165,13 @@ impl Hypervisor for Qemu {
     async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError> {
         let result = async {
             let vsock_socket = self.start_vsock(vm).await?;
-            let cmd = self.command(vm, Some(&vsock_socket));
+            let connected = match vm.jail {
+                Some(_) => Connected::to(&vsock_socket, vm.shared_fs_socket.as_deref())?,
+                None => Connected::default(),
+            };
+            let cmd = self.command(vm, Some(&vsock_socket), &connected);
             let qemu = HelperProcess::spawn("qemu", cmd, &vm.work_dir.join("qemu.log"))?;
+            drop(connected);
             let pid = qemu.pid();
             self.vm = Some(qemu);
             if let (Some(jail), Some(pid)) = (&vm.jail, pid) {
@@ -228,7 +264,7 @@ mod tests {
     #[test]
     fn the_command_line_has_what_vhost_user_on_microvm_needs() {
         let q = Qemu::new(Path::new("qemu-system-x86_64"), Path::new("vhost-device-vsock"), "tcg");
-        let a = args(&q.command(&vm(), Some(Path::new("/w/vhost-vsock.sock"))));
+        let a = args(&q.command(&vm(), Some(Path::new("/w/vhost-vsock.sock")), &Connected::default()));
         let joined = a.join(" ");
         for needle in [
             "-M microvm,acpi=off,memory-backend=mem",
@@ -257,7 +293,7 @@ mod tests {
             NetDeviceConfig { tap_fd: 7, mac: "02:42:0a:00:00:05".into() },
             NetDeviceConfig { tap_fd: 9, mac: "02:42:0a:00:01:05".into() },
         ];
-        let joined = args(&q.command(&with_net, None)).join(" ");
+        let joined = args(&q.command(&with_net, None, &Connected::default())).join(" ");
         for needle in [
             "-netdev tap,id=net0,fd=7",
             "-device virtio-net-device,netdev=net0,mac=02:42:0a:00:00:05",
@@ -273,7 +309,7 @@ mod tests {
         let q = Qemu::new(Path::new("qemu-system-x86_64"), Path::new("vhost-device-vsock"), "kvm");
         let mut plain = vm();
         plain.shared_fs_socket = None;
-        let joined = args(&q.command(&plain, None)).join(" ");
+        let joined = args(&q.command(&plain, None, &Connected::default())).join(" ");
         assert!(joined.contains("-accel kvm") && joined.contains("-cpu host"), "{joined}");
         assert!(!joined.contains("vhost-user"), "{joined}");
     }

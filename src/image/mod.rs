@@ -287,6 +287,18 @@ impl ImageStore {
         }
         let config: serde_json::Value = serde_json::from_str(&config)
             .map_err(|e| ImageError::Pull { reference: name.clone(), reason: format!("image config: {e}") })?;
+        // A manifest of a million layers is refused before anything is
+        // fetched, so no layer, log line or pin is spent on it.
+        if manifest.layers.len() as u64 > self.limits.max_layers {
+            return Err(ImageError::Pull {
+                reference: name.clone(),
+                reason: format!(
+                    "its manifest lists {} layers, over the cap of {} (image_max_layers)",
+                    manifest.layers.len(),
+                    self.limits.max_layers
+                ),
+            });
+        }
         let mut hexes = Vec::new();
         for layer in &manifest.layers {
             let hex = digest_hex(&layer.digest).ok_or_else(|| ImageError::Pull {
@@ -596,7 +608,8 @@ fn xattr_allowed(name: &str) -> bool {
 }
 
 /// What an image may make the store hold (config keys
-/// `image_max_layer_mib`, `image_max_unpacked_mib`, `image_max_layer_entries`).
+/// `image_max_layer_mib`, `image_max_unpacked_mib`, `image_max_layer_entries`,
+/// `image_max_layers`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageLimits {
     /// Bytes of one layer blob as pulled (compressed).
@@ -605,11 +618,13 @@ pub struct ImageLimits {
     pub max_unpacked_bytes: u64,
     /// Tar entries in one layer.
     pub max_entries: u64,
+    /// Layers in one image's manifest.
+    pub max_layers: u64,
 }
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        Self { max_layer_bytes: 8 << 30, max_unpacked_bytes: 32 << 30, max_entries: 1_000_000 }
+        Self { max_layer_bytes: 8 << 30, max_unpacked_bytes: 32 << 30, max_entries: 1_000_000, max_layers: 128 }
     }
 }
 

@@ -164,9 +164,11 @@ impl CriServer {
         found
     }
 
-    /// Waits up to 10 s for `leftovers` to come back empty and returns what remains.
+    /// Waits up to 30 s for `leftovers` to come back empty and returns what remains.
     pub fn settled_leftovers(&self) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // A VM's teardown under nested virtualization (L1) can take more
+        // than seconds; something leaked stays past any wait.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !self.leftovers().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
