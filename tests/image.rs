@@ -154,7 +154,7 @@ async fn attack_an_image_of_more_layers_than_the_cap_is_refused_before_any_fetch
     let fetched: Vec<_> = std::fs::read_dir(&blobs).map(|d| d.collect()).unwrap_or_default();
     assert!(fetched.is_empty(), "{fetched:?}");
     // Within the cap the same image pulls.
-    let store = ImageStore::open(&dir.path().join("store"), &[reg.addr.clone()])
+    let store = ImageStore::open(&dir.path().join("store"), std::slice::from_ref(&reg.addr))
         .unwrap()
         .with_limits(ImageLimits { max_layers: 3, ..Default::default() });
     assert_eq!(store.pull(&name, &RegistryAuth::Anonymous).await.unwrap().layers.len(), 3);
