@@ -290,6 +290,26 @@ mod tests {
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
     }
 
+    /// `deploy/config.toml` is the reference users copy: every key, each
+    /// at its default.
+    #[test]
+    fn the_sample_config_names_every_key_at_its_default() {
+        let text = include_str!("../deploy/config.toml");
+        let sample = Config::parse(text, Path::new("deploy/config.toml")).unwrap();
+        assert_eq!(format!("{sample:#?}"), format!("{:#?}", Config::default()));
+        let table: toml::Table = text.parse().unwrap();
+        let debug = format!("{:#?}", Config::default());
+        // Top-level fields are the lines indented by four spaces in `{:#?}`.
+        let fields: Vec<&str> = debug
+            .lines()
+            .filter(|l| l.starts_with("    ") && !l.starts_with("     "))
+            .filter_map(|l| l.trim().split_once(':').map(|(k, _)| k))
+            .collect();
+        assert!(fields.len() > 20 && fields.contains(&"image_max_layers"), "{fields:?}");
+        let missing: Vec<_> = fields.iter().filter(|k| !table.contains_key(**k)).collect();
+        assert!(missing.is_empty(), "keys missing from deploy/config.toml: {missing:?}");
+    }
+
     #[test]
     fn unknown_key_is_named() {
         let e = Config::parse("vcpu = 2\n", Path::new("t.toml")).unwrap_err().to_string();
