@@ -5,11 +5,13 @@
 pub mod check;
 pub mod config;
 pub mod cri;
+pub mod figures;
 pub mod fsroot;
 pub mod helper;
 pub mod hypervisor;
 pub mod image;
 pub mod jailer;
+pub mod monitor;
 pub mod network;
 pub mod overhead;
 pub mod run;

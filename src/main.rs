@@ -102,6 +102,17 @@ enum Command {
         #[arg(long, value_name = "ADDRESS")]
         metrics_address: Option<String>,
     },
+    /// Serve Prometheus metrics for every runv sandbox containerd runs on
+    /// this node, read from the shims' state under runtime_dir (as
+    /// kata-monitor does for Kata): VM boot by backend, agent call latency
+    /// and errors, host memory and CPU per sandbox process. Runs until
+    /// SIGINT or SIGTERM.
+    Monitor {
+        /// Serve on http://ADDRESS/metrics (host:port; port 0 picks one,
+        /// printed at start).
+        #[arg(long, value_name = "ADDRESS")]
+        metrics_address: String,
+    },
     /// Run CMD as root in a sandbox's guest, outside every container.
     ///
     /// Needs `debug_console = true` in the config the sandbox started with
@@ -165,6 +176,18 @@ fn main() -> ExitCode {
                 cli.config.as_deref(),
                 metrics_address.as_deref(),
             )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("runv: error: {e:#}");
+                    ExitCode::from(EXIT_RUNV_ERROR as u8)
+                }
+            }
+        }
+        Command::Monitor { metrics_address } => {
+            let Some(runtime) = async_runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::from(EXIT_RUNV_ERROR as u8);
+            };
+            match runtime.block_on(runv::monitor::serve(&metrics_address, &config.runtime_dir)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("runv: error: {e:#}");

@@ -7,50 +7,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::registry::registry_or_skip;
+use common::scrape::{http_get, metrics_address, promtool_check, sample, samples};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-
-/// The body of `GET path` on `addr` (HTTP/1.0, read to the end).
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "GET {path}: {head}");
-    body.to_string()
-}
-
-/// The value of the first sample of `series` (a name with its labels, as
-/// printed) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// The sum of the samples of `name` whose labels include every one of
-/// `labels` (`key="value"` as printed), and how many there were.
-fn samples(scrape: &str, name: &str, labels: &[&str]) -> (f64, usize) {
-    let found: Vec<f64> = scrape
-        .lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .collect();
-    (found.iter().sum(), found.len())
-}
-
-fn metrics_address(log: &str) -> Option<String> {
-    let at = log.find("metrics on http://")? + "metrics on http://".len();
-    Some(log[at..].split('/').next()?.to_string())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer() {
@@ -101,26 +66,43 @@ async fn prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer() {
         .unwrap();
     assert_eq!(exec.into_inner().exit_code, 0);
 
-    // What runv cri serves, as the text format, checked by promtool.
-    let scrape = http_get(&addr, "/metrics");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}\n{scrape}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    // What runv cri serves, as the text format, checked by promtool. The
+    // shim rewrites its sandbox's figures every 2 s: wait for the exec's.
+    let sandbox = format!("sandbox=\"{pod}\"");
+    let ours = [sandbox.as_str(), "pod=\"metered\"", "namespace=\"ops\""];
+    let exec_call = [&ours[..], &["call=\"exec_process\""]].concat();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let scrape = loop {
+        let scrape = http_get(&addr, "/metrics");
+        if samples(&scrape, "runv_agent_call_duration_seconds_count", &exec_call).0 >= 1.0 {
+            break scrape;
+        }
+        assert!(Instant::now() < deadline, "the shim's agent calls never reached the scrape: {scrape}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    promtool_check(&scrape);
     assert_eq!(sample(&scrape, "runv_sandboxes{state=\"ready\"}"), Some(1.0), "{scrape}");
     assert_eq!(sample(&scrape, "runv_containers{state=\"running\"}"), Some(1.0), "{scrape}");
-    assert!(scrape.contains("runv_pod_start_duration_seconds_count{hypervisor="), "{scrape}");
+    // Pod start and VM boot by the backend the VM ran on, as its shim saw it.
+    let backend = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("runv_vm_boot_duration_seconds_count{backend=\"")?.split_once('"'))
+        .map(|(b, rest)| (b.to_string(), rest.trim_start_matches('}').trim().to_string()))
+        .unwrap_or_else(|| panic!("no VM boot histogram: {scrape}"));
+    assert!(["qemu/tcg", "qemu/kvm", "runv-vmm/kvm"].contains(&backend.0.as_str()) && backend.1 == "1", "{backend:?}");
+    let started = format!("runv_pod_start_duration_seconds_count{{backend=\"{}\",result=\"ok\"}}", backend.0);
+    assert_eq!(sample(&scrape, &started), Some(1.0), "{scrape}");
+    let boot = samples(
+        &scrape,
+        "runv_sandbox_vm_boot_seconds",
+        &[&ours[..], &[&format!("backend=\"{}\"", backend.0)]].concat(),
+    );
+    assert!(boot.1 == 1 && boot.0 > 0.0, "{scrape}");
+    // The shim's own agent calls: the pause and app containers created, no
+    // call timed out.
+    let created = [&ours[..], &["call=\"create_container\""]].concat();
+    assert!(samples(&scrape, "runv_agent_call_duration_seconds_count", &created).0 >= 2.0, "{scrape}");
+    assert_eq!(samples(&scrape, "runv_agent_call_errors_total", &[&ours[..], &["kind=\"timeout\""]].concat()).0, 0.0);
     assert!(
         sample(&scrape, "runv_task_call_duration_seconds_count{call=\"create\"}").is_some_and(|v| v >= 2.0),
         "{scrape}"
@@ -134,8 +116,6 @@ async fn prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer() {
         "app and pause: {scrape}"
     );
     assert!(sample(&scrape, "runv_image_pull_bytes_total").is_some_and(|v| v > 0.0), "{scrape}");
-    let sandbox = format!("sandbox=\"{pod}\"");
-    let ours = [sandbox.as_str(), "pod=\"metered\"", "namespace=\"ops\""];
     let (guest_mem, n) = samples(&scrape, "runv_sandbox_guest_memory_working_set_bytes", &ours);
     assert!(n == 1 && guest_mem > 0.0, "{scrape}");
     let (host_rss, n) = samples(&scrape, "runv_sandbox_host_resident_memory_bytes", &ours);

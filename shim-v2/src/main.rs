@@ -24,6 +24,9 @@ pub const RUNTIME_ID: &str = "io.containerd.runv.v2";
 /// CRI annotations that group a pod's containers into one sandbox.
 pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The pod's name and namespace on its sandbox container (for metrics).
+pub const ANNOTATION_SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+pub const ANNOTATION_SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
 
 struct RunvShim {
     id: String,

@@ -312,7 +312,16 @@ impl TaskService {
                 }
             }
         });
-        self.watch_sandbox(sandbox.id().to_string());
+        let annotation = |key: &str| first.annotations().as_ref().and_then(|a| a.get(key)).cloned().unwrap_or_default();
+        let pod = (annotation(crate::ANNOTATION_SANDBOX_NAME), annotation(crate::ANNOTATION_SANDBOX_NAMESPACE));
+        // Recorded before the sandbox is reported up, so that whoever
+        // started it (runv cri) finds its boot figures at once.
+        let figures = sandbox.figures();
+        let record = runv::figures::SandboxFigures { pod: pod.0.clone(), namespace: pod.1.clone(), ..figures.clone() };
+        if let Err(e) = record.write(&dir) {
+            log::warn!("sandbox {}: recording its figures in {}: {e}", self.id, dir.display());
+        }
+        self.watch_sandbox(sandbox.id().to_string(), dir.clone(), pod, figures);
         let mut state = self.state.lock().await;
         state.config = Some(config);
         state.sandbox = Some(sandbox);
@@ -385,17 +394,41 @@ impl TaskService {
     /// Watches the sandbox `id` until it goes: a helper it cannot run
     /// without that ends takes the VM with it (`Sandbox::fault`), and every
     /// process in it is then reported lost.
-    fn watch_sandbox(&self, id: String) {
+    /// Watches the sandbox for faults, and keeps its figures (boot,
+    /// agent calls: `runv::figures`) recorded in `dir` for `runv cri` and
+    /// `runv monitor`, rewritten when they changed, at most every 2 s.
+    fn watch_sandbox(
+        &self,
+        id: String,
+        dir: PathBuf,
+        (pod, namespace): (String, String),
+        written: runv::figures::SandboxFigures,
+    ) {
         let service = self.clone();
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let mut state = service.state.lock().await;
-                let Some(sandbox) = state.sandbox.as_mut().filter(|s| s.id() == id) else { return };
-                if let Some(fault) = sandbox.fault() {
-                    log::warn!("sandbox {}: {fault}", service.id);
-                    return;
+            let mut written = Some(written);
+            for tick in 1u64.. {
+                let figures = {
+                    let mut state = service.state.lock().await;
+                    let Some(sandbox) = state.sandbox.as_mut().filter(|s| s.id() == id) else { return };
+                    if let Some(fault) = sandbox.fault() {
+                        log::warn!("sandbox {}: {fault}", service.id);
+                        return;
+                    }
+                    (tick % 4 == 0).then(|| sandbox.figures())
+                };
+                if let Some(figures) = figures.filter(|f| written.as_ref() != Some(f)) {
+                    let record = runv::figures::SandboxFigures {
+                        pod: pod.clone(),
+                        namespace: namespace.clone(),
+                        ..figures.clone()
+                    };
+                    if let Err(e) = record.write(&dir) {
+                        log::warn!("sandbox {}: recording its figures in {}: {e}", service.id, dir.display());
+                    }
+                    written = Some(figures);
                 }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
     }

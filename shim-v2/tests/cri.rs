@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::scrape::{sample, samples};
 use common::{container_config, cri_client, pod_config, ready, Containerd};
 use k8s_cri::v1::*;
 
@@ -80,6 +81,39 @@ async fn a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri() {
     assert_eq!(exec.exit_code, 4, "stdout {out:?} stderr {:?}", String::from_utf8_lossy(&exec.stderr));
     assert!(out.starts_with("exec-out\n6.1."), "exec stdout: {out:?}");
 
+    // The node's metrics endpoint for containerd's runv shims: this pod's
+    // sandbox, its VM boot on the backend it ran on, the shim's agent
+    // calls; the text format as promtool wants it. The shim rewrites its
+    // figures every 2 s: wait for the exec's.
+    let monitor = ctd.monitor();
+    let sandbox = format!("sandbox=\"{pod}\"");
+    let ours = [sandbox.as_str(), "pod=\"pod1\"", "namespace=\"default\""];
+    let exec_call = [&ours[..], &["call=\"exec_process\""]].concat();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let scrape = loop {
+        let scrape = monitor.scrape();
+        if samples(&scrape, "runv_agent_call_duration_seconds_count", &exec_call).0 >= 1.0 {
+            break scrape;
+        }
+        assert!(Instant::now() < deadline, "the shim's exec never reached runv monitor: {scrape}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    common::scrape::promtool_check(&scrape);
+    assert_eq!(sample(&scrape, "runv_monitor_sandboxes{containerd_namespace=\"k8s.io\"}"), Some(1.0), "{scrape}");
+    let backend = format!("backend=\"{}", common::hypervisor::backend_prefix());
+    assert_eq!(samples(&scrape, "runv_vm_boot_duration_seconds_count", &[&backend]), (1.0, 1), "{scrape}");
+    let (boot, n) = samples(&scrape, "runv_sandbox_vm_boot_seconds", &[&ours[..], &[backend.as_str()]].concat());
+    assert!(n == 1 && boot > 0.0, "{scrape}");
+    let (created, _) = samples(
+        &scrape,
+        "runv_agent_call_duration_seconds_count",
+        &[&ours[..], &["call=\"create_container\""]].concat(),
+    );
+    assert!(created >= 3.0, "pause, web and side: {scrape}");
+    let (vm_rss, n) = samples(&scrape, "runv_sandbox_host_resident_memory_bytes", &[sandbox.as_str()]);
+    assert!(n >= 2 && vm_rss > 0.0, "{scrape}");
+    eprintln!("runv monitor: VM boot {boot:.2} s ({backend}\"), host RSS {:.1} MiB", vm_rss / 1048576.0);
+
     // A host-network pod gets no network device: the VM has only loopback.
     let links = cri
         .exec_sync(ExecSyncRequest {
@@ -125,5 +159,9 @@ async fn a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri() {
         .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}"));
     let listed = cri.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await.unwrap().into_inner().items;
     assert!(listed.is_empty(), "pods left: {listed:?}");
+    // Once the pod is gone, the monitor serves no sandbox.
+    let after = monitor.scrape();
+    assert!(!after.contains(&sandbox), "{after}");
+    drop(monitor);
     ctd.assert_clean();
 }

@@ -2,14 +2,16 @@
 //! Prometheus text format (the `prometheus` crate's encoder), and the same
 //! figures for the CRI's `ListMetricDescriptors`/`ListPodSandboxMetrics`.
 //!
-//! Counted as they happen: pod starts (a histogram), task API calls to the
+//! Counted as they happen: pod starts and VM boots (histograms, by the
+//! backend the shim ran the VM on), task API calls to the
 //! shims (each one an agent call in the guest: latency by call, errors by
 //! call and code), image pulls (by result) and their bytes, streaming
 //! sessions opened (by kind). Read at each scrape: sandboxes and
 //! containers by state, each ready sandbox's guest CPU time and working set
 //! (from its containers' cgroups in the guest), and each sandbox's host
 //! processes (VM, virtiofsd, vsock device, shim) by resident memory and
-//! CPU time, read from `/proc`.
+//! CPU time, read from `/proc`, and what each pod's shim recorded of its
+//! sandbox (`crate::figures`: agent call latency and errors, boot).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -21,10 +23,12 @@ use prometheus::{
 };
 
 use super::runtime::Runtime;
+use crate::figures::{proc_usage, SandboxFigures};
 
 pub struct Metrics {
     registry: Registry,
     pub pod_start: HistogramVec,
+    pub vm_boot: HistogramVec,
     pub task_calls: HistogramVec,
     pub task_errors: IntCounterVec,
     pub pulls: IntCounterVec,
@@ -52,10 +56,18 @@ fn build() -> Result<Metrics, prometheus::Error> {
         pod_start: HistogramVec::new(
             HistogramOpts::new(
                 "runv_pod_start_duration_seconds",
-                "Time RunPodSandbox took (pause image, network, VM boot, sandbox container), by hypervisor setting and result",
+                "Time RunPodSandbox took (pause image, network, VM boot, sandbox container), by the backend its VM ran on (none: no VM booted) and result",
+            )
+            .buckets(start_buckets.clone()),
+            &["backend", "result"],
+        )?,
+        vm_boot: HistogramVec::new(
+            HistogramOpts::new(
+                "runv_vm_boot_duration_seconds",
+                "Time from VM start to the guest agent's readiness, as the pod's shim measured it, by backend",
             )
             .buckets(start_buckets),
-            &["hypervisor", "result"],
+            &["backend"],
         )?,
         task_calls: HistogramVec::new(
             HistogramOpts::new(
@@ -104,6 +116,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     };
     for c in [
         Box::new(m.pod_start.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(m.vm_boot.clone()),
         Box::new(m.task_calls.clone()),
         Box::new(m.task_errors.clone()),
         Box::new(m.pulls.clone()),
@@ -142,6 +155,16 @@ pub fn time_call(call: &'static str) -> CallTimer {
     CallTimer { call, began: Instant::now() }
 }
 
+/// Counts a RunPodSandbox: its time, by the backend its VM ran on (from
+/// the shim's record, `figures`), and that VM's boot.
+pub fn pod_started(took: std::time::Duration, ok: bool, figures: Option<&SandboxFigures>) {
+    let backend = figures.map_or("none", |f| f.backend.as_str());
+    METRICS.pod_start.with_label_values(&[backend, if ok { "ok" } else { "error" }]).observe(took.as_secs_f64());
+    if let Some(f) = figures {
+        METRICS.vm_boot.with_label_values(&[backend]).observe(f.boot_seconds);
+    }
+}
+
 pub fn call_failed(call: &'static str, code: tonic::Code) {
     METRICS.task_errors.with_label_values(&[call, &format!("{code:?}")]).inc();
 }
@@ -169,8 +192,17 @@ impl Metrics {
     /// Reads the figures that are read, not counted, and encodes everything.
     pub async fn scrape(&self, runtime: &Runtime) -> String {
         self.refresh(runtime).await;
+        // Each sandbox's own figures, as its shim recorded them.
+        let mut recorded = Vec::new();
+        for p in runtime.list_pods(None).await {
+            if let Some(f) = runtime.figures(&p.id) {
+                recorded.push((p.id, f));
+            }
+        }
+        let mut families = self.registry.gather();
+        families.extend(crate::figures::families(&recorded));
         let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::warn!("encoding metrics: {e}");
         }
         String::from_utf8(out).unwrap_or_default()
@@ -266,16 +298,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// A process's resident bytes and CPU seconds (user + system), from /proc.
-fn proc_usage(pid: u32) -> Option<(u64, f64)> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split(' ').nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let (page, hz) = unsafe { (libc::sysconf(libc::_SC_PAGESIZE), libc::sysconf(libc::_SC_CLK_TCK)) };
-    let ticks = crate::overhead::cpu_ticks(pid);
-    Some((pages * page.max(1) as u64, ticks as f64 / hz.max(1) as f64))
 }
 
 /// Serves `GET /metrics` on `address` until the process ends.

@@ -300,11 +300,8 @@ impl RuntimeService for Cri {
     ) -> Result<Response<RunPodSandboxResponse>, Status> {
         let began = std::time::Instant::now();
         let result = self.runtime.run_pod(req.into_inner()).await;
-        let hypervisor = format!("{:?}", self.runtime.config().hypervisor).to_lowercase();
-        metrics::METRICS
-            .pod_start
-            .with_label_values(&[hypervisor.as_str(), if result.is_ok() { "ok" } else { "error" }])
-            .observe(began.elapsed().as_secs_f64());
+        let figures = result.as_ref().ok().and_then(|id| self.runtime.figures(id));
+        metrics::pod_started(began.elapsed(), result.is_ok(), figures.as_ref());
         Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id: result? }))
     }
 

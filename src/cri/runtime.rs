@@ -616,19 +616,20 @@ impl Runtime {
     /// by name and pid, from its shim's record, each only while it is
     /// still the process the shim started.
     pub async fn host_processes(&self, pod_id: &str) -> Vec<(String, u32)> {
+        self.shim_state_dir(pod_id).map(|dir| crate::figures::host_processes(&dir)).unwrap_or_default()
+    }
+
+    /// What the pod's shim measured of its sandbox (`crate::figures`).
+    pub fn figures(&self, pod_id: &str) -> Option<crate::figures::SandboxFigures> {
+        crate::figures::SandboxFigures::read(&self.shim_state_dir(pod_id)?)
+    }
+
+    /// The state directory of the shim that runs `pod_id`.
+    fn shim_state_dir(&self, pod_id: &str) -> Option<std::path::PathBuf> {
         if pod_id.is_empty() || pod_id.contains('/') || pod_id.starts_with('.') {
-            return Vec::new();
+            return None;
         }
-        let file = self.config().runtime_dir.join("shim").join(super::shim::NAMESPACE).join(pod_id).join("pids");
-        let text = tokio::fs::read_to_string(&file).await.unwrap_or_default();
-        text.lines()
-            .filter_map(crate::helper::ProcessIdentity::parse)
-            .filter(|p| p.is_alive())
-            .map(|p| {
-                let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).unwrap_or_default();
-                (comm.trim().to_string(), p.pid)
-            })
-            .collect()
+        Some(self.config().runtime_dir.join("shim").join(super::shim::NAMESPACE).join(pod_id))
     }
 
     // --- containers ---------------------------------------------------------

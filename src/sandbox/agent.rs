@@ -6,6 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use runv_proto::agent::*;
+
+use crate::figures::{CallRecorder, Outcome};
 use runv_proto::agent_ttrpc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -107,6 +109,8 @@ pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<UnixStream, A
 #[derive(Clone)]
 pub struct AgentClient {
     inner: agent_ttrpc::AgentClient,
+    /// Every call with a deadline, timed (`crate::figures`).
+    calls: CallRecorder,
 }
 
 fn short() -> Context {
@@ -126,25 +130,44 @@ fn unbounded() -> Context {
 impl AgentClient {
     pub fn new(stream: UnixStream) -> Self {
         let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
-        Self { inner: agent_ttrpc::AgentClient::new(client) }
+        Self { inner: agent_ttrpc::AgentClient::new(client), calls: CallRecorder::default() }
+    }
+
+    /// The figures of this client's calls so far.
+    pub fn calls(&self) -> &CallRecorder {
+        &self.calls
+    }
+
+    /// Awaits a call with a deadline, recording its time and outcome.
+    async fn timed<T>(
+        &self,
+        call: &'static str,
+        rpc: impl std::future::Future<Output = Result<T, ttrpc::Error>>,
+    ) -> Result<T, AgentError> {
+        let began = std::time::Instant::now();
+        let result = rpc.await.map_err(|e| AgentError::from_rpc(call, e));
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(AgentError::Timeout { .. }) => Outcome::TimedOut,
+            Err(_) => Outcome::Failed,
+        };
+        self.calls.record(call, began.elapsed(), outcome);
+        result
     }
 
     pub async fn health(&self, timeout: Duration) -> Result<HealthResponse, AgentError> {
         let ctx = context::with_timeout(timeout.as_nanos() as i64);
-        self.inner.health(ctx, &HealthRequest::new()).await.map_err(|e| AgentError::from_rpc("health", e))
+        self.timed("health", self.inner.health(ctx, &HealthRequest::new())).await
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse, AgentError> {
-        self.inner
-            .guest_details(short(), &GuestDetailsRequest::new())
-            .await
-            .map_err(|e| AgentError::from_rpc("guest_details", e))
+        self.timed("guest_details", self.inner.guest_details(short(), &GuestDetailsRequest::new())).await
     }
 
     pub async fn mount_shared(&self, tag: &str, mount_point: &str, read_only: bool) -> Result<(), AgentError> {
         let req =
             MountSharedRequest { tag: tag.into(), mount_point: mount_point.into(), read_only, ..Default::default() };
-        self.inner.mount_shared(short(), &req).await.map_err(|e| AgentError::from_rpc("mount_shared", e))?;
+        self.timed("mount_shared", self.inner.mount_shared(short(), &req)).await?;
         Ok(())
     }
 
@@ -162,7 +185,7 @@ impl AgentClient {
     pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
         let req =
             CloseStdinRequest { container_id: container_id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.inner.close_stdin(short(), &req).await.map_err(|e| AgentError::from_rpc("close_stdin", e))?;
+        self.timed("close_stdin", self.inner.close_stdin(short(), &req)).await?;
         Ok(())
     }
 
@@ -200,7 +223,7 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        self.inner.signal_process(short(), &req).await.map_err(|e| AgentError::from_rpc("signal_process", e))?;
+        self.timed("signal_process", self.inner.signal_process(short(), &req)).await?;
         Ok(())
     }
 
@@ -218,18 +241,18 @@ impl AgentClient {
             cols: cols.into(),
             ..Default::default()
         };
-        self.inner.tty_win_resize(short(), &req).await.map_err(|e| AgentError::from_rpc("tty_win_resize", e))?;
+        self.timed("tty_win_resize", self.inner.tty_win_resize(short(), &req)).await?;
         Ok(())
     }
 
     pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<(), AgentError> {
-        self.inner.create_sandbox(short(), req).await.map_err(|e| AgentError::from_rpc("create_sandbox", e))?;
+        self.timed("create_sandbox", self.inner.create_sandbox(short(), req)).await?;
         Ok(())
     }
 
     /// Configures the guest's NICs, routes and neighbours like the pod's.
     pub async fn setup_network(&self, req: &SetupNetworkRequest) -> Result<(), AgentError> {
-        self.inner.setup_network(short(), req).await.map_err(|e| AgentError::from_rpc("setup_network", e))?;
+        self.timed("setup_network", self.inner.setup_network(short(), req)).await?;
         Ok(())
     }
 
@@ -244,20 +267,19 @@ impl AgentClient {
             message: format!("encoding the spec: {e}"),
         })?;
         let req = CreateContainerRequest { container_id: container_id.into(), oci_spec, ..Default::default() };
-        let resp =
-            self.inner.create_container(long(), &req).await.map_err(|e| AgentError::from_rpc("create_container", e))?;
+        let resp = self.timed("create_container", self.inner.create_container(long(), &req)).await?;
         Ok(resp.pid)
     }
 
     pub async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.inner.start_container(long(), &req).await.map_err(|e| AgentError::from_rpc("start_container", e))?;
+        self.timed("start_container", self.inner.start_container(long(), &req)).await?;
         Ok(())
     }
 
     pub async fn remove_container(&self, container_id: &str, force: bool) -> Result<(), AgentError> {
         let req = RemoveContainerRequest { container_id: container_id.into(), force, ..Default::default() };
-        self.inner.remove_container(long(), &req).await.map_err(|e| AgentError::from_rpc("remove_container", e))?;
+        self.timed("remove_container", self.inner.remove_container(long(), &req)).await?;
         Ok(())
     }
 
@@ -278,19 +300,19 @@ impl AgentClient {
             process,
             ..Default::default()
         };
-        let resp = self.inner.exec_process(long(), &req).await.map_err(|e| AgentError::from_rpc("exec_process", e))?;
+        let resp = self.timed("exec_process", self.inner.exec_process(long(), &req)).await?;
         Ok(resp.pid)
     }
 
     pub async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.inner.pause_container(long(), &req).await.map_err(|e| AgentError::from_rpc("pause_container", e))?;
+        self.timed("pause_container", self.inner.pause_container(long(), &req)).await?;
         Ok(())
     }
 
     pub async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
         let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.inner.resume_container(long(), &req).await.map_err(|e| AgentError::from_rpc("resume_container", e))?;
+        self.timed("resume_container", self.inner.resume_container(long(), &req)).await?;
         Ok(())
     }
 
@@ -301,19 +323,18 @@ impl AgentClient {
             resources: resources_json,
             ..Default::default()
         };
-        self.inner.update_container(long(), &req).await.map_err(|e| AgentError::from_rpc("update_container", e))?;
+        self.timed("update_container", self.inner.update_container(long(), &req)).await?;
         Ok(())
     }
 
     pub async fn stats_container(&self, container_id: &str) -> Result<StatsContainerResponse, AgentError> {
         let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
-        self.inner.stats_container(short(), &req).await.map_err(|e| AgentError::from_rpc("stats_container", e))
+        self.timed("stats_container", self.inner.stats_container(short(), &req)).await
     }
 
     pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
         let req = ContainerRequest { container_id: container_id.into(), ..Default::default() };
-        let resp =
-            self.inner.list_processes(short(), &req).await.map_err(|e| AgentError::from_rpc("list_processes", e))?;
+        let resp = self.timed("list_processes", self.inner.list_processes(short(), &req)).await?;
         Ok(resp.pids)
     }
 
@@ -328,7 +349,7 @@ impl AgentClient {
     }
 
     pub async fn shutdown(&self) -> Result<(), AgentError> {
-        self.inner.shutdown(short(), &ShutdownRequest::new()).await.map_err(|e| AgentError::from_rpc("shutdown", e))?;
+        self.timed("shutdown", self.inner.shutdown(short(), &ShutdownRequest::new())).await?;
         Ok(())
     }
 }

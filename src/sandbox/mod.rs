@@ -90,6 +90,8 @@ pub struct Sandbox {
     fault: Option<String>,
     /// When `fault` first saw a helper gone.
     helper_gone_at: Option<Instant>,
+    /// VM start to the agent's readiness.
+    boot_time: Duration,
     /// Last, so that it goes after every process it confines: dropping it
     /// kills what is left in the sandbox's cgroup and removes the cgroup.
     jail: Option<Arc<Jail>>,
@@ -129,6 +131,7 @@ impl Sandbox {
             network: None,
             fault: None,
             helper_gone_at: None,
+            boot_time: Duration::ZERO,
             jail: None,
         };
         sweep_orphans(&config.runtime_dir.join("sandboxes"), &sandbox.dir);
@@ -209,12 +212,14 @@ impl Sandbox {
         };
         self.virtiofsd = Some(virtiofsd);
         tracing::debug!(sandbox = %self.id, hypervisor = %self.hypervisor.describe(), "starting VM");
+        let booting = Instant::now();
         let started = self.hypervisor.start(&vm).await;
         let mut console = console;
         console.close_write_end();
         self.console = Some(console);
         started?;
         let agent = self.wait_for_agent(&ready, &vsock_socket, Duration::from_secs(config.boot_timeout_secs)).await?;
+        self.boot_time = booting.elapsed();
         agent.mount_shared(guest::SHARED_FS_TAG, guest::SHARED_MOUNT_POINT, spec.read_only).await?;
         if let Some(network) = &self.network {
             agent.setup_network(&network.guest).await?;
@@ -277,6 +282,17 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// What the sandbox measured of itself so far (`crate::figures`): its
+    /// backend, boot time and agent calls; no pod or namespace.
+    pub fn figures(&self) -> crate::figures::SandboxFigures {
+        crate::figures::SandboxFigures {
+            backend: self.hypervisor.describe(),
+            boot_seconds: self.boot_time.as_secs_f64(),
+            agent_calls: self.agent.as_ref().map(|a| a.calls().snapshot()).unwrap_or_default(),
+            ..Default::default()
+        }
     }
 
     pub fn dir(&self) -> &Path {

@@ -28,6 +28,15 @@ pub fn vm_program() -> &'static str {
     }
 }
 
+/// How a sandbox's figures name the backend its VM ran on under the
+/// hypervisor the tests run on (a prefix: QEMU's accelerator is the host's).
+pub fn backend_prefix() -> &'static str {
+    match std::env::var("RUNV_TEST_HYPERVISOR").as_deref() {
+        Ok("builtin") => "runv-vmm/kvm",
+        _ => "qemu/",
+    }
+}
+
 /// The command lines of the VM processes whose command line mentions
 /// `needle` (a test's own directory).
 pub fn vm_processes(needle: &str) -> Vec<String> {

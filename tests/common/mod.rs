@@ -5,6 +5,7 @@
 
 pub mod cri;
 pub mod registry;
+pub mod scrape;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -5,6 +5,8 @@
 
 #[path = "../../../tests/common/hypervisor.rs"]
 pub mod hypervisor;
+#[path = "../../../tests/common/scrape.rs"]
+pub mod scrape;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -43,6 +45,25 @@ pub struct Containerd {
 }
 
 /// The names under /run/netns.
+/// A running `runv monitor`, ended when dropped.
+pub struct Monitor {
+    child: Child,
+    pub addr: String,
+}
+
+impl Monitor {
+    pub fn scrape(&self) -> String {
+        scrape::http_get(&self.addr, "/metrics")
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn netns_names() -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir("/run/netns")
         .into_iter()
@@ -199,6 +220,32 @@ impl Containerd {
         while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
             assert!(Instant::now() < deadline, "containerd did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `runv monitor` (this build's) on the test's runv config: the node's
+    /// metrics endpoint for the shims this containerd runs.
+    pub fn monitor(&self) -> Monitor {
+        let d = self.dir.path();
+        let shim_dir = std::fs::read_to_string(d.join("shim-dir")).unwrap();
+        let log = d.join("monitor.log");
+        let child = Command::new(Path::new(&shim_dir).join("runv"))
+            .args(["monitor", "--metrics-address", "127.0.0.1:0"])
+            .env("RUNV_CONFIG", d.join("runv.toml"))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // Ended by its Drop however the wait below ends.
+        let mut monitor = Monitor { child, addr: String::new() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = scrape::metrics_address(&text) {
+                monitor.addr = addr;
+                return monitor;
+            }
+            assert!(Instant::now() < deadline, "runv monitor printed no address: {text}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
