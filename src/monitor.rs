@@ -155,35 +155,21 @@ impl Monitor {
 
 /// Serves `GET /metrics` on `address` until SIGINT or SIGTERM.
 pub async fn serve(address: &str, runtime_dir: &Path) -> anyhow::Result<()> {
-    use anyhow::Context;
     let monitor = Arc::new(Monitor::new(runtime_dir)?);
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("--metrics-address {address}: cannot listen"))?;
-    let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let monitor = monitor.clone();
-            async move {
-                let body = tokio::task::spawn_blocking(move || monitor.scrape()).await.unwrap_or_default();
-                ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
-            }
-        }),
-    );
+    let bound = crate::cri::metrics::serve_text(address, move || {
+        let monitor = monitor.clone();
+        async move { tokio::task::spawn_blocking(move || monitor.scrape()).await.unwrap_or_default() }
+    })
+    .await?;
     eprintln!(
         "runv monitor: sandboxes under {}, metrics on http://{bound}/metrics",
         runtime_dir.join("shim").display()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     Ok(())
 }
 

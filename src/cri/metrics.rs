@@ -302,6 +302,21 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `address` until the process ends.
 pub async fn serve(address: &str, runtime: Arc<Runtime>) -> anyhow::Result<std::net::SocketAddr> {
+    serve_text(address, move || {
+        let runtime = runtime.clone();
+        async move { METRICS.scrape(&runtime).await }
+    })
+    .await
+}
+
+/// Binds `address` and serves `GET /metrics` with what `scrape` returns
+/// (the Prometheus text format) on a task of its own, until the process
+/// ends; returns the address bound.
+pub async fn serve_text<F, Fut>(address: &str, scrape: F) -> anyhow::Result<std::net::SocketAddr>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
     use anyhow::Context;
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -310,11 +325,8 @@ pub async fn serve(address: &str, runtime: Arc<Runtime>) -> anyhow::Result<std::
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let runtime = runtime.clone();
-            async move {
-                let body = METRICS.scrape(&runtime).await;
-                ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
-            }
+            let scrape = scrape.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], scrape().await) }
         }),
     );
     tokio::spawn(async move {
