@@ -231,6 +231,19 @@ pub fn families(sandboxes: &[(String, SandboxFigures)]) -> Vec<MetricFamily> {
     .collect()
 }
 
+/// `registry`'s metrics and the per-sandbox families of `sandboxes`, in
+/// the Prometheus text format.
+pub fn encode(registry: &prometheus::Registry, sandboxes: &[(String, SandboxFigures)]) -> String {
+    use prometheus::Encoder;
+    let mut all = registry.gather();
+    all.extend(families(sandboxes));
+    let mut out = Vec::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode(&all, &mut out) {
+        tracing::warn!("encoding metrics: {e}");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,9 +19,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntGaugeVec, Opts, Registry};
 
 use crate::figures::{host_processes, proc_usage, SandboxFigures};
 
@@ -143,13 +141,7 @@ impl Monitor {
         // Forget what is gone, so the set stays as large as the node's pods.
         seen.retain(|id| found.iter().any(|f| &f.id == id));
         drop(seen);
-        let mut families = self.registry.gather();
-        families.extend(crate::figures::families(&recorded));
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
-            tracing::warn!("encoding metrics: {e}");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        crate::figures::encode(&self.registry, &recorded)
     }
 }
 

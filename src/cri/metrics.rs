@@ -18,8 +18,7 @@ use std::time::Instant;
 
 use k8s_cri::v1::*;
 use prometheus::{
-    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 use super::runtime::Runtime;
@@ -199,13 +198,7 @@ impl Metrics {
                 recorded.push((p.id, f));
             }
         }
-        let mut families = self.registry.gather();
-        families.extend(crate::figures::families(&recorded));
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
-            tracing::warn!("encoding metrics: {e}");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        crate::figures::encode(&self.registry, &recorded)
     }
 
     async fn refresh(&self, runtime: &Runtime) {
@@ -347,9 +340,7 @@ mod tests {
         drop(_t);
         call_failed("kill", tonic::Code::Unavailable);
         METRICS.pulls.with_label_values(&["ok"]).inc();
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&METRICS.registry.gather(), &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let text = crate::figures::encode(&METRICS.registry, &[]);
         for family in METRICS.registry.gather() {
             let name = family.name();
             assert!(name.starts_with("runv_"), "{name}");
