@@ -9,6 +9,8 @@
 #       package's paths; local changes survive upgrades)
 #   /lib/systemd/system/runv-cri.service (not enabled: for nodes without
 #       containerd)
+#   /lib/systemd/system/runv-monitor.service (not enabled: the node's
+#       metrics endpoint for runv shims under containerd, on 127.0.0.1:9465)
 #   /usr/share/doc/runv/ (README, the containerd entry, the RuntimeClass)
 #
 # Usage: scripts/package.sh [OUT_DIR]   (default: target dir's debian/)
@@ -86,6 +88,21 @@ OOMScoreAdjust=-999
 WantedBy=multi-user.target
 EOF
 
+cat > "$root/lib/systemd/system/runv-monitor.service" <<'EOF'
+[Unit]
+Description=runv monitor: Prometheus metrics of every runv sandbox containerd runs
+Documentation=file:/usr/share/doc/runv/README.md
+After=containerd.service
+
+[Service]
+ExecStart=/usr/bin/runv monitor --metrics-address 127.0.0.1:9465
+Restart=always
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+EOF
+
 install -m 0644 "$repo/README.md" "$repo/deploy/containerd-config.toml" "$repo/deploy/runtimeclass.yaml" \
     "$root/usr/share/doc/runv/"
 cat > "$root/usr/share/doc/runv/copyright" <<'EOF'
@@ -126,7 +143,7 @@ cat > "$root/DEBIAN/prerm" <<'EOF'
 #!/bin/sh
 set -e
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-    systemctl stop runv-cri.service >/dev/null 2>&1 || true
+    systemctl stop runv-cri.service runv-monitor.service >/dev/null 2>&1 || true
 fi
 exit 0
 EOF

@@ -6,7 +6,7 @@
 //! scrape, so it holds no state of its own worth keeping, talks to no shim
 //! and no guest, and a hung or dead shim cannot hold up a scrape.
 //!
-//! Served: `runv_monitor_sandboxes` (by containerd namespace), the VM boot
+//! Served: `runv_monitor_up`, `runv_monitor_sandboxes` (by containerd namespace), the VM boot
 //! histogram `runv_vm_boot_duration_seconds` by backend (each sandbox
 //! counted once, when first seen), and per sandbox: its agent calls
 //! (`runv_agent_call_duration_seconds`, `runv_agent_call_errors_total`),
@@ -34,6 +34,7 @@ pub struct Monitor {
     vm_boot: HistogramVec,
     host_rss: GaugeVec,
     host_cpu: CounterVec,
+    up: prometheus::Gauge,
     /// Sandboxes whose boot is already in `vm_boot`.
     seen: Mutex<HashSet<String>>,
 }
@@ -78,6 +79,7 @@ impl Monitor {
                 ),
                 &process_labels,
             )?,
+            up: prometheus::Gauge::new("runv_monitor_up", "1 while runv monitor serves")?,
             seen: Mutex::new(HashSet::new()),
         };
         for c in [
@@ -85,9 +87,11 @@ impl Monitor {
             Box::new(m.vm_boot.clone()),
             Box::new(m.host_rss.clone()),
             Box::new(m.host_cpu.clone()),
+            Box::new(m.up.clone()),
         ] {
             m.registry.register(c)?;
         }
+        m.up.set(1.0);
         Ok(m)
     }
 
@@ -187,6 +191,7 @@ mod tests {
 
         let monitor = Monitor::new(root.path()).unwrap();
         let text = monitor.scrape();
+        assert!(text.contains("runv_monitor_up 1"), "{text}");
         assert!(text.contains(r#"runv_monitor_sandboxes{containerd_namespace="k8s.io"} 1"#), "{text}");
         assert!(
             text.contains(r#"runv_sandbox_vm_boot_seconds{backend="qemu/tcg",namespace="",pod="",sandbox="aaa"} 2.5"#),

@@ -35,12 +35,14 @@ dpkg -L runv > "$work/files"
 for f in /usr/bin/runv /usr/bin/runv-vmm /usr/bin/containerd-shim-runv-v2 /usr/libexec/runv/virtiofsd \
     /usr/libexec/runv/vhost-device-vsock /usr/share/runv/vmlinux /usr/share/runv/initramfs.cpio \
     /usr/share/runv/rootfs/bin/busybox /etc/runv/config.toml /lib/systemd/system/runv-cri.service \
-    /usr/share/doc/runv/containerd-config.toml; do
+    /lib/systemd/system/runv-monitor.service /usr/share/doc/runv/containerd-config.toml; do
     [ -e "$f" ] || fail "$f is not installed"
 done
 if command -v systemd-analyze >/dev/null; then
-    systemd-analyze verify /lib/systemd/system/runv-cri.service 2>&1 | grep -v "^$" | grep -iv "network-online" \
-        && fail "systemd-analyze verify complains about runv-cri.service" || true
+    for unit in runv-cri runv-monitor; do
+        systemd-analyze verify "/lib/systemd/system/$unit.service" 2>&1 | grep -v "^$" | grep -iv "network-online\|containerd.service" \
+            && fail "systemd-analyze verify complains about $unit.service" || true
+    done
 fi
 
 # The package's runv, with the package's config (the default path), uses
@@ -51,6 +53,17 @@ grep -q "ok   kernel              /usr/share/runv/vmlinux" <<< "$check" || fail 
 out=$(timeout 300 /usr/bin/runv run -- sh -c 'echo hello from the package; uname -r' 2>&1) || fail "runv run: $out"
 grep -q "hello from the package" <<< "$out" || fail "runv run printed: $out"
 echo "package: runv run in a VM from the package printed '$(echo "$out" | tr '\n' ' ')'"
+
+# The package's runv monitor (what runv-monitor.service runs) answers.
+/usr/bin/runv monitor --metrics-address 127.0.0.1:0 2>"$work/monitor.log" &
+monitor=$!
+for _ in $(seq 50); do grep -q "metrics on http://" "$work/monitor.log" && break; sleep 0.1; done
+addr=$(sed -n 's|.*metrics on http://\([^/]*\)/metrics.*|\1|p' "$work/monitor.log")
+scrape=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=10).read().decode())' "$addr" 2>&1) \
+    || { kill "$monitor"; fail "runv monitor on '$addr': $scrape $(cat "$work/monitor.log")"; }
+kill "$monitor"; wait "$monitor" 2>/dev/null || true
+grep -q "^runv_monitor_up 1" <<< "$scrape" || fail "runv monitor served: $scrape"
+echo "package: runv monitor served its metrics on $addr"
 
 # An operator's change to the conffile survives an upgrade.
 echo "# changed by the operator" >> /etc/runv/config.toml
