@@ -101,7 +101,8 @@ the_command_runs_in_an_isolated_container the_vm_runs_jailed_and_the_jail_goes_w
 # Known and not yet root-caused (#15): now and then a nested guest dies or
 # stalls under L1's emulated SVM: the agent's connection ends with "early
 # eof", the VM "exited while booting", the agent never answers or misses
-# an agent call's 10 s deadline, a running guest is reset by its vCPU
+# an agent call's 10 s deadline, a command in the guest stalls past its
+# ExecSync timeout ("did not finish within"), a running guest is reset by its vCPU
 # ("a triple fault" at the reset vector, nothing on its console), or the
 # whole L1 stops making progress (a binary that not even SIGKILL ends, or
 # no process in L1 running at all: two whole L1 steps were lost to it when
@@ -111,7 +112,7 @@ the_command_runs_in_an_isolated_container the_vm_runs_jailed_and_the_jail_goes_w
 # result line renamed so it is not counted, a `FLAKY:` line names it, and
 # the rerun's result counts. Any other failure, or the same one twice,
 # fails the run.
-l1_signature="socket err: early eof|exited while booting|did not answer within|before its deadline|a triple fault|L1 did not finish|L1 stopped before"
+l1_signature="socket err: early eof|exited while booting|did not answer within|did not finish within|before its deadline|a triple fault|L1 did not finish|L1 stopped before"
 # The whole step stays within 2700 s, whatever hangs: each L1 gets at
 # most 900 s and no more than what is left.
 l1_deadline=$((SECONDS + 2700))
