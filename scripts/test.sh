@@ -189,7 +189,7 @@ fi
 # corpus grows in the cache between runs; tests/fuzz.sh SECONDS for more).
 echo "==> fuzz (tests/fuzz.sh)" >&2
 if ! tests/fuzz.sh "${RUNV_FUZZ_SECONDS:-20}" 2>&1 | tee -a "$log" | grep -E '^(FUZZ|fuzz:) '; then
-    echo "FAILED: fuzzing found a crash (tests/fuzz.sh; the input is in the artifacts directory named above)" | tee -a "$log" >&2
+    echo "FAILED: fuzzing found a crash or a target did not run (tests/fuzz.sh; FUZZ lines above)" | tee -a "$log" >&2
     status=1
 fi
 

@@ -220,7 +220,10 @@ mod tests {
         // splits /proc/PID/stat at the first ')' or on spaces.
         let dir = tempfile::tempdir().unwrap();
         let sh = dir.path().join("a b) (c");
-        std::fs::copy("/bin/sh", &sh).unwrap();
+        // A symlink, not a copy: the name comes from the path exec'd, and a
+        // copy written here could still be open for writing in a child
+        // another test forks at that moment (exec then fails with ETXTBSY).
+        std::os::unix::fs::symlink("/bin/sh", &sh).unwrap();
         let mut child = std::process::Command::new(&sh).args(["-c", "while :; do :; done"]).spawn().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut ticks = 0;

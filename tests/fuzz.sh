@@ -12,9 +12,10 @@
 # Each target runs SECONDS (default 60) from its committed seeds
 # (`<crate>/seeds/<target>`) plus a work corpus kept in
 # $RUNV_CACHE_DIR/fuzz-corpus, and prints
-# `FUZZ <target>: N runs, 0 crashes` (or `FUZZ <target>: CRASH <file>`);
-# the last line is `fuzz: N targets, N runs, C crashes`. Exit status 1 on
-# any crash. Installs cargo-fuzz when missing; stable Rust takes the
+# `FUZZ <target>: N runs, 0 crashes` (or `FUZZ <target>: CRASH <file>`, or
+# `FUZZ <target>: FAILED to run ...` with the build's first error);
+# the last line is `fuzz: N targets, N runs, C crashes, F failed to run`.
+# Exit status 1 on any crash or a target that did not run. Installs cargo-fuzz when missing; stable Rust takes the
 # sanitizer flags with RUSTC_BOOTSTRAP=1.
 #
 # Usage: tests/fuzz.sh [SECONDS] [TARGET...]
@@ -30,7 +31,7 @@ export RUSTC_BOOTSTRAP=1
 # One target dir per fuzz crate, outside the repo, kept between runs.
 export CARGO_TARGET_DIR=$cache/fuzz-target
 
-runs_total=0 crashes=0 n=0
+runs_total=0 crashes=0 failed=0 n=0
 for t in "${targets[@]}"; do
     case "$t" in
         decode_request) crate=$repo/agent/fuzz ;;
@@ -47,14 +48,22 @@ for t in "${targets[@]}"; do
     n=$((n + 1))
     runs_total=$((runs_total + ${runs:-0}))
     if [ "$rc" != 0 ]; then
-        crashes=$((crashes + 1))
         artifact=$(grep -oE "Test unit written to [^ ]+" "$log" | tail -n 1 | cut -d' ' -f5)
         tail -n 40 "$log" >&2
-        echo "FUZZ $t: CRASH ${artifact:-(no artifact; exit status $rc, log above)}"
+        if [ -n "$artifact" ]; then
+            crashes=$((crashes + 1))
+            echo "FUZZ $t: CRASH $artifact"
+        else
+            # No input was written: the target did not build or start (its
+            # first error line says why), or libFuzzer stopped on its own.
+            failed=$((failed + 1))
+            why=$(grep -m 1 -E "^error(\[E[0-9]+\])?:|ERROR:" "$log" | cut -c 1-300)
+            echo "FUZZ $t: FAILED to run (exit status $rc): ${why:-see the last lines of its log above}"
+        fi
     else
         echo "FUZZ $t: ${runs:-0} runs, 0 crashes"
     fi
     rm -f "$log"
 done
-echo "fuzz: $n targets, $runs_total runs, $crashes crashes"
-[ "$crashes" = 0 ]
+echo "fuzz: $n targets, $runs_total runs, $crashes crashes, $failed failed to run"
+[ "$crashes" = 0 ] && [ "$failed" = 0 ]

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("layer");
     std::fs::create_dir(&dest).unwrap();
-    let limits = ImageLimits { max_layer_bytes: 1 << 20, max_unpacked_bytes: 4 << 20, max_entries: 256 };
+    let limits = ImageLimits { max_layer_bytes: 1 << 20, max_unpacked_bytes: 4 << 20, max_entries: 256, max_layers: 1 };
     let _ = unpack_layer(data, &dest, &limits);
     // Nothing may appear beside the destination.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();

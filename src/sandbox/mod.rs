@@ -43,9 +43,10 @@ pub struct SandboxSpec {
     /// The pod's cgroup (relative to each hierarchy's root), which the
     /// sandbox's host processes join; None: `runv/<sandbox id>`.
     pub cgroup: Option<PathBuf>,
-    /// A file `Sandbox::start` writes the sandbox directory's path to as
-    /// soon as the directory exists, before anything is started: a cleanup
-    /// after the caller died mid-boot finds the jail and its cgroups there.
+    /// A file `Sandbox::start` writes the sandbox directory's path to
+    /// before it creates the directory, before anything is started: a
+    /// cleanup after the caller died mid-boot finds the jail and its
+    /// cgroups there.
     pub dir_record: Option<PathBuf>,
 }
 
@@ -113,13 +114,15 @@ impl Sandbox {
         let hypervisor = select_hypervisor(config).await?;
         let id = new_sandbox_id();
         let dir = config.runtime_dir.join("sandboxes").join(&id);
-        create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
+        // Recorded before it exists: the owner can be killed at any point
+        // after this, and cleanup after it (`shim delete`) must find every
+        // directory that may have been made (a recorded one that never was
+        // is nothing to remove).
         if let Some(record) = &spec.dir_record {
-            if let Err(source) = crate::helper::write_private(record, dir.to_string_lossy().as_bytes()) {
-                let _ = std::fs::remove_dir(&dir);
-                return Err(SandboxError::WorkDir { path: record.clone(), source });
-            }
+            crate::helper::write_private(record, dir.to_string_lossy().as_bytes())
+                .map_err(|source| SandboxError::WorkDir { path: record.clone(), source })?;
         }
+        create_private_dir(&dir).map_err(|source| SandboxError::WorkDir { path: dir.clone(), source })?;
         let mut sandbox = Sandbox {
             id,
             console_log: dir.join("console.log"),
