@@ -129,6 +129,27 @@ pub fn host_processes(dir: &Path) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// The host processes' figures per sandbox, as `runv cri` and `runv
+/// monitor` both serve them: resident memory and CPU time by process.
+pub fn host_process_metrics() -> Result<(prometheus::GaugeVec, prometheus::CounterVec), prometheus::Error> {
+    let labels = ["sandbox", "pod", "namespace", "process"];
+    let rss = prometheus::GaugeVec::new(
+        prometheus::Opts::new(
+            "runv_sandbox_host_resident_memory_bytes",
+            "Resident memory of a sandbox's host processes (the VM's is its guest's memory as the host sees it), by process",
+        ),
+        &labels,
+    )?;
+    let cpu = prometheus::CounterVec::new(
+        prometheus::Opts::new(
+            "runv_sandbox_host_cpu_seconds_total",
+            "CPU time of a sandbox's host processes (vCPUs included), by process",
+        ),
+        &labels,
+    )?;
+    Ok((rss, cpu))
+}
+
 /// A process's resident bytes and CPU seconds (user + system), from /proc.
 pub fn proc_usage(pid: u32) -> Option<(u64, f64)> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;

@@ -49,7 +49,7 @@ struct Found {
 impl Monitor {
     /// A monitor of the shims whose state is under `runtime_dir`.
     pub fn new(runtime_dir: &Path) -> Result<Self, prometheus::Error> {
-        let process_labels = ["sandbox", "pod", "namespace", "process"];
+        let (host_rss, host_cpu) = crate::figures::host_process_metrics()?;
         let m = Monitor {
             shim_root: runtime_dir.join("shim"),
             registry: Registry::new(),
@@ -65,20 +65,8 @@ impl Monitor {
                 .buckets(vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0]),
                 &["backend"],
             )?,
-            host_rss: GaugeVec::new(
-                Opts::new(
-                    "runv_sandbox_host_resident_memory_bytes",
-                    "Resident memory of a sandbox's host processes (the VM's is its guest's memory as the host sees it), by process",
-                ),
-                &process_labels,
-            )?,
-            host_cpu: CounterVec::new(
-                Opts::new(
-                    "runv_sandbox_host_cpu_seconds_total",
-                    "CPU time of a sandbox's host processes (vCPUs included), by process",
-                ),
-                &process_labels,
-            )?,
+            host_rss,
+            host_cpu,
             up: prometheus::Gauge::new("runv_monitor_up", "1 while runv monitor serves")?,
             seen: Mutex::new(HashSet::new()),
         };

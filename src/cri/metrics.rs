@@ -50,6 +50,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new();
     // A VM boot under TCG takes seconds; on KVM, well under one.
     let start_buckets = vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0];
+    let (host_rss, host_cpu) = crate::figures::host_process_metrics()?;
     let call_buckets = vec![0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
     let m = Metrics {
         pod_start: HistogramVec::new(
@@ -99,17 +100,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
             Opts::new("runv_sandbox_guest_memory_working_set_bytes", "Working set of a sandbox's containers in its guest"),
             &SANDBOX_LABELS,
         )?,
-        host_rss: GaugeVec::new(
-            Opts::new(
-                "runv_sandbox_host_resident_memory_bytes",
-                "Resident memory of a sandbox's host processes (the VM's is its guest's memory as the host sees it), by process",
-            ),
-            &["sandbox", "pod", "namespace", "process"],
-        )?,
-        host_cpu: CounterVec::new(
-            Opts::new("runv_sandbox_host_cpu_seconds_total", "CPU time of a sandbox's host processes (vCPUs included), by process"),
-            &["sandbox", "pod", "namespace", "process"],
-        )?,
+        host_rss,
+        host_cpu,
         up: Gauge::new("runv_cri_up", "1 while runv cri serves")?,
         registry,
     };
