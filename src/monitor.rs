@@ -44,6 +44,8 @@ struct Found {
     id: String,
     namespace: String,
     dir: PathBuf,
+    /// Its live processes, by name.
+    processes: Vec<(String, u32)>,
 }
 
 impl Monitor {
@@ -94,12 +96,10 @@ impl Monitor {
                     return found;
                 }
                 let dir = sb.path();
-                if dir.is_dir() && !host_processes(&dir).is_empty() {
-                    found.push(Found {
-                        id: sb.file_name().to_string_lossy().into_owned(),
-                        namespace: namespace.clone(),
-                        dir,
-                    });
+                let processes = if dir.is_dir() { host_processes(&dir) } else { Vec::new() };
+                if !processes.is_empty() {
+                    let id = sb.file_name().to_string_lossy().into_owned();
+                    found.push(Found { id, namespace: namespace.clone(), dir, processes });
                 }
             }
         }
@@ -117,8 +117,8 @@ impl Monitor {
         for f in &found {
             self.sandboxes.with_label_values(&[f.namespace.as_str()]).inc();
             let figures = SandboxFigures::read(&f.dir).unwrap_or_default();
-            for (name, pid) in host_processes(&f.dir) {
-                let Some((rss, cpu)) = proc_usage(pid) else { continue };
+            for (name, pid) in &f.processes {
+                let Some((rss, cpu)) = proc_usage(*pid) else { continue };
                 let labels = [f.id.as_str(), figures.pod.as_str(), figures.namespace.as_str(), name.as_str()];
                 self.host_rss.with_label_values(&labels).add(rss as f64);
                 self.host_cpu.with_label_values(&labels).inc_by(cpu);

@@ -182,10 +182,10 @@ fn guest_figures(s: &PodSandboxStats) -> Option<(String, PodSandboxMetadata, u64
 impl Metrics {
     /// Reads the figures that are read, not counted, and encodes everything.
     pub async fn scrape(&self, runtime: &Runtime) -> String {
-        self.refresh(runtime).await;
+        let pods = self.refresh(runtime).await;
         // Each sandbox's own figures, as its shim recorded them.
         let mut recorded = Vec::new();
-        for p in runtime.list_pods(None).await {
+        for p in pods {
             if let Some(f) = runtime.figures(&p.id) {
                 recorded.push((p.id, f));
             }
@@ -193,7 +193,8 @@ impl Metrics {
         crate::figures::encode(&self.registry, &recorded)
     }
 
-    async fn refresh(&self, runtime: &Runtime) {
+    /// Sets the figures read at each scrape; returns the pods it listed.
+    async fn refresh(&self, runtime: &Runtime) -> Vec<PodSandbox> {
         let pods = runtime.list_pods(None).await;
         self.sandboxes.reset();
         for state in ["ready", "notready"] {
@@ -235,6 +236,7 @@ impl Metrics {
                 self.host_cpu.with_label_values(&labels).inc_by(cpu);
             }
         }
+        pods
     }
 
     /// The descriptors of the per-sandbox figures, for
