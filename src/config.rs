@@ -71,7 +71,7 @@ pub struct Config {
     pub vhost_vsock: PathBuf,
     /// tracing filter for runv's own log on stderr (error, warn, info, debug).
     pub log_level: String,
-    /// Where `runv cri` keeps pulled images.
+    /// Where `runv cri` and `runv run --image` keep pulled images.
     pub cri_image_root: PathBuf,
     /// Registries (`host[:port]`) `runv cri` may reach over plain HTTP.
     pub insecure_registries: Vec<String>,
@@ -234,7 +234,7 @@ impl Config {
 }
 
 impl Config {
-    /// Where `runv cri` pulls each registry's images from.
+    /// Where `runv cri` and `runv run --image` pull each registry's images from.
     pub fn registry_hosts(&self) -> crate::image::RegistryHosts {
         crate::image::RegistryHosts {
             config_path: Some(self.registry_config_path.clone()),

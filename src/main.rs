@@ -27,15 +27,26 @@ struct Cli {
 enum Command {
     /// Boot a microVM, run CMD inside it and exit with its status.
     ///
-    /// The root filesystem (default: the embedded busybox rootfs) is shared
-    /// into the guest over virtio-fs; CMD's stdin, stdout and stderr are
-    /// streamed; the VM and everything around it is removed afterwards.
+    /// The root filesystem (default: the embedded busybox rootfs; or a host
+    /// directory; or an OCI image's, pulled into the store runv cri uses)
+    /// is shared into the guest over virtio-fs; CMD's stdin, stdout and
+    /// stderr are streamed; the VM and everything around it is removed
+    /// afterwards. With --image, CMD replaces the image's Cmd (its
+    /// Entrypoint, Env, WorkingDir and User apply) and may be left out.
     /// Exit status: CMD's own, 125 when runv fails, 126 when CMD cannot be
     /// executed, 127 when it is not found in the guest.
     Run {
         /// Host directory to use as the guest's root filesystem.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "image")]
         rootfs: Option<PathBuf>,
+        /// Run an OCI image (e.g. registry.example/app:1): its layers as a
+        /// writable rootfs discarded afterwards, its configuration for CMD.
+        /// A pull shows a progress bar per layer when stdout is a terminal.
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
+        /// When to pull the image: missing (not in the store), always, never.
+        #[arg(long, value_enum, default_value_t = runv::run::image::PullPolicy::Missing, requires = "image")]
+        pull: runv::run::image::PullPolicy,
         /// vCPUs of the microVM (default from the config: 1).
         #[arg(long, value_name = "N")]
         cpus: Option<u32>,
@@ -51,8 +62,14 @@ enum Command {
         /// Working directory of CMD inside the rootfs.
         #[arg(short = 'w', long, value_name = "DIR")]
         workdir: Option<String>,
-        /// The command and its arguments, after `--`.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        /// The command and its arguments, after `--` (with --image: the
+        /// image's Cmd when left out).
+        #[arg(
+            required_unless_present = "image",
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// Measure what a pod costs beyond its containers, on a real sandbox.
@@ -253,13 +270,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { rootfs, cpus, memory, tty, env, workdir, command } => {
+        Command::Run { rootfs, image, pull, cpus, memory, tty, env, workdir, command } => {
             // One thread: helpers are tied to the thread that starts them
             // (PR_SET_PDEATHSIG), which must outlive them.
             let Some(runtime) = async_runtime(tokio::runtime::Builder::new_current_thread()) else {
                 return ExitCode::from(EXIT_RUNV_ERROR as u8);
             };
-            let opts = RunOptions { rootfs, cpus, memory_mib: memory, tty, env, workdir, command };
+            let opts = RunOptions { rootfs, image, pull, cpus, memory_mib: memory, tty, env, workdir, command };
             let status = match runtime.block_on(runv::run::run(&config, opts)) {
                 Ok(status) => status,
                 Err(e) => {

@@ -146,6 +146,12 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
         hostname: "web-host".into(),
         log_directory: logs.display().to_string(),
         labels: [("app".to_string(), "web".to_string())].into(),
+        // A namespaced sysctl of the pod: set in the guest, in the pod's
+        // IPC namespace, never on the host.
+        linux: Some(LinuxPodSandboxConfig {
+            sysctls: [("kernel.shm_rmid_forced".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let pod_id = rt
@@ -196,6 +202,20 @@ async fn a_pod_runs_through_runv_cri_and_survives_a_restart() {
     assert_eq!(boot, boot_id(second.clone()).await);
     let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     assert_ne!(boot, host_boot, "the container runs in its own kernel");
+
+    // The pod's sysctl, in each container.
+    for id in [&first, &second] {
+        let r = rt
+            .exec_sync(ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: vec!["cat".into(), "/proc/sys/kernel/shm_rmid_forced".into()],
+                timeout: 30,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "1\n", "the pod's sysctl in {id}");
+    }
 
     // ExecSync: output, exit code, the pod's hostname.
     let r = rt

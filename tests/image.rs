@@ -277,3 +277,45 @@ async fn a_tls_registry_is_pulled_from_with_its_ca_or_skip_verify_and_refused_wi
     let err = store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap_err().to_string();
     assert!(err.contains("ca /etc/hostname is not a PEM certificate"), "{err}");
 }
+
+/// A registry that demands a client certificate (docker-registry's
+/// `clientcas`) refuses a pull without one and serves it with the `client`
+/// pair of containerd's hosts.toml, as separate files or as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_wants_a_client_certificate_gets_the_one_hosts_toml_names() {
+    let test = "a_registry_that_wants_a_client_certificate_gets_the_one_hosts_toml_names";
+    if !ready(test) {
+        return;
+    }
+    if runv::helper::find_program(Path::new("openssl")).is_none() {
+        eprintln!("SKIP {test}: needs openssl (scripts/test.sh installs it)");
+        return;
+    }
+    let plain = Registry::start();
+    push(&plain, "runv/mtls:1", &[base_layer()]).await;
+    let mtls = Registry::start_mtls_over(&plain);
+    let reference = format!("{}/runv/mtls:1", mtls.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let files = mtls.dir.path();
+
+    // The CA alone: the TLS handshake fails for want of a certificate.
+    let hosts = hosts_dir(&mtls.addr, &format!("ca = \"{}\"\n", files.join("ca.pem").display()));
+    let store = store_with_hosts(&dir.path().join("s1"), hosts.path());
+    let err = store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap_err();
+    assert!(matches!(err, ImageError::Pull { .. }), "{err}");
+
+    // `client = [[cert, key]]`.
+    let text = format!("ca = \"{0}/ca.pem\"\nclient = [[\"{0}/client.pem\", \"{0}/client.key\"]]\n", files.display());
+    let hosts = hosts_dir(&mtls.addr, &text);
+    let store = store_with_hosts(&dir.path().join("s2"), hosts.path());
+    let image = store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap();
+    assert_eq!(image.reference, reference);
+
+    // `client = "both.pem"`: certificate and key in one file, relative to
+    // the hosts.toml's directory.
+    let hosts = hosts_dir(&mtls.addr, &format!("ca = \"{}/ca.pem\"\nclient = \"both.pem\"\n", files.display()));
+    let both = [std::fs::read(files.join("client.pem")).unwrap(), std::fs::read(files.join("client.key")).unwrap()];
+    std::fs::write(hosts.path().join(&mtls.addr).join("both.pem"), both.concat()).unwrap();
+    let store = store_with_hosts(&dir.path().join("s3"), hosts.path());
+    store.pull(&reference, &RegistryAuth::Anonymous).await.unwrap();
+}

@@ -10,6 +10,7 @@ use k8s_cri::v1::*;
 use serde_json::{json, Value};
 use tonic::Status;
 
+use crate::image::config::{command_line, environment, image_config, image_groups_of, resolve_user};
 use crate::image::ImageRecord;
 use crate::sandbox::sizing::{
     ANNOTATION_SANDBOX_CPU_PERIOD, ANNOTATION_SANDBOX_CPU_QUOTA, ANNOTATION_SANDBOX_CPU_SHARES,
@@ -239,130 +240,6 @@ pub fn validate_container(config: Option<&ContainerConfig>) -> Result<&Container
     Ok(config)
 }
 
-fn image_config(image: &ImageRecord) -> &Value {
-    &image.config["config"]
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect()
-}
-
-/// The command line of a container: the CRI command replaces the image's
-/// entrypoint, the CRI args its cmd (Kubernetes' rule).
-fn command_line(image: &ImageRecord, command: &[String], args: &[String]) -> Vec<String> {
-    let c = image_config(image);
-    let (entrypoint, cmd) = (strings(&c["Entrypoint"]), strings(&c["Cmd"]));
-    let mut line = if command.is_empty() { entrypoint } else { command.to_vec() };
-    if !args.is_empty() {
-        line.extend(args.iter().cloned());
-    } else if command.is_empty() {
-        line.extend(cmd);
-    }
-    line
-}
-
-/// The image's environment with the CRI's variables set over it.
-fn environment(image: &ImageRecord, envs: &[KeyValue]) -> Vec<String> {
-    let mut vars: Vec<(String, String)> = strings(&image_config(image)["Env"])
-        .into_iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (kv, String::new()),
-        })
-        .collect();
-    for kv in envs {
-        match vars.iter_mut().find(|(k, _)| *k == kv.key) {
-            Some(slot) => slot.1 = kv.value.clone(),
-            None => vars.push((kv.key.clone(), kv.value.clone())),
-        }
-    }
-    vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
-}
-
-/// uid/gid of a user name (or `uid[:gid]`) in the image's /etc/passwd.
-fn resolve_user(user: &str, lowers: &[PathBuf]) -> Result<(u32, u32), String> {
-    let (name, group) = match user.split_once(':') {
-        Some((n, g)) => (n, Some(g)),
-        None => (user, None),
-    };
-    let passwd = image_passwd(lowers);
-    let lookup = |name: &str| {
-        passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && f[0] == name).then(|| (f[2].parse::<u32>().ok(), f[3].parse::<u32>().ok()))
-        })
-    };
-    let (uid, default_gid) = match name.parse::<u32>() {
-        Ok(uid) => (uid, passwd_gid_of(&passwd, uid).unwrap_or(0)),
-        Err(_) if name == "root" || name.is_empty() => (0, 0),
-        Err(_) => match lookup(name) {
-            Some((Some(uid), gid)) => (uid, gid.unwrap_or(0)),
-            _ => return Err(format!("user {name:?} is not in the image's /etc/passwd")),
-        },
-    };
-    let gid = match group {
-        None | Some("") => default_gid,
-        Some(g) => g.parse::<u32>().map_err(|_| format!("group {g:?} must be numeric"))?,
-    };
-    Ok((uid, gid))
-}
-
-/// Largest `/etc/passwd` or `/etc/group` read from an image.
-const MAX_PASSWD: usize = 1 << 20;
-
-/// The image's `/etc/passwd`.
-fn image_passwd(lowers: &[PathBuf]) -> String {
-    image_file(lowers, "etc/passwd")
-}
-
-/// A small file of the image (`etc/passwd`, `etc/group`): from the top
-/// layer that has one, read as if the layer were `/` (a symlink to a host
-/// file reads nothing of the host).
-fn image_file(lowers: &[PathBuf], path: &str) -> String {
-    for dir in lowers {
-        let Ok(root) = crate::fsroot::FsRoot::open(dir) else { continue };
-        match root.read_in_root(Path::new(path), MAX_PASSWD) {
-            Ok(bytes) => return String::from_utf8_lossy(&bytes).into_owned(),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            // A whiteout, a link to nowhere, something too big: no passwd.
-            Err(_) => return String::new(),
-        }
-    }
-    String::new()
-}
-
-/// The gids of the groups the image's `/etc/group` lists `user` in (by
-/// name; a numeric user is looked up in `/etc/passwd` first).
-fn image_groups_of(user: &str, uid: u32, lowers: &[PathBuf]) -> Vec<i64> {
-    let name = if user.is_empty() || user.parse::<u32>().is_ok() {
-        let passwd = image_file(lowers, "etc/passwd");
-        match passwd
-            .lines()
-            .map(|l| l.split(':').collect::<Vec<_>>())
-            .find(|f| f.len() > 2 && f[2].parse::<u32>().ok() == Some(uid))
-        {
-            Some(f) => f[0].to_string(),
-            None => return Vec::new(),
-        }
-    } else {
-        user.to_string()
-    };
-    image_file(lowers, "etc/group")
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && f[3].split(',').any(|m| m.trim() == name)).then(|| f[2].parse::<i64>().ok()).flatten()
-        })
-        .collect()
-}
-
-fn passwd_gid_of(passwd: &str, uid: u32) -> Option<u32> {
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok()).flatten()
-    })
-}
-
 fn resources_json(r: &LinuxContainerResources) -> Value {
     let mut cpu = serde_json::Map::new();
     if r.cpu_shares > 0 {
@@ -449,7 +326,7 @@ pub fn sandbox_spec(
             "terminal": false,
             "user": {"uid": 65535, "gid": 65535},
             "args": args,
-            "env": environment(image, &[]),
+            "env": environment(image, []),
             "cwd": c["WorkingDir"].as_str().filter(|d| !d.is_empty()).unwrap_or("/"),
             "capabilities": {"bounding": DEFAULT_CAPABILITIES, "effective": DEFAULT_CAPABILITIES, "permitted": DEFAULT_CAPABILITIES},
             "noNewPrivileges": true,
@@ -458,8 +335,28 @@ pub fn sandbox_spec(
         "hostname": config.hostname,
         "mounts": default_mounts(),
         "annotations": annotations,
-        "linux": {"namespaces": namespaces},
+        "linux": {"namespaces": namespaces, "sysctl": pod_sysctls(config)?},
     }))
+}
+
+/// The pod's sysctls, for the sandbox's spec and each container's (as
+/// containerd sets them): applied in the guest by libcontainer, in the
+/// container's namespaces. A key or value that cannot be a sysctl is named.
+fn pod_sysctls(config: &PodSandboxConfig) -> Result<HashMap<String, String>, Status> {
+    let sysctls = config.linux.as_ref().map(|l| l.sysctls.clone()).unwrap_or_default();
+    for (key, value) in &sysctls {
+        let key_ok = !key.is_empty()
+            && key.len() <= 256
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+            && !key.split(['.', '/']).any(|part| part.is_empty() || part == "..");
+        if !key_ok {
+            return Err(Status::invalid_argument(format!("linux.sysctls: {key:?} is not a sysctl name")));
+        }
+        if value.len() > 4096 || value.contains('\0') {
+            return Err(Status::invalid_argument(format!("linux.sysctls: the value of {key} is not a sysctl value")));
+        }
+    }
+    Ok(sysctls)
 }
 
 pub struct ContainerContext<'a> {
@@ -562,7 +459,7 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
         (CONTAINER_NAME.into(), meta.name.clone()),
         (IMAGE_NAME.into(), config.image.as_ref().map(|i| i.image.clone()).unwrap_or_default()),
     ]);
-    let mut linux_json = json!({"namespaces": namespaces});
+    let mut linux_json = json!({"namespaces": namespaces, "sysctl": pod_sysctls(cx.pod_config)?});
     if let Some(r) = &linux.resources {
         linux_json["resources"] = resources_json(r);
     }
@@ -592,7 +489,7 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
             "terminal": config.tty,
             "user": {"uid": uid, "gid": gid, "additionalGids": groups},
             "args": args,
-            "env": environment(cx.image, &config.envs),
+            "env": environment(cx.image, config.envs.iter().map(|kv| (kv.key.clone(), kv.value.clone()))),
             "cwd": cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
             "noNewPrivileges": security.no_new_privs,
@@ -619,35 +516,20 @@ mod tests {
     }
 
     #[test]
-    fn command_follows_the_kubernetes_rule() {
-        let img = image(json!({"config": {"Entrypoint": ["/ep"], "Cmd": ["a", "b"]}}));
-        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(command_line(&img, &[], &[]), s(&["/ep", "a", "b"]));
-        assert_eq!(command_line(&img, &[], &s(&["c"])), s(&["/ep", "c"]));
-        assert_eq!(command_line(&img, &s(&["/x"]), &[]), s(&["/x"]));
-        assert_eq!(command_line(&img, &s(&["/x"]), &s(&["y"])), s(&["/x", "y"]));
-    }
-
-    #[test]
-    fn cri_variables_override_the_image_environment() {
-        let img = image(json!({"config": {"Env": ["PATH=/bin", "A=1"]}}));
-        let envs =
-            vec![KeyValue { key: "A".into(), value: "2".into() }, KeyValue { key: "B".into(), value: "3".into() }];
-        assert_eq!(environment(&img, &envs), ["PATH=/bin", "A=2", "B=3"]);
-    }
-
-    #[test]
-    fn users_resolve_through_the_image_passwd() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
-        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n")
-            .unwrap();
-        let lowers = vec![dir.path().to_path_buf()];
-        assert_eq!(resolve_user("app", &lowers), Ok((1000, 1001)));
-        assert_eq!(resolve_user("1000", &lowers), Ok((1000, 1001)));
-        assert_eq!(resolve_user("1000:5", &lowers), Ok((1000, 5)));
-        assert_eq!(resolve_user("", &lowers), Ok((0, 0)));
-        assert!(resolve_user("nobody-here", &lowers).unwrap_err().contains("nobody-here"));
+    fn pod_sysctls_reach_the_specs_and_bad_ones_are_named() {
+        let mut pod = PodSandboxConfig {
+            linux: Some(LinuxPodSandboxConfig {
+                sysctls: HashMap::from([("kernel.shm_rmid_forced".into(), "1".into())]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(pod_sysctls(&pod).unwrap()["kernel.shm_rmid_forced"], "1");
+        for bad in ["", "kernel..x", "../../etc/passwd", "net/../x", "a b"] {
+            pod.linux.as_mut().unwrap().sysctls = HashMap::from([(bad.to_string(), "1".to_string())]);
+            let e = pod_sysctls(&pod).unwrap_err();
+            assert!(e.message().contains("is not a sysctl name"), "{bad:?}: {}", e.message());
+        }
     }
 
     #[test]

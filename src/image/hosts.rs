@@ -17,13 +17,15 @@
 //! [host."https://mirror.internal"]
 //!   ca = "mirror-ca.pem"                    # relative to this file's directory
 //!   skip_verify = false
+//!   client = [["client.pem", "client.key"]] # or "both.pem": cert and key in one file
+//!   [host."https://mirror.internal".header]
+//!     x-team = "infra"                      # or a list: sent once per value
 //! ```
 //!
 //! A host with `resolve` may turn a tag into a digest; a host with only
-//! `pull` serves references by digest. `client` (client certificates) and
-//! `header` are part of the format that runv's registry client (oci-client)
-//! cannot honour: a file that sets them is refused, naming the key, rather
-//! than pulled from without them.
+//! `pull` serves references by digest. `client` and `header` reach the
+//! registry client through runv's patched oci-client
+//! (`third_party/README.md`); one client certificate per host.
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +46,10 @@ pub struct Endpoint {
     pub resolve: bool,
     /// A mirror (any host but the registry's own server).
     pub mirror: bool,
+    /// A client certificate and its key (None: in the certificate's file).
+    pub client: Option<(PathBuf, Option<PathBuf>)>,
+    /// Headers sent with every request to this host.
+    pub headers: Vec<(String, String)>,
     /// Where this endpoint was configured, for errors.
     pub origin: String,
 }
@@ -59,17 +65,48 @@ impl Endpoint {
             }
             extra.push(Certificate { encoding: CertificateEncoding::Pem, data });
         }
+        let identity = match &self.client {
+            None => None,
+            Some((cert, key)) => Some(self.identity_pem(cert, key.as_deref())?),
+        };
         Ok(ClientConfig {
             protocol: if self.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
             accept_invalid_certificates: self.skip_verify,
             extra_root_certificates: extra,
+            client_identity_pem: identity,
+            extra_headers: self.headers.clone(),
             ..Default::default()
         })
     }
 
+    /// The client certificate and its key as one PEM buffer.
+    fn identity_pem(&self, cert: &Path, key: Option<&Path>) -> Result<Vec<u8>, String> {
+        let read = |what: &str, path: &Path| {
+            let data =
+                std::fs::read(path).map_err(|e| format!("{}: client {what} {}: {e}", self.origin, path.display()))?;
+            if !data.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(format!("{}: client {what} {} is not PEM", self.origin, path.display()));
+            }
+            Ok(data)
+        };
+        let mut pem = read("certificate", cert)?;
+        if let Some(key) = key {
+            pem.push(b'\n');
+            pem.extend(read("key", key)?);
+        }
+        if !pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+            let file = key.unwrap_or(cert);
+            return Err(format!("{}: client key {}: no PEM private key in it", self.origin, file.display()));
+        }
+        Ok(pem)
+    }
+
     /// What distinguishes one client from another (a client is kept per key).
     pub fn client_key(&self) -> String {
-        format!("{}|{}|{}|{:?}", self.host, self.plain_http, self.skip_verify, self.ca)
+        format!(
+            "{}|{}|{}|{:?}|{:?}|{:?}",
+            self.host, self.plain_http, self.skip_verify, self.ca, self.client, self.headers
+        )
     }
 }
 
@@ -92,7 +129,7 @@ struct HostSettings {
     skip_verify: Option<bool>,
     override_path: Option<bool>,
     client: Option<toml::Value>,
-    header: Option<toml::Value>,
+    header: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +163,8 @@ impl RegistryHosts {
             pull: true,
             resolve: true,
             mirror: false,
+            client: None,
+            headers: Vec::new(),
             origin: "the registry itself".into(),
         }])
     }
@@ -201,14 +240,15 @@ pub fn parse_hosts(text: &str, file: &Path, registry: &str) -> Result<Vec<Endpoi
 
 fn endpoint(url: &str, s: &HostSettings, base: &Path, origin: &str, mirror: bool) -> Result<Endpoint, String> {
     let bad = |what: String| Err(format!("{origin}: {what}"));
-    if s.client.is_some() {
-        return bad("`client` (client certificates) is not supported by runv's registry client; \
-                    remove it, or use a mirror that needs none"
-            .into());
-    }
-    if s.header.is_some() {
-        return bad("`header` is not supported by runv's registry client; remove it".into());
-    }
+    let client = match &s.client {
+        None => None,
+        Some(value) => Some(client_pair(value).map_err(|e| format!("{origin}: `client` {e}"))?),
+    };
+    let client = client.map(|(cert, key)| (base.join(cert), key.map(|k| base.join(k))));
+    let headers = match &s.header {
+        None => Vec::new(),
+        Some(table) => headers(table).map_err(|e| format!("{origin}: `header` {e}"))?,
+    };
     let with_scheme = if url.contains("://") { url.to_string() } else { format!("https://{url}") };
     let (scheme, rest) = with_scheme.split_once("://").expect("a scheme");
     let plain_http = match scheme {
@@ -258,8 +298,65 @@ fn endpoint(url: &str, s: &HostSettings, base: &Path, origin: &str, mirror: bool
         pull,
         resolve,
         mirror,
+        client,
+        headers,
         origin: origin.to_string(),
     })
+}
+
+/// containerd's `client`: `"both.pem"`, `["both.pem"]`, `[["cert", "key"]]`
+/// or `[["both.pem", ""]]`; runv presents one certificate per host.
+fn client_pair(value: &toml::Value) -> Result<(String, Option<String>), String> {
+    use toml::Value;
+    let pairs: Vec<&Value> = match value {
+        Value::String(_) => vec![value],
+        Value::Array(items) => items.iter().collect(),
+        _ => return Err("must be a file or a list of [certificate, key] pairs".into()),
+    };
+    let [pair] = pairs[..] else {
+        return Err(format!("lists {} certificates; runv presents one per host", pairs.len()));
+    };
+    let (cert, key) = match pair {
+        Value::String(file) => (file.clone(), None),
+        Value::Array(p) => match &p[..] {
+            [Value::String(cert)] => (cert.clone(), None),
+            [Value::String(cert), Value::String(key)] => (cert.clone(), Some(key.clone()).filter(|k| !k.is_empty())),
+            _ => return Err("pair must be [certificate, key] (file names)".into()),
+        },
+        _ => return Err("must be a file or a list of [certificate, key] pairs".into()),
+    };
+    if cert.is_empty() {
+        return Err("names no certificate file".into());
+    }
+    Ok((cert, key))
+}
+
+/// containerd's `header` table: a name to a value or a list of values.
+fn headers(table: &toml::Table) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (name, value) in table {
+        if http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(format!("{name:?} is not an HTTP header name"));
+        }
+        let values: Vec<&toml::Value> = match value {
+            toml::Value::Array(items) => items.iter().collect(),
+            one => vec![one],
+        };
+        let mut joined = Vec::new();
+        for v in values {
+            let Some(v) = v.as_str() else {
+                return Err(format!("{name}: values must be strings"));
+            };
+            if http::HeaderValue::from_str(v).is_err() {
+                return Err(format!("{name}: {v:?} is not an HTTP header value"));
+            }
+            joined.push(v);
+        }
+        // A list is one field with its values comma-separated (RFC 9110
+        // 5.3), the same to a server as the field repeated.
+        out.push((name.clone(), joined.join(", ")));
+    }
+    Ok(out)
 }
 
 /// `user:password` from base64, as docker configs and CRI's `auth` hold it.
@@ -379,8 +476,12 @@ server = "https://registry.k8s.io"
     fn bad_files_name_the_file_and_the_key() {
         let file = Path::new("/etc/runv/certs.d/r.io/hosts.toml");
         for (text, want) in [
-            ("[host.\"https://m\"]\nclient = \"/c.pem\"\n", "[host.\"https://m\"]: `client`"),
-            ("header = { x = \"y\" }\n", "server: `header`"),
+            ("[host.\"https://m\"]\nclient = [\"a.pem\", \"b.pem\"]\n", "`client` lists 2 certificates"),
+            ("[host.\"https://m\"]\nclient = [[\"a\", \"b\", \"c\"]]\n", "`client` pair must be"),
+            ("client = 5\n", "server: `client` must be a file"),
+            ("[header]\n\"bad header\" = \"y\"\n", "server: `header` \"bad header\" is not an HTTP header name"),
+            ("[header]\nx = 5\n", "`header` x: values must be strings"),
+            ("[header]\nx = \"a\\nb\"\n", "is not an HTTP header value"),
             ("[host.\"https://m\"]\ncapabilities = [\"push\", \"fly\"]\n", "capability 'fly'"),
             ("[host.\"ftp://m\"]\n", "scheme 'ftp'"),
             ("[host.\"https://m/prefix\"]\n", "path '/prefix/v2'"),
@@ -394,6 +495,79 @@ server = "https://registry.k8s.io"
         }
         let ok = parse_hosts("[host.\"https://m/v2/\"]\n", file, "r.io").unwrap();
         assert_eq!(ok[0].host, "m");
+    }
+
+    #[test]
+    fn client_certificates_and_headers_in_containerds_forms() {
+        let file = Path::new("/etc/runv/certs.d/r.io/hosts.toml");
+        let base = Path::new("/etc/runv/certs.d/r.io");
+        let text = r#"
+client = "both.pem"
+[header]
+  x-one = "1"
+  x-many = ["a", "b"]
+
+[host."https://m1"]
+  client = [["/abs/c.pem", "c.key"]]
+[host."https://m2"]
+  client = [["m2.pem", ""]]
+"#;
+        let e = parse_hosts(text, file, "r.io").unwrap();
+        assert_eq!(e[0].client, Some((PathBuf::from("/abs/c.pem"), Some(base.join("c.key")))));
+        assert_eq!(e[1].client, Some((base.join("m2.pem"), None)));
+        assert!(e[0].headers.is_empty(), "a mirror gets its own headers only");
+        assert_eq!(e[2].client, Some((base.join("both.pem"), None)));
+        let pairs: Vec<(&str, &str)> = e[2].headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("x-one", "1"), ("x-many", "a, b")]);
+        assert_ne!(e[0].client_key(), e[1].client_key());
+    }
+
+    #[test]
+    fn a_client_certificate_without_its_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")
+            .unwrap();
+        std::fs::write(dir.path().join("hosts.toml"), "").unwrap();
+        let e = parse_hosts("client = \"cert.pem\"\n", &dir.path().join("hosts.toml"), "r.io").unwrap();
+        let err = e[0].client_config().err().unwrap();
+        assert!(err.contains("client key") && err.contains("no PEM private key"), "{err}");
+        let e = parse_hosts("client = [[\"cert.pem\", \"missing.key\"]]\n", &dir.path().join("hosts.toml"), "r.io")
+            .unwrap();
+        let err = e[0].client_config().err().unwrap();
+        assert!(err.contains("client key") && err.contains("missing.key"), "{err}");
+    }
+
+    /// The headers reach the wire: a loopback listener stands in for the
+    /// registry and records the first request.
+    #[tokio::test]
+    async fn headers_are_sent_with_each_request() {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push(line.trim_end().to_lowercase());
+            }
+            let mut conn = conn;
+            let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            head
+        });
+        let file = Path::new("/etc/runv/certs.d/r.io/hosts.toml");
+        let text = format!("[host.\"http://{addr}\".header]\nx-team = \"infra\"\nx-many = [\"a\", \"b\"]\n");
+        let endpoint = parse_hosts(&text, file, "r.io").unwrap().remove(0);
+        let client = oci_client::Client::try_from(endpoint.client_config().unwrap()).unwrap();
+        let reference: oci_client::Reference = format!("{addr}/x/y:1").parse().unwrap();
+        let _ = client.pull_manifest(&reference, &RegistryAuth::Anonymous).await;
+        let head = seen.join().unwrap();
+        assert!(head.contains(&"x-team: infra".to_string()), "{head:#?}");
+        assert!(head.contains(&"x-many: a, b".to_string()), "{head:#?}");
     }
 
     #[test]
@@ -419,6 +593,8 @@ server = "https://registry.k8s.io"
             pull: true,
             resolve: true,
             mirror,
+            client: None,
+            headers: Vec::new(),
             origin: String::new(),
         };
         let given = RegistryAuth::Basic("cri".into(), "pw".into());

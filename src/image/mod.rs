@@ -21,7 +21,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::fsroot::{open_child, remove_child, FsRoot};
 
+pub mod config;
 pub mod hosts;
+pub mod lease;
 
 pub use hosts::{Endpoint, RegistryHosts};
 use oci_client::secrets::RegistryAuth;
@@ -48,6 +50,25 @@ pub enum ImageError {
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     move |source| ImageError::Io { path: path.to_path_buf(), source }
 }
+
+/// What a pull reports as it goes, for a progress display (`runv run
+/// --image`); every method has a default that does nothing. Layers are
+/// numbered bottom first, as the manifest lists them.
+pub trait PullProgress: Send + Sync {
+    /// The manifest is read: each layer's digest and size in bytes.
+    fn layers(&self, _layers: &[(String, u64)]) {}
+    /// Layer `index` is already in the store.
+    fn present(&self, _index: usize) {}
+    /// `bytes` of layer `index` have arrived so far.
+    fn fetched(&self, _index: usize, _bytes: u64) {}
+    /// Layer `index` is fetched, verified and unpacked.
+    fn done(&self, _index: usize) {}
+}
+
+/// A pull that reports nothing.
+pub struct NoProgress;
+
+impl PullProgress for NoProgress {}
 
 /// One layer of a stored image.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -211,6 +232,16 @@ impl ImageStore {
     /// that fails its digest) passes it to the next; the error names what
     /// each host said.
     pub async fn pull(&self, reference: &str, auth: &RegistryAuth) -> Result<ImageRecord, ImageError> {
+        self.pull_with_progress(reference, auth, &NoProgress).await
+    }
+
+    /// As [`pull`](Self::pull), telling `progress` how far it is.
+    pub async fn pull_with_progress(
+        &self,
+        reference: &str,
+        auth: &RegistryAuth,
+        progress: &dyn PullProgress,
+    ) -> Result<ImageRecord, ImageError> {
         let r = Self::parse(reference)?;
         let name = r.whole();
         let registry = r.registry().to_string();
@@ -238,7 +269,7 @@ impl ImageStore {
             if endpoint.mirror || endpoint.host != registry {
                 at.set_mirror_registry(endpoint.host.clone());
             }
-            match self.pull_from(&client, &at, &name, &auth).await {
+            match self.pull_from(&client, &at, &name, &auth, progress).await {
                 Ok(record) => return Ok(record),
                 // The image itself is at fault, or the store: no other
                 // host can help.
@@ -269,6 +300,7 @@ impl ImageStore {
         r: &Reference,
         name: &str,
         auth: &RegistryAuth,
+        progress: &dyn PullProgress,
     ) -> Result<ImageRecord, ImageError> {
         let name = name.to_string();
         let pull_err = |e: oci_client::errors::OciDistributionError| ImageError::Pull {
@@ -318,6 +350,7 @@ impl ImageStore {
             hexes.push(hex.to_string());
         }
         let pins = self.pin(hexes);
+        progress.layers(&manifest.layers.iter().map(|l| (l.digest.clone(), l.size.max(0) as u64)).collect::<Vec<_>>());
         let mut layers = Vec::new();
         let count = manifest.layers.len();
         tracing::info!(image = %name, digest = %digest, "pulling {count} layers ({:.1} MiB) from {}",
@@ -325,13 +358,15 @@ impl ImageStore {
         for (i, (layer, hex)) in manifest.layers.iter().zip(&pins.hexes).enumerate() {
             if self.blob_path(hex).is_file() {
                 tracing::info!(image = %name, "layer {}/{count} {} already present", i + 1, layer.digest);
+                progress.present(i);
             } else {
                 let began = std::time::Instant::now();
-                self.fetch_blob(client, r, layer, hex).await?;
+                self.fetch_blob(client, r, layer, hex, &|bytes| progress.fetched(i, bytes)).await?;
                 tracing::info!(image = %name, "layer {}/{count} {} fetched: {:.1} MiB in {:.1} s", i + 1, layer.digest,
                     layer.size.max(0) as f64 / 1048576.0, began.elapsed().as_secs_f64());
             }
             self.unpack(hex, &layer.media_type)?;
+            progress.done(i);
             layers.push(LayerRecord {
                 digest: layer.digest.clone(),
                 media_type: layer.media_type.clone(),
@@ -352,9 +387,19 @@ impl ImageStore {
         r: &Reference,
         layer: &oci_client::manifest::OciDescriptor,
         hex: &str,
+        fetched: &(dyn Fn(u64) + Sync),
     ) -> Result<(), ImageError> {
         let tmp = self.root.join("tmp").join(format!("{hex}.{}", unique_suffix()));
-        let result = async {
+        // Removes the partial blob however the fetch ends: an error, or the
+        // pull dropped half way (an interrupted `runv run --image`).
+        struct Partial<'a>(&'a Path);
+        impl Drop for Partial<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        let _partial = Partial(&tmp);
+        async {
             let file = tokio::fs::File::create(&tmp).await.map_err(io_err(&tmp))?;
             // The registry's bytes are counted as they arrive: a blob longer
             // than its cap is cut off, whatever its descriptor said.
@@ -362,6 +407,8 @@ impl ImageStore {
                 inner: tokio::io::BufWriter::new(file),
                 left: self.limits.max_layer_bytes,
                 exceeded: false,
+                written: 0,
+                fetched,
             };
             client.pull_blob(r, layer, &mut writer).await.map_err(|e| {
                 let reason = e.to_string();
@@ -393,11 +440,7 @@ impl ImageStore {
             let dest = self.blob_path(hex);
             std::fs::rename(&tmp, &dest).map_err(io_err(&dest))
         }
-        .await;
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        .await
     }
 
     /// Unpacks blob `hex` into its layer directory, once.
@@ -466,7 +509,8 @@ impl ImageStore {
         Ok(record)
     }
 
-    /// Deletes blobs and unpacked layers that no stored image refers to.
+    /// Deletes blobs and unpacked layers that no stored image, pull in
+    /// progress or live rootfs lease refers to.
     pub fn collect_garbage(&self) -> Result<(), ImageError> {
         // Pins first: a pull that pins after this point also finds its
         // blobs gone and fetches them again, never a half-deleted layer
@@ -477,6 +521,7 @@ impl ImageStore {
             .iter()
             .flat_map(|i| i.layers.iter().filter_map(|l| digest_hex(&l.digest).map(str::to_owned)))
             .chain(pinned)
+            .chain(self.leased_layers())
             .collect();
         for dir in ["blobs/sha256", "layers"] {
             let base = self.root.join(dir);
@@ -542,13 +587,16 @@ impl ImageStore {
 
 /// An AsyncWrite that refuses bytes past its cap; `exceeded` tells a cap
 /// hit apart from any other failure once the pull has wrapped the error.
-struct CappedWrite<W> {
+/// Each write reports the running total to `fetched`.
+struct CappedWrite<'a, W> {
     inner: W,
     left: u64,
     exceeded: bool,
+    written: u64,
+    fetched: &'a (dyn Fn(u64) + Sync),
 }
 
-impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedWrite<W> {
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedWrite<'_, W> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -562,6 +610,8 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedWrite<W> 
         let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &r {
             this.left -= *n as u64;
+            this.written += *n as u64;
+            (this.fetched)(this.written);
         }
         r
     }

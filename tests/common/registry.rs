@@ -21,6 +21,13 @@ pub fn registry_or_skip(test: &str) -> bool {
     found
 }
 
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Clients must present a certificate this CA signed.
+    client_ca: Option<PathBuf>,
+}
+
 pub struct Registry {
     child: Child,
     pub dir: tempfile::TempDir,
@@ -38,6 +45,17 @@ impl Registry {
     /// certificate for 127.0.0.1 signed by a CA made here (`ca.pem` in the
     /// returned registry's directory).
     pub fn start_tls_over(plain: &Registry) -> Self {
+        Self::start_tls(plain, false)
+    }
+
+    /// As `start_tls_over`, and the registry refuses any client without a
+    /// certificate signed by the same CA (`client.pem` and `client.key` in
+    /// the returned registry's directory).
+    pub fn start_mtls_over(plain: &Registry) -> Self {
+        Self::start_tls(plain, true)
+    }
+
+    fn start_tls(plain: &Registry, client_auth: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let openssl = |args: &[&str]| {
@@ -78,16 +96,47 @@ impl Registry {
             "-extfile",
             "ext",
         ]);
-        let tls = (d.join("server.pem"), d.join("server.key"));
+        if client_auth {
+            openssl(
+                &[&["req"][..], &ec, &["-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=runv"]].concat(),
+            );
+            std::fs::write(d.join("client-ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "client.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "client-ext",
+            ]);
+        }
+        let tls = TlsFiles {
+            cert: d.join("server.pem"),
+            key: d.join("server.key"),
+            client_ca: client_auth.then(|| d.join("ca.pem")),
+        };
         Self::serve(dir, &plain.dir.path().join("data"), Some(tls))
     }
 
-    fn serve(dir: tempfile::TempDir, data: &Path, tls: Option<(PathBuf, PathBuf)>) -> Self {
+    fn serve(dir: tempfile::TempDir, data: &Path, tls: Option<TlsFiles>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
         let tls = tls
-            .map(|(cert, key)| format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()))
+            .map(|t| {
+                let clientcas =
+                    t.client_ca.map(|ca| format!("    clientcas:\n      - {}\n", ca.display())).unwrap_or_default();
+                format!("  tls:\n    certificate: {}\n    key: {}\n{clientcas}", t.cert.display(), t.key.display())
+            })
             .unwrap_or_default();
         std::fs::write(
             &config,
@@ -148,6 +197,18 @@ pub fn dir_layer(dir: &Path) -> (&'static str, Vec<u8>, Vec<u8>) {
 
 /// As `push`, with the image's command.
 pub async fn push_with_cmd(reg: &Registry, name: &str, layers: &[(&str, Vec<u8>, Vec<u8>)], cmd: &[&str]) -> String {
+    let config = serde_json::json!({ "Cmd": cmd, "Env": ["PATH=/bin:/sbin:/usr/bin:/usr/sbin"] });
+    push_with_config(reg, name, layers, config).await
+}
+
+/// As `push`, with `config` as the image configuration's `config` object
+/// (Entrypoint, Cmd, Env, WorkingDir, User...).
+pub async fn push_with_config(
+    reg: &Registry,
+    name: &str,
+    layers: &[(&str, Vec<u8>, Vec<u8>)],
+    config: serde_json::Value,
+) -> String {
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(vec![reg.addr.clone()]),
         ..Default::default()
@@ -157,7 +218,7 @@ pub async fn push_with_cmd(reg: &Registry, name: &str, layers: &[(&str, Vec<u8>,
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": { "Cmd": cmd, "Env": ["PATH=/bin:/sbin:/usr/bin:/usr/sbin"] },
+        "config": config,
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let image_layers: Vec<ImageLayer> =

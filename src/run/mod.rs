@@ -1,5 +1,9 @@
 //! `runv run`: boot a sandbox, run one command in it with its stdio
-//! streamed, exit with its status, tear everything down.
+//! streamed, exit with its status, tear everything down. The rootfs is a
+//! host directory (the embedded busybox one by default) or an image's
+//! (`--image`, see [`image`]).
+
+pub mod image;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -7,6 +11,7 @@ use std::time::Duration;
 
 use oci_spec::runtime::{
     BoxBuilder, Capabilities, Capability, LinuxCapabilitiesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    UserBuilder,
 };
 use runv_proto::agent::CreateSandboxRequest;
 use runv_proto::guest;
@@ -47,11 +52,20 @@ const DEFAULT_CAPABILITIES: &[Capability] = &[
     Capability::Setfcap,
 ];
 
+/// What `runv run`'s container runs: the command line, environment,
+/// working directory and user (uid, gid, extra groups).
+struct Plan {
+    args: Vec<String>,
+    env: Vec<String>,
+    cwd: String,
+    user: (u32, u32, Vec<u32>),
+}
+
 /// The OCI spec of `runv run`'s container: the shared rootfs, the runtime
 /// spec's default namespaces and mounts, docker's default capabilities.
 fn container_spec(
-    opts: &RunOptions,
-    env: Vec<String>,
+    plan: &Plan,
+    tty: bool,
     (rows, cols): (u16, u16),
     read_only: bool,
 ) -> Result<Spec, oci_spec::OciSpecError> {
@@ -61,16 +75,19 @@ fn container_spec(
     // Like `docker run --init`: the agent, mounted into the container, runs
     // as PID 1, forwards signals to the command and reaps orphans.
     let mut args = vec![guest::CONTAINER_INIT_PATH.to_string(), "init".into(), "--".into()];
-    args.extend(opts.command.iter().cloned());
+    args.extend(plan.args.iter().cloned());
+    let (uid, gid, ref groups) = plan.user;
+    let user = UserBuilder::default().uid(uid).gid(gid).additional_gids(groups.clone()).build()?;
     let mut process = ProcessBuilder::default()
         .args(args)
-        .env(env)
-        .cwd(opts.workdir.clone().unwrap_or_else(|| "/".into()))
-        .terminal(opts.tty)
+        .env(plan.env.clone())
+        .cwd(plan.cwd.clone())
+        .user(user)
+        .terminal(tty)
         .capabilities(capabilities)
         .no_new_privileges(true)
         .build()?;
-    if opts.tty {
+    if tty {
         process.set_console_size(Some(BoxBuilder::default().height(rows as u64).width(cols as u64).build()?));
     }
     let root = RootBuilder::default().path(guest::SHARED_MOUNT_POINT).readonly(read_only).build()?;
@@ -93,6 +110,9 @@ fn container_spec(
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub rootfs: Option<PathBuf>,
+    /// An image reference whose rootfs and configuration to use instead.
+    pub image: Option<String>,
+    pub pull: image::PullPolicy,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub tty: bool,
@@ -110,72 +130,107 @@ pub struct RunError {
 }
 
 impl RunError {
-    fn runv(message: impl Into<String>) -> Self {
+    pub(crate) fn runv(message: impl Into<String>) -> Self {
         Self { status: EXIT_RUNV_ERROR, message: message.into() }
     }
 }
 
 /// Runs the command and returns its exit status.
 pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
-    if opts.command.is_empty() {
+    if opts.command.is_empty() && opts.image.is_none() {
         return Err(RunError::runv("no command given (usage: runv run [OPTIONS] -- CMD [ARGS...])"));
+    }
+    if opts.rootfs.is_some() && opts.image.is_some() {
+        return Err(RunError::runv("--rootfs and --image both give the rootfs: pass one"));
     }
     for kv in &opts.env {
         if !kv.contains('=') || kv.starts_with('=') {
             return Err(RunError::runv(format!("--env '{kv}' is not KEY=VALUE")));
         }
     }
+    if let Some(dir) = opts.workdir.as_deref().filter(|d| !d.starts_with('/')) {
+        return Err(RunError::runv(format!("--workdir '{dir}' is not absolute")));
+    }
     let vcpus = opts.cpus.unwrap_or(config.vcpus);
     check_vcpus(vcpus).map_err(|p| RunError::runv(format!("--cpus {p}")))?;
     let memory_mib = opts.memory_mib.unwrap_or(config.memory_mib);
     check_memory(memory_mib).map_err(|p| RunError::runv(format!("--memory {p}")))?;
-    let rootfs = opts.rootfs.clone().unwrap_or_else(|| config.rootfs.clone());
-    if !rootfs.is_dir() {
-        let hint =
-            if opts.rootfs.is_none() { " (the default rootfs; run scripts/install.sh or pass --rootfs)" } else { "" };
-        return Err(RunError::runv(format!(
-            "rootfs '{}' does not exist or is not a directory{hint}",
-            rootfs.display()
-        )));
-    }
-    let rootfs = rootfs.canonicalize().map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
-
     let mut signals = Signals::new().map_err(|e| RunError::runv(format!("installing signal handlers: {e}")))?;
-    // The embedded default rootfs is shared by every run: keep it pristine.
-    let spec = SandboxSpec {
-        shared_dir: rootfs,
-        read_only: opts.rootfs.is_none(),
-        vcpus,
-        memory_mib,
-        netns: None,
-        cgroup: None,
-        dir_record: None,
+    let interrupted = |sig: i32, during: &str| RunError {
+        status: 128 + sig,
+        message: format!("interrupted by signal {sig} {during}"),
     };
+
+    // The image (its rootfs stays mounted until the sandbox is gone), or a
+    // host directory.
+    let image = match &opts.image {
+        Some(reference) => Some(tokio::select! {
+            r = image::prepare(config, reference, opts.pull) => r?,
+            sig = signals.recv() => return Err(interrupted(sig, "while preparing the image")),
+        }),
+        None => None,
+    };
+    let (rootfs, read_only, plan) = match &image {
+        Some(img) => {
+            let p = image::process(&img.record, &opts.command, &opts.env, opts.workdir.as_deref(), img.user.0 == 0)?;
+            let plan = Plan { args: p.args, env: p.env, cwd: p.cwd, user: img.user.clone() };
+            // The lease's overlay is this run's own: writable.
+            (img.lease.rootfs().to_path_buf(), false, plan)
+        }
+        None => {
+            let rootfs = opts.rootfs.clone().unwrap_or_else(|| config.rootfs.clone());
+            if !rootfs.is_dir() {
+                let hint = if opts.rootfs.is_none() {
+                    " (the default rootfs; run scripts/install.sh or pass --rootfs)"
+                } else {
+                    ""
+                };
+                return Err(RunError::runv(format!(
+                    "rootfs '{}' does not exist or is not a directory{hint}",
+                    rootfs.display()
+                )));
+            }
+            let rootfs =
+                rootfs.canonicalize().map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
+            let mut env = vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+                "HOME=/root".to_string(),
+            ];
+            env.extend(opts.env.iter().cloned());
+            let cwd = opts.workdir.clone().unwrap_or_else(|| "/".into());
+            // The embedded default rootfs is shared by every run: keep it
+            // pristine.
+            (rootfs, opts.rootfs.is_none(), Plan { args: opts.command.clone(), env, cwd, user: (0, 0, Vec::new()) })
+        }
+    };
+
+    let spec =
+        SandboxSpec { shared_dir: rootfs, read_only, vcpus, memory_mib, netns: None, cgroup: None, dir_record: None };
     let sandbox = tokio::select! {
         r = Sandbox::start(config, &spec) => r.map_err(|e| RunError::runv(e.to_string()))?,
-        sig = signals.recv() => return Err(RunError { status: 128 + sig, message: format!("interrupted by signal {sig} while booting") }),
+        sig = signals.recv() => return Err(interrupted(sig, "while booting")),
     };
     tracing::debug!(sandbox = sandbox.id(), hypervisor = %sandbox.describe_hypervisor(), "sandbox ready");
-    let result = run_command(sandbox.agent(), &opts, spec.read_only, &mut signals).await;
+    let result = run_command(sandbox.agent(), &opts, plan, spec.read_only, &mut signals).await;
     sandbox.shutdown().await;
+    // Unmounted only once the VM and virtiofsd are gone.
+    drop(image);
     result
 }
 
 async fn run_command(
     agent: &AgentClient,
     opts: &RunOptions,
+    mut plan: Plan,
     read_only: bool,
     signals: &mut Signals,
 ) -> Result<i32, RunError> {
     let stdin_is_tty = nix::unistd::isatty(std::io::stdin()).unwrap_or(false);
     let (rows, cols) = if opts.tty { terminal_size().unwrap_or((24, 80)) } else { (0, 0) };
-    let mut env =
-        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "HOME=/root".to_string()];
-    if opts.tty {
-        env.push(format!("TERM={}", std::env::var("TERM").unwrap_or_else(|_| "xterm".into())));
+    if opts.tty && !plan.env.iter().any(|kv| kv.starts_with("TERM=")) {
+        plan.env.push(format!("TERM={}", std::env::var("TERM").unwrap_or_else(|_| "xterm".into())));
     }
-    env.extend(opts.env.iter().cloned());
-    let spec = container_spec(opts, env, (rows, cols), read_only)
+    let spec = container_spec(&plan, opts.tty, (rows, cols), read_only)
         .map_err(|e| RunError::runv(format!("building the container spec: {e}")))?;
     let cannot_run = |e: AgentError| {
         let message = e.to_string();
@@ -186,7 +241,7 @@ async fn run_command(
         } else {
             EXIT_RUNV_ERROR
         };
-        RunError { status, message: format!("cannot run '{}' in the guest: {message}", opts.command[0]) }
+        RunError { status, message: format!("cannot run '{}' in the guest: {message}", plan.args[0]) }
     };
     agent
         .create_sandbox(&CreateSandboxRequest { hostname: HOSTNAME.into(), ..Default::default() })
