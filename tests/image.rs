@@ -222,10 +222,10 @@ async fn a_loopback_mirror_serves_registry_k8s_io_and_a_dead_mirror_passes_to_th
     assert!(!err.contains(&reg.addr), "a pull-only mirror resolved a tag: {err}");
 
     // A hosts.toml runv cannot honour is refused, naming file and key.
-    let hosts = hosts_dir("registry.k8s.io", "[host.\"https://m\"]\n  client = \"/etc/cert.pem\"\n");
+    let hosts = hosts_dir("registry.k8s.io", "[host.\"https://m\"]\n  client = [\"a.pem\", \"b.pem\"]\n");
     let store = store_with_hosts(&dir.path().join("store3"), hosts.path());
     let err = store.pull("registry.k8s.io/pause:3.10", &RegistryAuth::Anonymous).await.unwrap_err().to_string();
-    assert!(err.contains("registry.k8s.io/hosts.toml [host.\"https://m\"]: `client`"), "{err}");
+    assert!(err.contains("registry.k8s.io/hosts.toml [host.\"https://m\"]: `client` lists 2"), "{err}");
 }
 
 fn mount_base_check(store: &ImageStore, image: &runv::image::ImageRecord, dir: &Path) {

@@ -26,14 +26,37 @@ macro_rules! require {
 /// `app` user in groups of its own, and a greeting in /app.
 fn push_app(reg: &Registry) -> String {
     let base = dir_layer(&Path::new(SHARE_DIR).join("rootfs"));
-    let entries: &[(&str, Option<&[u8]>)] = &[
-        ("app/", None),
-        ("app/greeting", Some(b"greetings from the image\n")),
-        ("etc/", None),
-        ("etc/passwd", Some(b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/app:/bin/sh\n")),
-        ("etc/group", Some(b"root:x:0:\napp:x:1000:\nextra:x:1234:app\n")),
+    // /app belongs to the image's user, as a Dockerfile's `chown` leaves it.
+    let mut tar = tar::Builder::new(Vec::new());
+    let files: &[(&str, Option<&[u8]>, u64)] = &[
+        ("app/", None, 1000),
+        ("app/greeting", Some(b"greetings from the image\n"), 1000),
+        ("etc/", None, 0),
+        ("etc/passwd", Some(b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/app:/bin/sh\n"), 0),
+        ("etc/group", Some(b"root:x:0:\napp:x:1000:\nextra:x:1234:app\n"), 0),
     ];
-    let top = (GZIP, runv::image::gzip_layer(entries), runv::image::tar_layer(entries));
+    for (path, data, owner) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(*owner);
+        h.set_gid(*owner);
+        match data {
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                tar.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+            Some(bytes) => {
+                h.set_mode(0o644);
+                h.set_size(bytes.len() as u64);
+                tar.append_data(&mut h, path, *bytes).unwrap();
+            }
+        }
+    }
+    let tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let top = (GZIP, gz.finish().unwrap(), tar);
     let config = serde_json::json!({
         "Entrypoint": ["/bin/sh", "-c"],
         "Cmd": ["echo $GREETING in $(pwd) as $(id -u):$(id -g) groups $(id -G); cat greeting"],
