@@ -154,7 +154,11 @@ impl Agent for AgentService {
         }
         std::fs::create_dir_all(&req.mount_point)
             .map_err(|e| status(Code::INTERNAL, format!("creating {}: {e}", req.mount_point)))?;
-        let mut flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+        // setuid is honoured in the guest (a container with
+        // no_new_privileges false may run a setuid binary of its image, as
+        // under runc); the host's side of the share stays nosuid and nodev,
+        // so nothing the guest writes there gains privilege on the host.
+        let mut flags = nix::mount::MsFlags::MS_NODEV;
         if req.read_only {
             flags |= nix::mount::MsFlags::MS_RDONLY;
         }
