@@ -330,6 +330,30 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir, sandbox_guest_pi
     Ok(spec)
 }
 
+/// Refuses a CRI container (one containerd's CRI plugin made: it carries
+/// the container-type annotation) that asks for the node's PID or IPC
+/// namespace: containerd leaves the namespace out of the spec for a
+/// hostPID or hostIPC pod, and a VM pod cannot share the node's. The node's
+/// network (hostNetwork) is served: the VM's own loopback, the node's
+/// hostname.
+pub fn check_host_namespaces(spec: &Spec) -> Result<()> {
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    if !annotations.contains_key(ANNOTATION_CONTAINER_TYPE) {
+        return Ok(());
+    }
+    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+    for (kind, field) in [(LinuxNamespaceType::Pid, "hostPID"), (LinuxNamespaceType::Ipc, "hostIPC")] {
+        if !namespaces.iter().any(|ns| ns.typ() == kind) {
+            bail!(
+                "the pod asks for the node's {} namespace ({field}: true); a runv pod runs in a VM of its own \
+                 and cannot share it (README: How runv pods differ from runc pods)",
+                proc_ns_name(kind)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The name of a namespace kind under /proc/PID/ns.
 fn proc_ns_name(kind: LinuxNamespaceType) -> &'static str {
     match kind {
@@ -369,6 +393,23 @@ pub fn sandbox_of(spec: &Spec) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cri_pod_asking_for_the_nodes_pid_or_ipc_namespace_is_refused_by_name() {
+        let mut spec = Spec::default();
+        assert!(check_host_namespaces(&spec).is_ok(), "not a CRI container: its namespaces are its own business");
+        spec.set_annotations(Some([(ANNOTATION_CONTAINER_TYPE.to_string(), "sandbox".to_string())].into()));
+        assert!(check_host_namespaces(&spec).is_ok(), "the default spec has every namespace");
+        for (kind, field) in [(LinuxNamespaceType::Pid, "hostPID"), (LinuxNamespaceType::Ipc, "hostIPC")] {
+            let mut s = spec.clone();
+            let mut linux = s.linux().clone().unwrap();
+            let kept: Vec<_> = linux.namespaces().clone().unwrap().into_iter().filter(|n| n.typ() != kind).collect();
+            linux.set_namespaces(Some(kept));
+            s.set_linux(Some(linux));
+            let e = check_host_namespaces(&s).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("cannot share"), "{e}");
+        }
+    }
     use std::os::unix::fs::symlink;
 
     fn mount_options(path: &Path) -> Option<String> {

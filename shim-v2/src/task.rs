@@ -800,6 +800,7 @@ impl TaskService {
         let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("bundle {}: config.json: {e}", bundle.display())))?;
         crate::rootfs::check_id(&req.id).map_err(|e| status(Code::INVALID_ARGUMENT, format!("{e:#}")))?;
+        crate::rootfs::check_host_namespaces(&spec).map_err(|e| status(Code::INVALID_ARGUMENT, format!("{e:#}")))?;
         {
             let mut state = self.state.lock().await;
             if state.containers.contains_key(&req.id) || state.creating.contains(&req.id) {

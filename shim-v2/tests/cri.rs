@@ -165,3 +165,34 @@ async fn a_pod_with_two_containers_runs_in_one_vm_through_containerd_cri() {
     drop(monitor);
     ctd.assert_clean();
 }
+
+/// A hostPID or hostIPC pod cannot be served by a VM: containerd's CRI
+/// plugin passes the shim's refusal on, naming the field, and nothing of
+/// the attempt is left (no VM was booted for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_asking_for_the_nodes_pid_or_ipc_namespace_is_refused_by_name() {
+    if !ready("a_pod_asking_for_the_nodes_pid_or_ipc_namespace_is_refused_by_name") {
+        return;
+    }
+    let ctd = Containerd::start("");
+    let mut cri = cri_client(&ctd.socket()).await;
+    let log_dir = ctd.dir.path().join("pod-logs");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    for (field, ns) in [
+        ("hostPID", NamespaceOption { pid: NamespaceMode::Node as i32, ..Default::default() }),
+        ("hostIPC", NamespaceOption { ipc: NamespaceMode::Node as i32, ..Default::default() }),
+    ] {
+        let mut config = pod_config(&field.to_lowercase(), &log_dir);
+        let security = config.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        security.namespace_options.as_mut().unwrap().pid = ns.pid;
+        security.namespace_options.as_mut().unwrap().ipc = ns.ipc;
+        let e = cri
+            .run_pod_sandbox(RunPodSandboxRequest { config: Some(config), runtime_handler: "runv".into() })
+            .await
+            .expect_err(field);
+        assert!(e.message().contains(&format!("({field}: true)")), "{field}: {e}");
+    }
+    let run_dir = ctd.dir.path().join("run").to_string_lossy().into_owned();
+    assert!(common::hypervisor::vm_processes(&run_dir).is_empty(), "a VM was booted for a refused pod");
+    ctd.assert_clean();
+}

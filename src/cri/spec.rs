@@ -201,7 +201,24 @@ pub fn validate_pod(config: Option<&PodSandboxConfig>) -> Result<&PodSandboxConf
             config.log_directory
         )));
     }
+    let ns = namespace_options(config);
+    host_namespaces_refused("RunPodSandbox", "linux.security_context.namespace_options", &ns)?;
     Ok(config)
+}
+
+/// A VM pod cannot share the node's PID or IPC namespace: asking for
+/// either is refused, naming the field. (The node's network is served: the
+/// VM's own loopback and the node's hostname.)
+fn host_namespaces_refused(call: &str, path: &str, ns: &NamespaceOption) -> Result<(), Status> {
+    for (mode, field, kind) in [(ns.pid, "pid", "hostPID"), (ns.ipc, "ipc", "hostIPC")] {
+        if mode == NamespaceMode::Node as i32 {
+            return Err(Status::invalid_argument(format!(
+                "{call}: {path}.{field} is NODE ({kind}); a runv pod runs in a VM of its own and cannot share \
+                 the node's {field} namespace (README: How runv pods differ from runc pods)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks what CreateContainer needs of its config.
@@ -425,9 +442,9 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
     if !host_network(cx.pod_config) {
         namespaces.push(sandbox_ns("uts"));
     }
+    host_namespaces_refused("CreateContainer", "linux.security_context.namespace_options", &ns)?;
     match ns.pid {
         p if p == NamespaceMode::Pod as i32 => namespaces.push(sandbox_ns("pid")),
-        p if p == NamespaceMode::Node as i32 => {}
         _ => namespaces.push(json!({"type": "pid"})),
     }
     if let Some(path) = cx.netns {
@@ -530,6 +547,27 @@ mod tests {
             let e = pod_sysctls(&pod).unwrap_err();
             assert!(e.message().contains("is not a sysctl name"), "{bad:?}: {}", e.message());
         }
+    }
+
+    #[test]
+    fn host_pid_and_ipc_are_refused_by_field_and_host_network_is_served() {
+        let with = |ns: NamespaceOption| PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata { name: "p".into(), namespace: "n".into(), uid: "u".into(), attempt: 0 }),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(ns),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let node = NamespaceMode::Node as i32;
+        let e = validate_pod(Some(&with(NamespaceOption { pid: node, ..Default::default() }))).unwrap_err();
+        assert!(e.message().contains("namespace_options.pid is NODE (hostPID)"), "{}", e.message());
+        let e = validate_pod(Some(&with(NamespaceOption { ipc: node, ..Default::default() }))).unwrap_err();
+        assert!(e.message().contains("namespace_options.ipc is NODE (hostIPC)"), "{}", e.message());
+        assert!(validate_pod(Some(&with(NamespaceOption { network: node, ..Default::default() }))).is_ok());
     }
 
     #[test]
