@@ -451,6 +451,13 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
         namespaces.push(json!({"type": "network", "path": path}));
     }
     let mut mounts = default_mounts();
+    if security.privileged {
+        // As containerd does for a privileged container: /sys writable (the
+        // guest's, inside the VM).
+        for m in mounts.iter_mut().filter(|m| m["destination"] == "/sys") {
+            m["options"] = json!(["nosuid", "noexec", "nodev", "rw"]);
+        }
+    }
     let user_paths: Vec<&str> = config.mounts.iter().map(|m| m.container_path.as_str()).collect();
     for (file, dest) in [("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf"), ("hostname", "/etc/hostname")] {
         if !user_paths.contains(&dest) {
