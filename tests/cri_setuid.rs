@@ -88,19 +88,7 @@ async fn a_setuid_binary_escalates_only_without_no_new_privs() {
             }),
             ..Default::default()
         };
-        let id = rt
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(config),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", cri.log()))
-            .into_inner()
-            .container_id;
-        rt.start_container(StartContainerRequest { container_id: id.clone() })
-            .await
-            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", cri.log()));
+        let id = common::cri::start_container(&mut rt, &cri, &pod, &pod_config, config).await;
         let r = rt
             .exec_sync(ExecSyncRequest { container_id: id.clone(), cmd: vec!["/euid".into()], timeout: 60 })
             .await

@@ -529,14 +529,8 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
 mod tests {
     use super::*;
 
-    fn image(config: Value) -> ImageRecord {
-        ImageRecord {
-            reference: "r/app:1".into(),
-            digest: "sha256:x".into(),
-            config_digest: String::new(),
-            config,
-            layers: Vec::new(),
-        }
+    fn image(config: serde_json::Value) -> ImageRecord {
+        ImageRecord::with_config(config)
     }
 
     #[test]

@@ -140,14 +140,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn image(config: Value) -> ImageRecord {
-        ImageRecord {
-            reference: "r/app:1".into(),
-            digest: "sha256:x".into(),
-            config_digest: String::new(),
-            config,
-            layers: Vec::new(),
-        }
+    fn image(config: serde_json::Value) -> ImageRecord {
+        ImageRecord::with_config(config)
     }
 
     #[test]

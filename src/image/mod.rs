@@ -93,6 +93,19 @@ pub struct ImageRecord {
 }
 
 impl ImageRecord {
+    /// A record of no layers with `config` as its image configuration, for
+    /// the unit tests of what reads it.
+    #[cfg(test)]
+    pub(crate) fn with_config(config: serde_json::Value) -> Self {
+        Self {
+            reference: "r/app:1".into(),
+            digest: "sha256:x".into(),
+            config_digest: String::new(),
+            config,
+            layers: Vec::new(),
+        }
+    }
+
     /// Bytes of the compressed layers.
     pub fn size(&self) -> u64 {
         self.layers.iter().map(|l| l.size).sum()

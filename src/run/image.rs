@@ -202,13 +202,7 @@ mod tests {
     use serde_json::json;
 
     fn image(config: serde_json::Value) -> ImageRecord {
-        ImageRecord {
-            reference: "r/app:1".into(),
-            digest: "sha256:x".into(),
-            config_digest: String::new(),
-            config,
-            layers: Vec::new(),
-        }
+        ImageRecord::with_config(config)
     }
 
     #[test]

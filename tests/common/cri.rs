@@ -247,3 +247,29 @@ pub async fn run_pod(
         .into_inner()
         .pod_sandbox_id
 }
+
+/// Creates and starts a container in `pod`; panics with the server's log
+/// when either fails. Returns the container's id.
+pub async fn start_container(
+    rt: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    cri: &CriServer,
+    pod: &str,
+    pod_config: &k8s_cri::v1::PodSandboxConfig,
+    config: k8s_cri::v1::ContainerConfig,
+) -> String {
+    let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+    let id = rt
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", cri.log()))
+        .into_inner()
+        .container_id;
+    rt.start_container(k8s_cri::v1::StartContainerRequest { container_id: id.clone() })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", cri.log()));
+    id
+}
