@@ -36,7 +36,12 @@ async fn a_privileged_container_gets_the_guest_kernels_features_and_others_do_no
     let mut rt = RuntimeServiceClient::new(channel);
     let image = Some(ImageSpec { image: app.clone(), ..Default::default() });
     images.pull_image(PullImageRequest { image: image.clone(), ..Default::default() }).await.unwrap();
-    let pod_config = common::cri::pod_config("priv", "default", &cri.dir.path().join("pod-logs"));
+    let mut pod_config = common::cri::pod_config("priv", "default", &cri.dir.path().join("pod-logs"));
+    // A privileged container needs a privileged pod (as the kubelet sends).
+    pod_config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext { privileged: true, ..Default::default() }),
+        ..Default::default()
+    });
     let pod = common::cri::run_pod(&mut rt, &cri, &pod_config).await;
 
     let all = "bridge\nveth\ntun\nconntrack\noverlayfs\ncgroups\nsysfs-rw\n";
