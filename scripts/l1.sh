@@ -128,10 +128,15 @@ fi
 
 # The console is L1's ttyS0 on stdout; `quiet` keeps the kernel's lines
 # to warnings. The guest's exit status comes back in the run share.
+# softlockup_panic=1: an L1 whose vCPUs stop scheduling (#15: seen as
+# "watchdog: BUG: soft lockup" on both, then nothing until the timeout)
+# panics once its watchdog notices (about 20 s) and, with panic=-1 and
+# -no-reboot, QEMU exits: "L1 stopped before COMMAND finished" instead of
+# an idle L1 holding the run for the whole timeout.
 timeout --foreground -k 10 "$timeout" qemu-system-x86_64 \
     -M q35,accel=tcg -cpu max -smp "$cpus" -m "$memory" \
     -kernel "$dir/vmlinuz" -initrd "$dir/l1.cpio" \
-    -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 softlockup_panic=1 rdinit=/init" \
     -display none -serial stdio -monitor none -no-reboot -nodefaults \
     -virtfs local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap \
     -virtfs local,path="$run",mount_tag=l1run,security_model=passthrough \
@@ -142,10 +147,22 @@ set +e
 # Once COMMAND's status is back, L1 powers off; a QEMU still running 15 s
 # later (seen: TCG spinning both vCPUs after L1's "reboot: Power down",
 # until the timeout) is ended: the run is over either way.
+# L1's init writes a heartbeat every 10 s while COMMAND runs; one silent
+# for $stall_after s means L1 stopped making progress (#15: its vCPUs stop
+# scheduling, sometimes without a word on the console), and the run is
+# ended then rather than at the timeout.
+stall_after=120
+stalled=
 while kill -0 "$qemu_pid" 2>/dev/null; do
     if [ -s "$run/rc" ]; then
         for _ in $(seq 30); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.5; done
         pkill -9 -P "$qemu_pid" 2>/dev/null
+        break
+    fi
+    if [ -f "$run/heartbeat" ] && [ $(($(date +%s) - $(stat -c %Y "$run/heartbeat"))) -gt "$stall_after" ]; then
+        stalled=1
+        pkill -9 -P "$qemu_pid" 2>/dev/null
+        kill -9 "$qemu_pid" 2>/dev/null
         break
     fi
     sleep 1
@@ -157,5 +174,6 @@ qemu_pid=
 if [ -f "$run/rc" ]; then
     exit "$(cat "$run/rc")"
 fi
+[ -n "$stalled" ] && die "L1 stopped making progress: no heartbeat for ${stall_after}s (its console is above)"
 [ "$status" = 124 ] && die "L1 did not finish within ${timeout}s"
 die "L1 stopped before COMMAND finished (qemu exit status $status; its console is above)"

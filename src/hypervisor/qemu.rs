@@ -50,12 +50,28 @@ pub struct Connected {
 }
 
 impl Connected {
-    fn to(vsock: &Path, fs: Option<&Path>) -> Result<Self, HypervisorError> {
-        let connect = |path: &Path| {
-            crate::jailer::connect_nofollow(path)
-                .map_err(|e| HypervisorError::Start(format!("connecting to {}: {e}", path.display())))
+    async fn to(vsock: &Path, fs: Option<&Path>) -> Result<Self, HypervisorError> {
+        let vsock = Some(connect_when_listening(vsock).await?);
+        let fs = match fs {
+            Some(path) => Some(connect_when_listening(path).await?),
+            None => None,
         };
-        Ok(Self { vsock: Some(connect(vsock)?), fs: fs.map(connect).transpose()? })
+        Ok(Self { vsock, fs })
+    }
+}
+
+/// Connects to a backend's socket that exists: a backend binds before it
+/// listens, so a refusal within HELPER_SOCKET_TIMEOUT is waited out.
+async fn connect_when_listening(path: &Path) -> Result<UnixStream, HypervisorError> {
+    let deadline = std::time::Instant::now() + HELPER_SOCKET_TIMEOUT;
+    loop {
+        match crate::jailer::connect_nofollow(path) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(HypervisorError::Start(format!("connecting to {}: {e}", path.display()))),
+        }
     }
 }
 
@@ -166,7 +182,7 @@ impl Hypervisor for Qemu {
         let result = async {
             let vsock_socket = self.start_vsock(vm).await?;
             let connected = match vm.jail {
-                Some(_) => Connected::to(&vsock_socket, vm.shared_fs_socket.as_deref())?,
+                Some(_) => Connected::to(&vsock_socket, vm.shared_fs_socket.as_deref()).await?,
                 None => Connected::default(),
             };
             let cmd = self.command(vm, Some(&vsock_socket), &connected);
@@ -238,6 +254,33 @@ impl Hypervisor for Qemu {
 mod tests {
     use super::*;
     use crate::hypervisor::NetDeviceConfig;
+
+    /// A backend that has bound its socket but not listened yet (the
+    /// window in which runv once failed with "Connection refused") is
+    /// waited for; a socket nobody will listen on still fails, in time.
+    #[tokio::test]
+    async fn a_backend_bound_but_not_yet_listening_is_waited_for() {
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backend.sock");
+        let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        assert_eq!(
+            crate::jailer::connect_nofollow(&path).unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "bound, not listening: refused"
+        );
+        let later = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            listen(&fd, Backlog::new(1).unwrap()).unwrap();
+            fd
+        });
+        connect_when_listening(&path).await.expect("connected once it listened");
+        drop(later.join().unwrap());
+        // Nobody listens on a socket file left by a dead backend.
+        let err = connect_when_listening(&path).await.unwrap_err().to_string();
+        assert!(err.contains("backend.sock"), "{err}");
+    }
 
     fn vm() -> VmConfig {
         VmConfig {
