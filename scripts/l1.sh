@@ -167,7 +167,7 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
     fi
     sleep 1
 done
-wait "$qemu_pid"
+wait "$qemu_pid" 2>/dev/null  # (no "Killed" job report when a stall ended it)
 status=$?
 set -e
 qemu_pid=
