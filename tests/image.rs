@@ -236,14 +236,23 @@ fn mount_base_check(store: &ImageStore, image: &runv::image::ImageRecord, dir: &
     assert_eq!(hello.unwrap(), "hello from layer 1\n");
 }
 
+/// As `ready`, and openssl to make certificates with (the reason printed
+/// when it is missing).
+fn tls_ready(test: &str) -> bool {
+    if !ready(test) {
+        return false;
+    }
+    let found = runv::helper::find_program(Path::new("openssl")).is_some();
+    if !found {
+        eprintln!("SKIP {test}: needs openssl (scripts/test.sh installs it)");
+    }
+    found
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_registry_is_pulled_from_with_its_ca_or_skip_verify_and_refused_without() {
     let test = "a_tls_registry_is_pulled_from_with_its_ca_or_skip_verify_and_refused_without";
-    if !ready(test) {
-        return;
-    }
-    if runv::helper::find_program(Path::new("openssl")).is_none() {
-        eprintln!("SKIP {test}: needs openssl (scripts/test.sh installs it)");
+    if !tls_ready(test) {
         return;
     }
     let plain = Registry::start();
@@ -284,11 +293,7 @@ async fn a_tls_registry_is_pulled_from_with_its_ca_or_skip_verify_and_refused_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_that_wants_a_client_certificate_gets_the_one_hosts_toml_names() {
     let test = "a_registry_that_wants_a_client_certificate_gets_the_one_hosts_toml_names";
-    if !ready(test) {
-        return;
-    }
-    if runv::helper::find_program(Path::new("openssl")).is_none() {
-        eprintln!("SKIP {test}: needs openssl (scripts/test.sh installs it)");
+    if !tls_ready(test) {
         return;
     }
     let plain = Registry::start();

@@ -337,11 +337,10 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir, sandbox_guest_pi
 /// network (hostNetwork) is served: the VM's own loopback, the node's
 /// hostname.
 pub fn check_host_namespaces(spec: &Spec) -> Result<()> {
-    let annotations = spec.annotations().clone().unwrap_or_default();
-    if !annotations.contains_key(ANNOTATION_CONTAINER_TYPE) {
+    if !spec.annotations().as_ref().is_some_and(|a| a.contains_key(ANNOTATION_CONTAINER_TYPE)) {
         return Ok(());
     }
-    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_deref()).unwrap_or_default();
     for (kind, field) in [(LinuxNamespaceType::Pid, "hostPID"), (LinuxNamespaceType::Ipc, "hostIPC")] {
         if !namespaces.iter().any(|ns| ns.typ() == kind) {
             bail!(

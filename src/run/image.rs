@@ -121,10 +121,7 @@ pub fn process(
             (k.to_string(), v.to_string())
         }),
     );
-    for (key, default) in [
-        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
-        ("HOME", if root_user { "/root" } else { "/" }),
-    ] {
+    for (key, default) in [("PATH", super::DEFAULT_PATH), ("HOME", if root_user { "/root" } else { "/" })] {
         if !env.iter().any(|kv| kv.split_once('=').is_some_and(|(k, _)| k == key)) {
             env.push(format!("{key}={default}"));
         }

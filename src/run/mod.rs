@@ -33,6 +33,8 @@ const CONTAINER_ID: &str = "run";
 const INIT: &str = "";
 /// Hostname of the guest and the container.
 const HOSTNAME: &str = "runv";
+/// PATH of the command when neither the image nor `-e` gives one.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What docker gives a container by default, so `runv run` behaves alike.
 const DEFAULT_CAPABILITIES: &[Capability] = &[
@@ -192,10 +194,7 @@ pub async fn run(config: &Config, opts: RunOptions) -> Result<i32, RunError> {
             }
             let rootfs =
                 rootfs.canonicalize().map_err(|e| RunError::runv(format!("rootfs '{}': {e}", rootfs.display())))?;
-            let mut env = vec![
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-                "HOME=/root".to_string(),
-            ];
+            let mut env = vec![format!("PATH={DEFAULT_PATH}"), "HOME=/root".to_string()];
             env.extend(opts.env.iter().cloned());
             let cwd = opts.workdir.clone().unwrap_or_else(|| "/".into());
             // The embedded default rootfs is shared by every run: keep it
