@@ -22,6 +22,8 @@ test -e /proc/sys/net/netfilter/nf_conntrack_max && echo conntrack
 grep -qw overlay /proc/filesystems && echo overlayfs
 for c in cpuset cpu memory pids misc; do grep -q \"^$c\\b\" /proc/cgroups || exit 0; done; echo cgroups
 grep ' /sys sysfs ' /proc/mounts | grep -q ' rw,' && echo sysfs-rw
+test -c /dev/net/tun && echo dev-tun
+test -c /dev/kmsg && echo dev-kmsg
 true";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +46,7 @@ async fn a_privileged_container_gets_the_guest_kernels_features_and_others_do_no
     });
     let pod = common::cri::run_pod(&mut rt, &cri, &pod_config).await;
 
-    let all = "bridge\nveth\ntun\nconntrack\noverlayfs\ncgroups\nsysfs-rw\n";
+    let all = "bridge\nveth\ntun\nconntrack\noverlayfs\ncgroups\nsysfs-rw\ndev-tun\ndev-kmsg\n";
     // Unprivileged: the kernel has the features, the container may not
     // use them (no CAP_NET_ADMIN, /sys read-only).
     let confined = "tun\nconntrack\noverlayfs\ncgroups\n";

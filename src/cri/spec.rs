@@ -487,6 +487,11 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
     if let Some(r) = &linux.resources {
         linux_json["resources"] = resources_json(r);
     }
+    if security.privileged {
+        // containerd's rule for a privileged container: every device
+        // allowed. The agent then gives it every device of the guest.
+        linux_json["resources"]["devices"] = json!([{"allow": true, "access": "rwm"}]);
+    }
     if let Some(profile) = seccomp {
         linux_json["seccomp"] = profile;
     }
@@ -691,7 +696,19 @@ mod tests {
         let e = spec_with(with(&["NOT_A_CAP"], &[]), false).unwrap_err();
         assert!(e.message().contains("\"NOT_A_CAP\" is not a Linux capability"), "{e}");
         let privileged = LinuxContainerSecurityContext { privileged: true, ..Default::default() };
-        assert_eq!(caps_of(&spec_with(privileged.clone(), true).unwrap()).len(), ALL_CAPABILITIES.len());
+        let spec = spec_with(privileged.clone(), true).unwrap();
+        assert_eq!(caps_of(&spec).len(), ALL_CAPABILITIES.len());
+        // Every device allowed, as containerd writes it: the agent's cue.
+        let rules = spec.linux().as_ref().and_then(|l| l.resources().as_ref()).and_then(|r| r.devices().clone());
+        let rules = rules.expect("a privileged container has device rules");
+        assert!(rules.len() == 1 && rules[0].allow() && rules[0].major().is_none() && rules[0].typ().is_none());
+        let plain = spec_with(LinuxContainerSecurityContext::default(), true).unwrap();
+        assert!(plain
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.devices().as_ref())
+            .is_none());
         let e = spec_with(privileged, false).unwrap_err();
         assert!(e.message().contains("privileged pod"), "{e}");
     }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceType, LinuxResources, Process, Spec};
 
 /// Smallest memory limit a container may ask for; below this a typo (bytes
 /// for MiB) is likelier than intent and the container could not even start.
@@ -100,6 +100,12 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
     let mut linux = spec.linux().clone().unwrap_or_default();
     if let Some(resources) = linux.resources() {
         check_resources(resources)?;
+        if allows_every_device(resources) {
+            // A privileged container: the spec's device list is the node's
+            // (containerd lists the host's /dev); what the container gets
+            // is every device of the guest, which is its whole machine.
+            linux.set_devices(Some(devices_below(Path::new(GUEST_DEV))?));
+        }
     }
     if let Some(namespaces) = linux.namespaces().clone() {
         let mut fixed = Vec::with_capacity(namespaces.len());
@@ -143,6 +149,78 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
     }
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// Where the guest's devices are (devtmpfs).
+pub const GUEST_DEV: &str = "/dev";
+/// Most device nodes a privileged container is given (a guest has a few
+/// hundred; the cap keeps a strange /dev from growing the spec unbounded).
+pub const MAX_DEVICES: usize = 4096;
+
+/// Whether the device cgroup rules end by allowing every device, which is
+/// how containerd (and `runv cri`) write a privileged container's.
+pub fn allows_every_device(r: &LinuxResources) -> bool {
+    r.devices().as_ref().and_then(|d| d.last()).is_some_and(|rule| {
+        rule.allow()
+            && matches!(rule.typ(), None | Some(LinuxDeviceType::A))
+            && rule.major().is_none()
+            && rule.minor().is_none()
+            && rule.access().as_deref().is_none_or(|a| ["r", "w", "m"].iter().all(|c| a.contains(c)))
+    })
+}
+
+/// The char and block devices under `dev`, as runc lists a host's for a
+/// privileged container: without /dev/pts, /dev/shm, /dev/mqueue, /dev/fd
+/// and /dev/console, which the engine sets up itself.
+pub fn devices_below(dev: &Path) -> Result<Vec<LinuxDevice>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut found = Vec::new();
+    let mut dirs = vec![dev.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+            let name = entry.file_name();
+            let path = entry.path();
+            // symlink_metadata: a link is skipped, never followed.
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            let kind = meta.file_type();
+            if kind.is_dir() {
+                if dir == dev && matches!(name.to_str(), Some("pts" | "shm" | "mqueue" | "fd")) {
+                    continue;
+                }
+                dirs.push(path);
+                continue;
+            }
+            let typ = if kind.is_char_device() {
+                LinuxDeviceType::C
+            } else if kind.is_block_device() {
+                LinuxDeviceType::B
+            } else {
+                continue;
+            };
+            if dir == dev && name == "console" {
+                continue;
+            }
+            if found.len() == MAX_DEVICES {
+                bail!("{} holds more than {MAX_DEVICES} devices", dev.display());
+            }
+            let rdev = meta.rdev();
+            let device = LinuxDeviceBuilder::default()
+                .path(Path::new(GUEST_DEV).join(path.strip_prefix(dev).unwrap_or(&path)))
+                .typ(typ)
+                .major(libc::major(rdev) as i64)
+                .minor(libc::minor(rdev) as i64)
+                .file_mode(meta.mode() & 0o7777)
+                .uid(meta.uid())
+                .gid(meta.gid())
+                .build()
+                .context("describing a device")?;
+            found.push(device);
+        }
+    }
+    found.sort_by(|a, b| a.path().cmp(b.path()));
+    Ok(found)
 }
 
 /// `noNewPrivileges: false` as no field at all. The container engine
@@ -240,6 +318,34 @@ mod tests {
         let spec = prepare_t("c1", &spec_json(&dir.path().join("c1/./rootfs"), ""), &allowed(dir.path())).unwrap();
         assert_eq!(spec.root().as_ref().unwrap().path(), &rootfs.canonicalize().unwrap());
         assert_eq!(spec.linux().as_ref().unwrap().cgroups_path().as_deref(), Some(Path::new("/runv/c1")));
+    }
+
+    #[test]
+    fn a_privileged_spec_gets_the_guests_devices_instead_of_the_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("c1/rootfs")).unwrap();
+        let rootfs = dir.path().join("c1/rootfs");
+        // containerd's privileged spec: the node's devices, every device allowed.
+        let node = r#"{"path":"/dev/node-only","type":"c","major":250,"minor":7}"#;
+        let privileged = format!(
+            r#","linux":{{"devices":[{node}],"resources":{{"devices":[{{"allow":false,"access":"rwm"}},{{"allow":true,"access":"rwm"}}]}}}}"#
+        );
+        let spec = prepare_t("c1", &spec_json(&rootfs, &privileged), &allowed(dir.path())).unwrap();
+        let devices = spec.linux().as_ref().unwrap().devices().clone().unwrap();
+        let paths: Vec<&Path> = devices.iter().map(|d| d.path().as_path()).collect();
+        assert!(!paths.contains(&Path::new("/dev/node-only")), "{paths:?}");
+        let null = devices.iter().find(|d| d.path() == Path::new("/dev/null")).expect("/dev/null listed");
+        assert_eq!((null.typ(), null.major(), null.minor()), (LinuxDeviceType::C, 1, 3));
+        assert!(paths.iter().all(|p| !p.starts_with("/dev/pts") && *p != Path::new("/dev/console")), "{paths:?}");
+
+        // A plain spec keeps its own list.
+        let plain = format!(
+            r#","linux":{{"devices":[{node}],"resources":{{"devices":[{{"allow":false,"access":"rwm"}},{{"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"}}]}}}}"#
+        );
+        let spec = prepare_t("c1", &spec_json(&rootfs, &plain), &allowed(dir.path())).unwrap();
+        let devices = spec.linux().as_ref().unwrap().devices().clone().unwrap();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].path(), Path::new("/dev/node-only"));
     }
 
     #[test]
