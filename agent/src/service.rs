@@ -248,6 +248,10 @@ impl Agent for AgentService {
     async fn wait_process(&self, _ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
         let process = self.process(&req.container_id, &req.exec_id).await?;
         let exit = process.wait().await;
+        if req.exec_id.is_empty() {
+            // An OOM kill goes out before the exit it caused.
+            self.containers.check_oom(&req.container_id).await;
+        }
         Ok(WaitProcessResponse { status: exit.status, signal: exit.signal, ..Default::default() })
     }
 

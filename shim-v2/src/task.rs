@@ -156,7 +156,13 @@ struct State {
     /// Containers whose Create is in flight: their ids are taken, and the
     /// sandbox stays up for them.
     creating: HashSet<String>,
+    /// The last containers deleted (at most `RECENTLY_DELETED`): an OOM
+    /// kill the guest reports just after the exit it caused still names
+    /// a container of this sandbox.
+    deleted: std::collections::VecDeque<String>,
 }
+
+const RECENTLY_DELETED: usize = 64;
 
 #[derive(Clone)]
 pub struct TaskService {
@@ -293,7 +299,10 @@ impl TaskService {
         tokio::spawn(async move {
             let mut filter = crate::oom::OomFilter::default();
             while let Ok(container_id) = oom_agent.next_oom_event().await {
-                let known = service.state.lock().await.containers.contains_key(&container_id);
+                let known = {
+                    let state = service.state.lock().await;
+                    state.containers.contains_key(&container_id) || state.deleted.contains(&container_id)
+                };
                 match filter.admit(&container_id, known, Instant::now()) {
                     crate::oom::Verdict::Publish => {
                         service
@@ -959,7 +968,15 @@ impl TaskService {
         if let Some(shared) = &shared {
             shared.remove_container(&req.id);
         }
-        self.state.lock().await.containers.remove(&req.id);
+        {
+            let mut state = self.state.lock().await;
+            if state.containers.remove(&req.id).is_some() {
+                if state.deleted.len() == RECENTLY_DELETED {
+                    state.deleted.pop_front();
+                }
+                state.deleted.push_back(req.id.clone());
+            }
+        }
         self.stop_sandbox_if_unused(None).await;
         let event = TaskDelete {
             container_id: req.id.clone(),

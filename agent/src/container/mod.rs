@@ -54,6 +54,7 @@ pub struct Containers {
     paths: Paths,
     containers: Arc<Mutex<HashMap<String, Container>>>,
     oom_rx: Mutex<mpsc::Receiver<String>>,
+    oom_tx: mpsc::Sender<String>,
     pause: Mutex<Option<Arc<Process>>>,
     /// Numbers the console sockets of terminal processes.
     console_seq: std::sync::atomic::AtomicU64,
@@ -102,6 +103,7 @@ impl Containers {
         let containers: Arc<Mutex<HashMap<String, Container>>> = Arc::default();
         let (oom_tx, oom_rx) = mpsc::channel(64);
         let watched = containers.clone();
+        let poll_tx = oom_tx.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(OOM_POLL).await;
@@ -110,7 +112,7 @@ impl Containers {
                     let kills = c.cgroup.oom_kills();
                     if kills > c.oom_seen {
                         c.oom_seen = kills;
-                        let _ = oom_tx.try_send(id.clone());
+                        let _ = poll_tx.try_send(id.clone());
                     }
                 }
             }
@@ -120,6 +122,7 @@ impl Containers {
             paths,
             containers,
             oom_rx: Mutex::new(oom_rx),
+            oom_tx,
             pause: Mutex::default(),
             console_seq: Default::default(),
         })
@@ -309,6 +312,20 @@ impl Containers {
             let _ = std::fs::remove_dir_all(&c.bundle);
         }
         Ok(())
+    }
+
+    /// Reports an OOM kill in container `id` not reported yet, at once:
+    /// called when its process ends, so that the kill is known before the
+    /// exit is (the host deletes the container on its exit, and the poll
+    /// would come too late).
+    pub async fn check_oom(&self, id: &str) {
+        if let Some(c) = self.containers.lock().await.get_mut(id) {
+            let kills = c.cgroup.oom_kills();
+            if kills > c.oom_seen {
+                c.oom_seen = kills;
+                let _ = self.oom_tx.try_send(id.to_string());
+            }
+        }
     }
 
     /// Waits for the next OOM kill in any container.

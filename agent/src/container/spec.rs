@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceType, LinuxResources, Process, Spec};
+use oci_spec::runtime::{
+    LinuxDevice, LinuxDeviceBuilder, LinuxDeviceType, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResources,
+    Process, Spec,
+};
 
 /// Smallest memory limit a container may ask for; below this a typo (bytes
 /// for MiB) is likelier than intent and the container could not even start.
@@ -107,7 +110,13 @@ pub fn prepare(container_id: &str, json: &[u8], allowed: &AllowedRoots, pause_pi
             linux.set_devices(Some(devices_below(Path::new(GUEST_DEV))?));
         }
     }
-    if let Some(namespaces) = linux.namespaces().clone() {
+    if let Some(mut namespaces) = linux.namespaces().clone() {
+        // A cgroup namespace of its own, as runc gives a container on a
+        // cgroup v2 host: its /sys/fs/cgroup is its own cgroup (memory.max
+        // and the rest), not the guest's root.
+        if !namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup) {
+            namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build()?);
+        }
         let mut fixed = Vec::with_capacity(namespaces.len());
         for mut ns in namespaces {
             if let Some(path) = ns.path() {

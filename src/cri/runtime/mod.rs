@@ -187,9 +187,19 @@ impl Runtime {
                         use containerd_shim_protos::protobuf::Message;
                         if let Ok(oom) = containerd_shim_protos::events::task::TaskOOM::parse_from_bytes(&e.value) {
                             // Guest-sent data: only a container of ours counts.
+                            // One that already exited was killed by it (the
+                            // exit can be seen first): its reason is mended.
                             let mut st = rt.state.lock().await;
-                            if st.containers.contains_key(&oom.container_id) {
-                                st.oom.insert(oom.container_id);
+                            let st = &mut *st;
+                            match st.containers.get_mut(&oom.container_id) {
+                                Some(c) if c.state == ContainerState::Exited => {
+                                    c.reason = "OOMKilled".into();
+                                    let _ = rt.store.save_container(c);
+                                }
+                                Some(_) => {
+                                    st.oom.insert(oom.container_id);
+                                }
+                                None => {}
                             }
                         }
                     }
