@@ -243,7 +243,16 @@ impl TaskService {
                 return Ok((sandbox.agent().clone(), shared.clone()));
             }
         }
-        let hostname = first.hostname().as_deref();
+        // A pod without a UTS namespace of its own (hostNetwork; the
+        // kubelet sends no hostname then) has the node's hostname, as
+        // runc's shares the node's.
+        let own_uts = first
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|n| n.iter().any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Uts));
+        let node = (!own_uts).then(nix::unistd::gethostname).and_then(Result::ok);
+        let hostname = first.hostname().as_deref().filter(|h| !h.is_empty()).or(node.as_ref().and_then(|h| h.to_str()));
         let config = load_config().map_err(|e| status(Code::FAILED_PRECONDITION, format!("runv config: {e}")))?;
         let size = vm_size_for(first, &config).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let dir = shim_dir(&config, &self.namespace, &self.id);

@@ -137,6 +137,9 @@ fn default_mounts() -> Vec<Value> {
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        // containerd's: the container's own cgroup (it has a cgroup
+        // namespace in the guest), read-only unless privileged.
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
     ]
 }
 
@@ -452,10 +455,13 @@ pub fn container_spec(cx: &ContainerContext, config: &ContainerConfig) -> Result
     }
     let mut mounts = default_mounts();
     if security.privileged {
-        // As containerd does for a privileged container: /sys writable (the
-        // guest's, inside the VM).
-        for m in mounts.iter_mut().filter(|m| m["destination"] == "/sys") {
-            m["options"] = json!(["nosuid", "noexec", "nodev", "rw"]);
+        // As containerd does for a privileged container: /sys and its
+        // cgroup writable (the guest's, inside the VM).
+        for m in mounts.iter_mut().filter(|m| m["destination"] == "/sys" || m["destination"] == "/sys/fs/cgroup") {
+            let mut options: Vec<Value> =
+                m["options"].as_array().into_iter().flatten().filter(|o| *o != "ro").cloned().collect();
+            options.push(json!("rw"));
+            m["options"] = json!(options);
         }
     }
     let user_paths: Vec<&str> = config.mounts.iter().map(|m| m.container_path.as_str()).collect();

@@ -5,7 +5,12 @@ use super::*;
 
 impl Runtime {
     pub async fn run_pod(self: &Arc<Self>, req: RunPodSandboxRequest) -> Result<String, Status> {
-        let config = spec::validate_pod(req.config.as_ref())?.clone();
+        let mut config = spec::validate_pod(req.config.as_ref())?.clone();
+        if config.hostname.is_empty() && spec::host_network(&config) {
+            // The kubelet sends no hostname for a hostNetwork pod: it has
+            // the node's (runc's pod shares the node's UTS namespace).
+            config.hostname = node_hostname();
+        }
         let handler = if req.runtime_handler.is_empty() { "runv" } else { req.runtime_handler.as_str() };
         if !HANDLERS.contains(&handler) {
             return Err(Status::invalid_argument(format!(
@@ -313,4 +318,9 @@ pub(super) fn pod_status_of(pod: &PodRecord) -> PodSandboxStatus {
         annotations: config.annotations.clone(),
         runtime_handler: pod.handler.clone(),
     }
+}
+
+/// This node's hostname ("" if it cannot be read).
+pub(super) fn node_hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
 }
