@@ -168,7 +168,7 @@ rm -f "$l1_out"
 # failed case. The L1 comparison (tests/bench/l1.sh) boots L1 again and
 # is left to on-demand runs.
 echo "==> benchmarks, short forms (tests/bench/)" >&2
-for bench in "run.sh 1" "vmm.sh 2" "pod.sh 1" "cri.sh 1" "net.sh 1 4" "faults.sh short" "concurrent.sh 4"; do
+for bench in "run.sh 1" "vmm.sh 2" "pod.sh 1" "cri.sh 1" "net.sh 1 4" "faults.sh short" "concurrent.sh 4" "conformance.sh"; do
     echo "==> tests/bench/$bench" >&2
     # shellcheck disable=SC2086
     if ! timeout -k 10 900 tests/bench/$bench 2>&1 | tee -a "$log"; then
