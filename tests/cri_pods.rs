@@ -508,8 +508,9 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
     let netns = format!("/run/netns/runv-{}", &pod_id[..16]);
     assert!(Path::new(&netns).exists());
 
-    let script =
-        "mkdir -p /tmp/www && echo hello from the pod > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let script = "mkdir -p /tmp/www /tmp/local && echo hello from the pod > /tmp/www/index.html \
+        && echo hello from localhost > /tmp/local/index.html && httpd -p 127.0.0.1:8081 -h /tmp/local \
+        && exec httpd -f -p 8080 -h /tmp/www";
     let id = run_container(&mut rt, &pod_id, &pod_config, container("web", &app, script)).await;
     // The pod's DNS settings are its resolv.conf.
     let r = rt
@@ -534,33 +535,15 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
         http_get_until(&format!("10.{SUBNET}.0.1:{HOST_PORT}"), "hello from the pod", 60);
     }
 
-    // Port forwarding over the streaming server reaches the same server.
-    let url = rt
-        .port_forward(PortForwardRequest { pod_sandbox_id: pod_id.clone(), port: vec![8080] })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
-    let (ws, _) = open_stream(&url, "v4.channel.k8s.io").await.expect("opening the port-forward stream");
-    let (mut tx, mut rx) = ws.split();
-    tx.send(Message::Binary([&[0u8][..], b"GET / HTTP/1.0\r\n\r\n"].concat().into())).await.unwrap();
-    let (mut data, mut first) = (Vec::new(), true);
-    while !String::from_utf8_lossy(&data).contains("hello from the pod") {
-        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await.expect("port-forward stream stalled") {
-            // The first message of each channel is its port (2 bytes, LE).
-            Some(Ok(Message::Binary(b))) if b.first() == Some(&0) && first => {
-                assert_eq!(&b[1..], &8080u16.to_le_bytes());
-                first = false;
-            }
-            Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => data.extend_from_slice(&b[1..]),
-            Some(Ok(Message::Binary(b))) if b.first() == Some(&1) && b.len() > 3 => {
-                panic!("port-forward error: {}", String::from_utf8_lossy(&b[1..]))
-            }
-            Some(Ok(_)) => {}
-            other => panic!("port-forward stream ended: {other:?} after {:?}", String::from_utf8_lossy(&data)),
-        }
-    }
-    let _ = tx.send(Message::Close(None)).await;
+    // Port forwarding over the streaming server reaches localhost in the
+    // pod, as the CRI means it: the same server, and one that listens on
+    // the pod's loopback only (the pod IP does not reach it).
+    port_forward_get(&mut rt, &pod_id, 8080, "hello from the pod").await;
+    port_forward_get(&mut rt, &pod_id, 8081, "hello from localhost").await;
+    assert!(
+        std::net::TcpStream::connect_timeout(&format!("{ip}:8081").parse().unwrap(), Duration::from_secs(3)).is_err(),
+        "the loopback-only server answers at the pod IP"
+    );
 
     rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.unwrap();
     assert!(!Path::new(&netns).exists(), "{netns} is left");
@@ -576,4 +559,35 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
         let nat = String::from_utf8_lossy(&nat.stdout);
         assert!(!nat.contains(&format!("--dport {HOST_PORT}")), "the host port's rules are left: {nat}");
     }
+}
+
+/// GET / through runv cri's PortForward to `port` in the pod, until the
+/// body holds `want`.
+async fn port_forward_get(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str, port: i32, want: &str) {
+    let url = rt
+        .port_forward(PortForwardRequest { pod_sandbox_id: pod_id.into(), port: vec![port] })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let (ws, _) = open_stream(&url, "v4.channel.k8s.io").await.expect("opening the port-forward stream");
+    let (mut tx, mut rx) = ws.split();
+    tx.send(Message::Binary([&[0u8][..], b"GET / HTTP/1.0\r\n\r\n"].concat().into())).await.unwrap();
+    let (mut data, mut first) = (Vec::new(), true);
+    while !String::from_utf8_lossy(&data).contains(want) {
+        match tokio::time::timeout(Duration::from_secs(30), rx.next()).await.expect("port-forward stream stalled") {
+            // The first message of each channel is its port (2 bytes, LE).
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&0) && first => {
+                assert_eq!(&b[1..], &(port as u16).to_le_bytes());
+                first = false;
+            }
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => data.extend_from_slice(&b[1..]),
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&1) && b.len() > 3 => {
+                panic!("port-forward error: {}", String::from_utf8_lossy(&b[1..]))
+            }
+            Some(Ok(_)) => {}
+            other => panic!("port-forward stream ended: {other:?} after {:?}", String::from_utf8_lossy(&data)),
+        }
+    }
+    let _ = tx.send(Message::Close(None)).await;
 }

@@ -5,6 +5,7 @@ pub mod container;
 pub mod debug_console;
 pub mod init;
 pub mod network;
+pub mod port_forward;
 pub mod process;
 pub mod service;
 pub mod stream;

@@ -137,6 +137,10 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
         runv_agent::debug_console::serve(processes.clone(), tokio::runtime::Handle::current())
             .context("starting the debug console")?;
     }
+    if pid1 {
+        // Before vsock sockets are denied: its listener is one.
+        runv_agent::port_forward::serve().context("starting port forwarding")?;
+    }
     let containers = container::Containers::new(processes.clone(), paths)?;
     let service = Arc::new(service::AgentService::new(processes, containers, pid1));
     let shutdown = service.shutdown_signal();

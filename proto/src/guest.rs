@@ -15,6 +15,14 @@ pub const AGENT_READY_MESSAGE: &[u8] = b"READY\n";
 /// vsock port of the opt-in debug console (see the agent's `debug_console`).
 pub const DEBUG_CONSOLE_VSOCK_PORT: u32 = 1026;
 
+/// vsock port of port forwarding into the pod (see the agent's
+/// `port_forward`): the host sends `<tcp port>\n`, the agent answers
+/// `PORT_FORWARD_OK` or `error: <why>\n` and then relays the connection.
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1027;
+
+/// The agent's answer when it reached the port.
+pub const PORT_FORWARD_OK: &str = "ok\n";
+
 /// Kernel command line flag that enables the debug console; the host adds
 /// it only when runv's config sets `debug_console = true`.
 pub const DEBUG_CONSOLE_CMDLINE_FLAG: &str = "runv.debug_console=1";

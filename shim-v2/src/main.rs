@@ -3,6 +3,7 @@
 //! pod: containers of a CRI pod (`io.kubernetes.cri.sandbox-id`) are routed
 //! to their sandbox's shim; a plain `ctr run` container gets a VM of its own.
 
+mod localhost;
 mod oom;
 mod rootfs;
 mod task;

@@ -160,6 +160,9 @@ struct State {
     /// kill the guest reports just after the exit it caused still names
     /// a container of this sandbox.
     deleted: std::collections::VecDeque<String>,
+    /// containerd's PortForward into the pod's VM (pods with a network
+    /// namespace of their own).
+    forwarder: Option<crate::localhost::Forwarder>,
 }
 
 const RECENTLY_DELETED: usize = 64;
@@ -340,9 +343,16 @@ impl TaskService {
             log::warn!("sandbox {}: recording its figures in {}: {e}", self.id, dir.display());
         }
         self.watch_sandbox(sandbox.id().to_string(), dir.clone(), pod, figures);
+        let forwarder = spec.netns.as_deref().and_then(|netns| {
+            let socket = runv::sandbox::port_forward::vsock_socket_of(&dir)?;
+            crate::localhost::start(netns, socket)
+                .inspect_err(|e| log::warn!("sandbox {}: no PortForward through containerd: {e:#}", self.id))
+                .ok()
+        });
         let mut state = self.state.lock().await;
         state.config = Some(config);
         state.sandbox = Some(sandbox);
+        state.forwarder = forwarder;
         state.shared = Some(shared.clone());
         Ok((agent, shared))
     }
@@ -361,6 +371,7 @@ impl TaskService {
             if !state.containers.is_empty() || state.creating.iter().any(|c| Some(c.as_str()) != creating) {
                 return false;
             }
+            state.forwarder = None;
             (state.sandbox.take(), state.shared.take(), state.config.clone())
         };
         if let Some(sandbox) = sandbox {

@@ -43,8 +43,11 @@ async fn serving_pod(
         .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", ctd.log()))
         .into_inner()
         .pod_sandbox_id;
+    // A second server on the pod's loopback only, for PortForward.
     let script = format!(
-        "mkdir -p /tmp/www && echo hello from {name} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"
+        "mkdir -p /tmp/www /tmp/local && echo hello from {name} > /tmp/www/index.html \
+         && echo hello from {name} on localhost > /tmp/local/index.html && httpd -p 127.0.0.1:8081 -h /tmp/local \
+         && exec httpd -f -p 8080 -h /tmp/www"
     );
     let container = cri
         .create_container(CreateContainerRequest {
@@ -171,6 +174,15 @@ async fn runv_pods_are_on_the_pod_network_with_the_host_each_other_and_runc_pods
     assert!(http_get_in_pod(&mut cri, &a, &c).await.contains("hello from runc-c"));
     assert!(http_get_in_pod(&mut cri, &c, &a).await.contains("hello from runv-a"));
 
+    // containerd's PortForward dials localhost in the pod's network
+    // namespace: for a runv pod the shim carries that into the VM, where
+    // the loopback-only server answers, as it does in the runc pod.
+    for pod in [&a, &c] {
+        let name = if pod.id == a.id { "runv-a" } else { "runc-c" };
+        let body = port_forward_get(&mut cri, &pod.id, 8081).await;
+        assert!(body.contains(&format!("hello from {name} on localhost")), "{name}: {body}");
+    }
+
     // The pod's DNS settings are what the guest's containers resolve with.
     let (_, resolv) = exec(&mut cri, &a.container, "cat /etc/resolv.conf").await;
     for line in [format!("nameserver 10.{SUBNET}.0.53"), "search svc.runv.test".into(), "options ndots:2".into()] {
@@ -196,4 +208,56 @@ async fn runv_pods_are_on_the_pod_network_with_the_host_each_other_and_runc_pods
     assert!(ports.is_empty(), "veths still on {bridge}: {ports:?}");
     let taps: Vec<_> = host_links().into_iter().filter(|l| l.ends_with("_runv")).collect();
     assert!(taps.is_empty(), "taps on the host: {taps:?}");
+}
+
+/// GET / through containerd's PortForward to `port` of pod `id`, over its
+/// streaming server's WebSocket protocol (`v4.channel.k8s.io`: per port a
+/// data and an error channel, each opening with the port); the response.
+async fn port_forward_get(cri: &mut RuntimeServiceClient<Channel>, id: &str, port: i32) -> String {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let url = cri
+        .port_forward(PortForwardRequest { pod_sandbox_id: id.into(), port: vec![port] })
+        .await
+        .unwrap_or_else(|e| panic!("PortForward: {e}"))
+        .into_inner()
+        .url;
+    let url = format!("{}?port={port}", url.replacen("http://", "ws://", 1));
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let (mut tx, mut rx) = ws.split();
+    let mut data = Vec::new();
+    let mut seen = [false, false];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.next()).await.expect("the port-forward stream stalled") {
+            Some(Ok(Message::Binary(b))) => match b.split_first() {
+                // The first message of each channel is its port.
+                Some((&ch @ (0 | 1), rest)) if !seen[ch as usize] => {
+                    assert_eq!(rest, &(port as u16).to_le_bytes());
+                    seen[ch as usize] = true;
+                    if seen == [true, true] {
+                        tx.send(Message::Binary([&[0u8][..], b"GET / HTTP/1.0\r\n\r\n"].concat().into()))
+                            .await
+                            .unwrap();
+                    }
+                }
+                Some((0, rest)) => data.extend_from_slice(rest),
+                Some((1, rest)) if !rest.is_empty() => panic!("port-forward error: {}", String::from_utf8_lossy(rest)),
+                _ => {}
+            },
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("port-forward stream: {e}"),
+        }
+        // HTTP/1.0: the server closes after the body; so does the stream.
+        if String::from_utf8_lossy(&data).contains("on localhost\n") {
+            break;
+        }
+    }
+    let _ = tx.send(Message::Close(None)).await;
+    String::from_utf8_lossy(&data).into_owned()
 }

@@ -443,7 +443,7 @@ impl RuntimeService for Cri {
     async fn port_forward(&self, req: Request<PortForwardRequest>) -> Result<Response<PortForwardResponse>, Status> {
         let mut req = req.into_inner();
         req.pod_sandbox_id = self.runtime.pod_id(&req.pod_sandbox_id).await?;
-        self.runtime.pod_ip(&req.pod_sandbox_id).await?;
+        self.runtime.pod_vsock_socket(&req.pod_sandbox_id).await?;
         if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
             return Err(Status::invalid_argument(format!("PortForward: port {p} is out of range")));
         }

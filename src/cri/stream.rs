@@ -365,8 +365,8 @@ async fn port_forward(
     tx: &mpsc::Sender<Message>,
     mut source: futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<TcpStream>>,
 ) {
-    let ip = match runtime.pod_ip(&req.pod_sandbox_id).await {
-        Ok(ip) => ip,
+    let socket = match runtime.pod_vsock_socket(&req.pod_sandbox_id).await {
+        Ok(socket) => socket,
         Err(e) => {
             let _ = tx.send(frame(1, e.message().as_bytes())).await;
             return;
@@ -382,9 +382,9 @@ async fn port_forward(
         let port_bytes = (*port as u16).to_le_bytes();
         let _ = tx.send(frame(data, &port_bytes)).await;
         let _ = tx.send(frame(error, &port_bytes)).await;
-        let addr = format!("{ip}:{port}");
-        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr)).await {
-            Ok(Ok(conn)) => {
+        // localhost:<port> in the pod, which is its VM.
+        match crate::sandbox::port_forward::connect(&socket, *port as u16).await {
+            Ok(conn) => {
                 let (mut read, write) = conn.into_split();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -398,12 +398,8 @@ async fn port_forward(
                 });
                 writers.push(Some(write));
             }
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "no answer within 10 s".into(),
-                };
-                let _ = tx.send(frame(error, format!("connecting to {addr} in the pod: {why}").as_bytes())).await;
+            Err(why) => {
+                let _ = tx.send(frame(error, format!("port {port} in the pod: {why}").as_bytes())).await;
                 writers.push(None);
             }
         }

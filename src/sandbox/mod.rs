@@ -5,6 +5,7 @@
 pub mod agent;
 mod console;
 pub mod debug_console;
+pub mod port_forward;
 pub mod sizing;
 mod virtiofsd;
 

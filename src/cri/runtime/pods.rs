@@ -276,23 +276,22 @@ impl Runtime {
         Some(self.config().runtime_dir.join("shim").join(crate::cri::shim::NAMESPACE).join(pod_id))
     }
 
-    // --- containers ---------------------------------------------------------
-    /// The pod's IP, where port forwarding dials: the node reaches pod IPs,
-    /// and the pod's ports live in its VM behind that address.
-    pub async fn pod_ip(&self, id: &str) -> Result<String, Status> {
+    /// The hybrid vsock socket of ready pod `id`'s VM, where port
+    /// forwarding reaches `localhost` in the pod (the guest).
+    pub async fn pod_vsock_socket(&self, id: &str) -> Result<std::path::PathBuf, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument("PortForward: pod_sandbox_id is empty"));
         }
-        let st = self.state.lock().await;
-        let pod = st.pods.get(id).ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))?;
-        if pod.state != PodState::Ready {
-            return Err(Status::failed_precondition(format!("pod sandbox {id} is not ready")));
+        {
+            let st = self.state.lock().await;
+            let pod = st.pods.get(id).ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))?;
+            if pod.state != PodState::Ready {
+                return Err(Status::failed_precondition(format!("pod sandbox {id} is not ready")));
+            }
         }
-        pod.ips.first().cloned().ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "pod sandbox {id} has no pod IP (host network, or no CNI network): runv cri forwards ports to the pod IP"
-            ))
-        })
+        self.shim_state_dir(id)
+            .and_then(|dir| crate::sandbox::port_forward::vsock_socket_of(&dir))
+            .ok_or_else(|| Status::failed_precondition(format!("pod sandbox {id}: its VM's vsock socket is not there")))
     }
 }
 
