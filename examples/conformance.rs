@@ -84,6 +84,13 @@ impl Target {
         config
     }
 
+    fn privileged_pod_config(&mut self, name: &str) -> PodSandboxConfig {
+        let mut config = self.pod_config(name);
+        let linux = config.linux.get_or_insert_with(Default::default);
+        linux.security_context.get_or_insert_with(Default::default).privileged = true;
+        config
+    }
+
     async fn run_pod(&mut self, config: &PodSandboxConfig) -> Result<String, tonic::Status> {
         let req = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: self.handler.into() };
         Ok(self.rt.run_pod_sandbox(req).await?.into_inner().pod_sandbox_id)
@@ -582,13 +589,7 @@ async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
             expect_eq("pid 1", &got, (0, "sleep 2147483647 "))
         }
         22 => {
-            let mut config = t.pod_config("privileged");
-            config
-                .linux
-                .get_or_insert_with(Default::default)
-                .security_context
-                .get_or_insert_with(Default::default)
-                .privileged = true;
+            let config = t.privileged_pod_config("privileged");
             let id = t.run_pod(&config).await.map_err(|e| format!("RunPodSandbox: {}", e.message()))?;
             let mut c = t.container("privileged", &[]);
             c.linux = security(|s| s.privileged = true);
@@ -652,13 +653,7 @@ async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
             let shell = |cmd: &str| std::process::Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success());
             let d = dir.display().to_string();
             shell(&format!("mount --bind {d} {d} && mount --make-shared {d}")).map_err(|e| e.to_string())?;
-            let mut config = t.pod_config("bidirectional");
-            config
-                .linux
-                .get_or_insert_with(Default::default)
-                .security_context
-                .get_or_insert_with(Default::default)
-                .privileged = true;
+            let config = t.privileged_pod_config("bidirectional");
             let result = async {
                 let id = t.run_pod(&config).await.map_err(|e| format!("RunPodSandbox: {}", e.message()))?;
                 let mut c = t.container("mounter", &[]);
