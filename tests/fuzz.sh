@@ -9,6 +9,8 @@
 #               cri_spec        CRI requests into OCI specs
 #               cri_http2       the HTTP/2 frames of CRI clients (header
 #                               blocks rewritten for :authority)
+#               port_forward_answer  the agent's answer to a port-forward
+#                               request, read on the host
 # Each target runs SECONDS (default 60) from its committed seeds
 # (`<crate>/seeds/<target>`) plus a work corpus kept in
 # $RUNV_CACHE_DIR/fuzz-corpus, and prints
@@ -25,7 +27,7 @@ shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${RUNV_CACHE_DIR:-/var/cache/runv}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode_request virtio_mmio vsock_muxer layer_unpack cri_spec cri_http2)
+[ ${#targets[@]} -gt 0 ] || targets=(decode_request virtio_mmio vsock_muxer layer_unpack cri_spec cri_http2 port_forward_answer)
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz || exit 1
 export RUSTC_BOOTSTRAP=1
 # One target dir per fuzz crate, outside the repo, kept between runs.

@@ -74,6 +74,32 @@ pub fn guest_text(message: &str) -> String {
     out
 }
 
+/// Why a line could not be read.
+#[derive(Debug)]
+pub enum LineError {
+    /// The peer closed before the newline.
+    Closed,
+    /// More bytes than allowed before the newline.
+    TooLong,
+    Io(std::io::Error),
+}
+
+/// Reads one line, without its newline and of at most `max` bytes, a byte
+/// at a time: whatever follows the newline already belongs to the stream.
+pub async fn read_line(stream: &mut UnixStream, max: usize) -> Result<Vec<u8>, LineError> {
+    let mut line = Vec::with_capacity(max.min(64));
+    loop {
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte).await {
+            Ok(0) => return Err(LineError::Closed),
+            Ok(_) if byte[0] == b'\n' => return Ok(line),
+            Ok(_) if line.len() < max => line.push(byte[0]),
+            Ok(_) => return Err(LineError::TooLong),
+            Err(e) => return Err(LineError::Io(e)),
+        }
+    }
+}
+
 /// Opens a stream to `port` in the guest through the hybrid vsock socket.
 pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
     let err = |message: String| AgentError::Connect { path: uds.display().to_string(), message };
@@ -84,19 +110,11 @@ pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<UnixStream, A
             .and_then(UnixStream::from_std);
         let mut stream = stream.map_err(|e| err(e.to_string()))?;
         stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| err(e.to_string()))?;
-        // Read the reply a byte at a time: whatever follows the newline
-        // already belongs to the guest's stream.
-        let mut line = Vec::with_capacity(16);
-        loop {
-            let mut byte = [0u8; 1];
-            match stream.read(&mut byte).await {
-                Ok(0) => return Err(err("closed during the handshake (nothing listens on the port yet)".into())),
-                Ok(_) if byte[0] == b'\n' => break,
-                Ok(_) if line.len() < 64 => line.push(byte[0]),
-                Ok(_) => return Err(err("handshake reply too long".into())),
-                Err(e) => return Err(err(e.to_string())),
-            }
-        }
+        let line = read_line(&mut stream, 64).await.map_err(|e| match e {
+            LineError::Closed => err("closed during the handshake (nothing listens on the port yet)".into()),
+            LineError::TooLong => err("handshake reply too long".into()),
+            LineError::Io(e) => err(e.to_string()),
+        })?;
         let reply = String::from_utf8_lossy(&line);
         if !reply.starts_with("OK ") {
             return Err(err(format!("unexpected handshake reply '{reply}'")));

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use runv_proto::guest;
@@ -23,27 +23,24 @@ pub async fn connect(vsock_socket: &Path, port: u16) -> Result<UnixStream, Strin
         .await
         .map_err(|e| e.to_string())?;
     stream.write_all(format!("{port}\n").as_bytes()).await.map_err(|e| format!("asking for port {port}: {e}"))?;
-    let answer = async {
-        // A byte at a time: what follows the newline is the pod's data.
-        let mut line = Vec::with_capacity(32);
-        loop {
-            let mut byte = [0u8; 1];
-            match stream.read(&mut byte).await {
-                Ok(0) => return Err("the guest closed the stream without an answer".to_string()),
-                Ok(_) if byte[0] == b'\n' => return Ok(line),
-                Ok(_) if line.len() < MAX_REPLY => line.push(byte[0]),
-                Ok(_) => return Err(format!("the guest's answer is longer than {MAX_REPLY} bytes")),
-                Err(e) => return Err(format!("reading the guest's answer: {e}")),
-            }
-        }
-    };
-    let line = tokio::time::timeout(REPLY_TIMEOUT, answer)
+    let line = tokio::time::timeout(REPLY_TIMEOUT, super::agent::read_line(&mut stream, MAX_REPLY))
         .await
-        .map_err(|_| format!("the guest did not answer within {REPLY_TIMEOUT:?}"))??;
-    // Guest bytes: shown as text, without control characters.
-    let text: String = String::from_utf8_lossy(&line).chars().filter(|c| !c.is_control()).collect();
+        .map_err(|_| format!("the guest did not answer within {REPLY_TIMEOUT:?}"))?
+        .map_err(|e| match e {
+            super::agent::LineError::Closed => "the guest closed the stream without an answer".to_string(),
+            super::agent::LineError::TooLong => format!("the guest's answer is longer than {MAX_REPLY} bytes"),
+            super::agent::LineError::Io(e) => format!("reading the guest's answer: {e}"),
+        })?;
+    answer_of(&line).map(|()| stream)
+}
+
+/// The agent's one-line answer (without its newline): `Ok` for
+/// `guest::PORT_FORWARD_OK`, else its reason. Guest bytes: shown as text,
+/// without control characters.
+pub fn answer_of(line: &[u8]) -> Result<(), String> {
+    let text: String = String::from_utf8_lossy(line).chars().filter(|c| !c.is_control()).collect();
     if format!("{text}\n") == guest::PORT_FORWARD_OK {
-        return Ok(stream);
+        return Ok(());
     }
     Err(text.strip_prefix("error: ").map(str::to_string).unwrap_or_else(|| format!("unexpected answer {text:?}")))
 }
@@ -54,4 +51,18 @@ pub fn vsock_socket_of(shim_dir: &Path) -> Option<PathBuf> {
     let recorded = std::fs::read_to_string(shim_dir.join("sandbox-dir")).ok()?;
     let dir = PathBuf::from(recorded.trim());
     [dir.join("jail").join(super::VSOCK_SOCKET), dir.join(super::VSOCK_SOCKET)].into_iter().find(|p| p.exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guests_answer_is_ok_or_a_reason_shown_plainly() {
+        assert_eq!(answer_of(b"ok"), Ok(()));
+        assert_eq!(answer_of(b"error: connection refused"), Err("connection refused".into()));
+        assert_eq!(answer_of(b"error: \x1b[2Jgone\r"), Err("[2Jgone".into()));
+        assert!(answer_of(b"ok ").unwrap_err().contains("unexpected answer"));
+        assert!(answer_of(b"\xff\xfe").is_err());
+    }
 }
