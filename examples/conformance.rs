@@ -257,6 +257,7 @@ const SPECS: &[&str] = &[
     "hostIPC",
     "Bidirectional: a container's mount under a volume reaches the node",
     "PortForward reaches a server on the pod's localhost",
+    "containers of one pod reach each other over localhost",
 ];
 
 async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
@@ -712,6 +713,20 @@ async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
                 (_, Ok(body)) if body.contains("on-localhost") => Ok(()),
                 (_, other) => Err(format!("{other:?}")),
             }
+        }
+        28 => {
+            let pod = t.default_pod().await?;
+            let port = 18500 + t.serial as i32;
+            let serve = format!(
+                "mkdir -p /tmp/w && echo from-the-neighbour > /tmp/w/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/w"
+            );
+            let server = t.start(&pod, t.container("neighbour", &["sh", "-c", &serve])).await?;
+            let fetch = format!(
+                "for i in $(seq 1 50); do wget -qO- http://127.0.0.1:{port}/ 2>/dev/null && exit 0; sleep 0.2; done; exit 1"
+            );
+            let got = t.probe_in(&pod, t.container("client", &[]), &fetch).await;
+            t.remove(&server).await;
+            expect_eq("wget from the other container", &got?, (0, "from-the-neighbour\n"))
         }
         _ => unreachable!(),
     }

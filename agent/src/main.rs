@@ -140,6 +140,8 @@ async fn serve(listen: &str, pid1: bool, paths: container::Paths) -> Result<()> 
     if pid1 {
         // Before vsock sockets are denied: its listener is one.
         runv_agent::port_forward::serve().context("starting port forwarding")?;
+        // localhost works in every pod, a pod network or none.
+        runv_agent::network::loopback_up().await.context("bringing the loopback up")?;
     }
     let containers = container::Containers::new(processes.clone(), paths)?;
     let service = Arc::new(service::AgentService::new(processes, containers, pid1));

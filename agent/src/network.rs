@@ -172,12 +172,27 @@ pub async fn setup(req: &SetupNetworkRequest) -> Result<(), NetworkError> {
     result
 }
 
-async fn apply(handle: &Handle, req: &SetupNetworkRequest, routes: &[RouteSpec]) -> Result<(), NetworkError> {
+/// Brings the loopback up: every pod has `localhost`, with a pod network
+/// or without one (a hostNetwork pod's VM has nothing else).
+pub async fn loopback_up() -> Result<(), NetworkError> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let connection = tokio::spawn(connection);
+    let result = loopback_up_with(&handle).await.map(drop);
+    connection.abort();
+    result
+}
+
+/// Brings the loopback up; returns every link.
+async fn loopback_up_with(handle: &Handle) -> Result<Vec<LinkMessage>, NetworkError> {
     let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(nl("listing links"))?;
-    // Loopback first: pods expect localhost.
     for link in links.iter().filter(|l| l.header.flags.contains(LinkFlags::Loopback)) {
         set_link(handle, LinkUnspec::new_with_index(link.header.index).up().build(), "bringing lo up").await?;
     }
+    Ok(links)
+}
+
+async fn apply(handle: &Handle, req: &SetupNetworkRequest, routes: &[RouteSpec]) -> Result<(), NetworkError> {
+    let links = loopback_up_with(handle).await?;
     let mut by_mac: HashMap<[u8; 6], u32> = HashMap::new();
     for link in &links {
         for a in &link.attributes {
