@@ -9,7 +9,7 @@
 //! Only the host may connect; each side's bytes are only relayed.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{
-    accept, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    accept, bind, getpeername, listen, setsockopt, shutdown, socket, sockopt, AddressFamily, Backlog, Shutdown,
+    SockFlag, SockType, VsockAddr,
 };
+use nix::sys::time::TimeVal;
 use runv_proto::guest;
 
 /// Most forwarded connections at once; one more is refused, saying so.
@@ -118,24 +120,9 @@ fn read_request(host: &std::fs::File) -> Result<u16> {
 }
 
 fn set_read_timeout(f: &std::fs::File, timeout: Option<Duration>) -> Result<()> {
-    let tv = timeout.map_or(libc::timeval { tv_sec: 0, tv_usec: 0 }, |t| libc::timeval {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_usec: 0,
-    });
-    // SAFETY: SO_RCVTIMEO reads a timeval we own, of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            f.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("setting a read timeout");
-    }
-    Ok(())
+    // Zero: no timeout.
+    let secs = timeout.map_or(0, |t| t.as_secs() as libc::time_t);
+    setsockopt(f, sockopt::ReceiveTimeout, &TimeVal::new(secs, 0)).context("setting a read timeout")
 }
 
 /// `localhost:<port>`: IPv4 first, then IPv6, as containerd dials it.
@@ -154,16 +141,14 @@ pub fn dial_localhost(port: u16) -> std::result::Result<TcpStream, String> {
 /// shutdown of writing on the other, and the session ends when both
 /// directions have.
 fn relay(host: std::fs::File, pod: TcpStream) -> Result<()> {
-    let host_fd = host.as_raw_fd();
     let (mut host_read, mut pod_write) = (host.try_clone()?, pod.try_clone()?);
     let upstream = std::thread::spawn(move || {
         let _ = std::io::copy(&mut host_read, &mut pod_write);
-        let _ = pod_write.shutdown(Shutdown::Write);
+        let _ = pod_write.shutdown(std::net::Shutdown::Write);
     });
     let (mut pod_read, mut host_write) = (pod, host);
     let _ = std::io::copy(&mut pod_read, &mut host_write);
-    // SAFETY: shutting down writing on a socket we hold open.
-    unsafe { libc::shutdown(host_fd, libc::SHUT_WR) };
+    let _ = shutdown(host_write.as_raw_fd(), Shutdown::Write);
     let _ = upstream.join();
     Ok(())
 }

@@ -49,6 +49,17 @@ struct Container {
     oom_seen: u64,
 }
 
+impl Container {
+    /// Whether the kernel OOM-killed in this container since the last
+    /// call; counts it as seen.
+    fn new_oom_kill(&mut self) -> bool {
+        let kills = self.cgroup.oom_kills();
+        let new = kills > self.oom_seen;
+        self.oom_seen = self.oom_seen.max(kills);
+        new
+    }
+}
+
 pub struct Containers {
     table: ProcessTable,
     paths: Paths,
@@ -109,9 +120,7 @@ impl Containers {
                 tokio::time::sleep(OOM_POLL).await;
                 let mut map = watched.lock().await;
                 for (id, c) in map.iter_mut() {
-                    let kills = c.cgroup.oom_kills();
-                    if kills > c.oom_seen {
-                        c.oom_seen = kills;
+                    if c.new_oom_kill() {
                         let _ = poll_tx.try_send(id.clone());
                     }
                 }
@@ -319,12 +328,8 @@ impl Containers {
     /// exit is (the host deletes the container on its exit, and the poll
     /// would come too late).
     pub async fn check_oom(&self, id: &str) {
-        if let Some(c) = self.containers.lock().await.get_mut(id) {
-            let kills = c.cgroup.oom_kills();
-            if kills > c.oom_seen {
-                c.oom_seen = kills;
-                let _ = self.oom_tx.try_send(id.to_string());
-            }
+        if self.containers.lock().await.get_mut(id).is_some_and(Container::new_oom_kill) {
+            let _ = self.oom_tx.try_send(id.to_string());
         }
     }
 
