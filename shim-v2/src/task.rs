@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::rootfs::{guest_spec, pod_netns, unmount_below, SharedDir};
+use crate::rootfs::{guest_spec, has_namespace, pod_netns, unmount_below, SharedDir};
 
 type TtrpcResult<T> = Result<T, ttrpc::Error>;
 
@@ -56,7 +56,7 @@ pub fn cleanup_leftovers(config: &Config, namespace: &str, id: &str) {
     if let Ok(record) = std::fs::read_to_string(dir.join("network")) {
         runv::network::detach_leftovers(&record);
     }
-    if let Ok(text) = std::fs::read_to_string(dir.join("sandbox-dir")) {
+    if let Ok(text) = std::fs::read_to_string(dir.join(runv::sandbox::DIR_RECORD)) {
         let sandbox_dir = Path::new(text.trim());
         runv::jailer::cleanup_recorded(sandbox_dir);
         let _ = runv::helper::remove_tree(sandbox_dir);
@@ -249,13 +249,9 @@ impl TaskService {
         // A pod without a UTS namespace of its own (hostNetwork; the
         // kubelet sends no hostname then) has the node's hostname, as
         // runc's shares the node's.
-        let own_uts = first
-            .linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().as_ref())
-            .is_some_and(|n| n.iter().any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Uts));
-        let node = (!own_uts).then(nix::unistd::gethostname).and_then(Result::ok);
-        let hostname = first.hostname().as_deref().filter(|h| !h.is_empty()).or(node.as_ref().and_then(|h| h.to_str()));
+        let node =
+            (!has_namespace(first, oci_spec::runtime::LinuxNamespaceType::Uts)).then(runv::helper::node_hostname);
+        let hostname = first.hostname().as_deref().filter(|h| !h.is_empty()).or(node.as_deref());
         let config = load_config().map_err(|e| status(Code::FAILED_PRECONDITION, format!("runv config: {e}")))?;
         let size = vm_size_for(first, &config).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let dir = shim_dir(&config, &self.namespace, &self.id);
@@ -275,7 +271,7 @@ impl TaskService {
             memory_mib: size.memory_mib,
             netns: pod_netns(first),
             cgroup: pod_cgroup(first),
-            dir_record: Some(dir.join("sandbox-dir")),
+            dir_record: Some(dir.join(runv::sandbox::DIR_RECORD)),
         };
         let sandbox = match Sandbox::start(&config, &spec).await {
             Ok(s) => s,

@@ -482,6 +482,10 @@ const HELPER_GRACE: Duration = Duration::from_secs(1);
 /// The hybrid vsock socket's name (in the jail directory, or the sandbox
 /// directory when jails are off).
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// The file in a sandbox owner's directory (a shim's) that names the
+/// sandbox's directory (`SandboxSpec::dir_record`).
+pub const DIR_RECORD: &str = "sandbox-dir";
 /// The process that made a sandbox directory (pid and start time).
 const OWNER_RECORD: &str = "owner";
 

@@ -35,22 +35,23 @@ pub async fn connect(vsock_socket: &Path, port: u16) -> Result<UnixStream, Strin
 }
 
 /// The agent's one-line answer (without its newline): `Ok` for
-/// `guest::PORT_FORWARD_OK`, else its reason. Guest bytes: shown as text,
-/// without control characters.
+/// `guest::PORT_FORWARD_OK`, else its reason, as `guest_text` shows guest
+/// bytes (control characters escaped, the length capped).
 pub fn answer_of(line: &[u8]) -> Result<(), String> {
-    let text: String = String::from_utf8_lossy(line).chars().filter(|c| !c.is_control()).collect();
-    if format!("{text}\n") == guest::PORT_FORWARD_OK {
+    if guest::PORT_FORWARD_OK.strip_suffix('\n').is_some_and(|ok| line == ok.as_bytes()) {
         return Ok(());
     }
+    let text = super::agent::guest_text(&String::from_utf8_lossy(line));
     Err(text.strip_prefix("error: ").map(str::to_string).unwrap_or_else(|| format!("unexpected answer {text:?}")))
 }
 
 /// The hybrid vsock socket of the sandbox whose directory a shim recorded
 /// in `shim_dir` (`sandbox-dir`): in its jail when it has one.
 pub fn vsock_socket_of(shim_dir: &Path) -> Option<PathBuf> {
-    let recorded = std::fs::read_to_string(shim_dir.join("sandbox-dir")).ok()?;
+    let recorded = std::fs::read_to_string(shim_dir.join(super::DIR_RECORD)).ok()?;
     let dir = PathBuf::from(recorded.trim());
-    [dir.join("jail").join(super::VSOCK_SOCKET), dir.join(super::VSOCK_SOCKET)].into_iter().find(|p| p.exists())
+    let jailed = dir.join(crate::jailer::JAIL_DIR).join(super::VSOCK_SOCKET);
+    [jailed, dir.join(super::VSOCK_SOCKET)].into_iter().find(|p| p.exists())
 }
 
 #[cfg(test)]
@@ -61,7 +62,9 @@ mod tests {
     fn the_guests_answer_is_ok_or_a_reason_shown_plainly() {
         assert_eq!(answer_of(b"ok"), Ok(()));
         assert_eq!(answer_of(b"error: connection refused"), Err("connection refused".into()));
-        assert_eq!(answer_of(b"error: \x1b[2Jgone\r"), Err("[2Jgone".into()));
+        // Control characters are escaped, as every guest text is shown.
+        assert_eq!(answer_of(b"error: \x1b[2Jgone\r"), Err("\\u{1b}[2Jgone\\r".into()));
+        assert!(answer_of(b"ok\r").is_err());
         assert!(answer_of(b"ok ").unwrap_err().contains("unexpected answer"));
         assert!(answer_of(b"\xff\xfe").is_err());
     }
