@@ -309,6 +309,12 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)
 }
 
+/// This node's hostname ("" if it cannot be read): what a pod in the
+/// node's UTS namespace (hostNetwork) has under runc.
+pub fn node_hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod identity_tests {
     use super::*;

@@ -321,8 +321,9 @@ pub fn guest_spec(mut spec: Spec, id: &str, shared: &SharedDir, sandbox_guest_pi
         }
         // A container sharing the "host" UTS namespace shares the guest's,
         // whose hostname the sandbox already set (a host-network pod).
-        let own_uts = linux.namespaces().iter().flatten().any(|ns| ns.typ() == LinuxNamespaceType::Uts);
-        if !own_uts {
+        // (The spec still holds the namespaces as asked; only the network
+        // one was dropped above.)
+        if !has_namespace(&spec, LinuxNamespaceType::Uts) {
             spec.set_hostname(None);
         }
         spec.set_linux(Some(linux));
@@ -340,9 +341,8 @@ pub fn check_host_namespaces(spec: &Spec) -> Result<()> {
     if !spec.annotations().as_ref().is_some_and(|a| a.contains_key(ANNOTATION_CONTAINER_TYPE)) {
         return Ok(());
     }
-    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_deref()).unwrap_or_default();
     for (kind, field) in [(LinuxNamespaceType::Pid, "hostPID"), (LinuxNamespaceType::Ipc, "hostIPC")] {
-        if !namespaces.iter().any(|ns| ns.typ() == kind) {
+        if !has_namespace(spec, kind) {
             bail!(
                 "the pod asks for the node's {} namespace ({field}: true); a runv pod runs in a VM of its own \
                  and cannot share it (README: How runv pods differ from runc pods)",
@@ -369,6 +369,12 @@ fn proc_ns_name(kind: LinuxNamespaceType) -> &'static str {
 
 /// The host network namespace a sandbox's first container names (CNI's, for
 /// a CRI pod). None: no network namespace of its own, or a new empty one.
+/// Whether `spec` asks for a namespace of `kind` (its own, or one joined by
+/// path): without one the process shares the node's.
+pub fn has_namespace(spec: &Spec, kind: LinuxNamespaceType) -> bool {
+    spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()).is_some_and(|n| n.iter().any(|ns| ns.typ() == kind))
+}
+
 pub fn pod_netns(spec: &Spec) -> Option<PathBuf> {
     spec.linux()
         .as_ref()?

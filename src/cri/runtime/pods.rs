@@ -9,7 +9,7 @@ impl Runtime {
         if config.hostname.is_empty() && spec::host_network(&config) {
             // The kubelet sends no hostname for a hostNetwork pod: it has
             // the node's (runc's pod shares the node's UTS namespace).
-            config.hostname = node_hostname();
+            config.hostname = crate::helper::node_hostname();
         }
         let handler = if req.runtime_handler.is_empty() { "runv" } else { req.runtime_handler.as_str() };
         if !HANDLERS.contains(&handler) {
@@ -317,9 +317,4 @@ pub(super) fn pod_status_of(pod: &PodRecord) -> PodSandboxStatus {
         annotations: config.annotations.clone(),
         runtime_handler: pod.handler.clone(),
     }
-}
-
-/// This node's hostname ("" if it cannot be read).
-pub(super) fn node_hostname() -> String {
-    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
 }
