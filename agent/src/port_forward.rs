@@ -137,9 +137,11 @@ pub fn dial_localhost(port: u16) -> std::result::Result<TcpStream, String> {
     Err(format!("connecting to localhost:{port} in the pod: {}", why.join("; ")))
 }
 
-/// Copies both ways; an end of stream on one side is passed on as a
-/// shutdown of writing on the other, and the session ends when both
-/// directions have.
+/// Copies both ways until the pod's end closes its side; then the whole
+/// connection closes. The host's vsock transports carry only whole closes
+/// (vhost-device-vsock drops a half-close), so a half-close here would
+/// leave the host waiting; containerd too ends a forward when the pod's
+/// side ends.
 fn relay(host: std::fs::File, pod: TcpStream) -> Result<()> {
     let (mut host_read, mut pod_write) = (host.try_clone()?, pod.try_clone()?);
     let upstream = std::thread::spawn(move || {
@@ -148,7 +150,8 @@ fn relay(host: std::fs::File, pod: TcpStream) -> Result<()> {
     });
     let (mut pod_read, mut host_write) = (pod, host);
     let _ = std::io::copy(&mut pod_read, &mut host_write);
-    let _ = shutdown(host_write.as_raw_fd(), Shutdown::Write);
+    // Also ends the upstream copy's read.
+    let _ = shutdown(host_write.as_raw_fd(), Shutdown::Both);
     let _ = upstream.join();
     Ok(())
 }

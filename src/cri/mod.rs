@@ -13,6 +13,7 @@ pub mod network;
 pub mod runtime;
 pub mod seccomp;
 pub mod shim;
+pub mod spdy;
 pub mod spec;
 pub mod store;
 pub mod stream;
