@@ -20,6 +20,8 @@ mod cri;
 #[allow(dead_code)]
 #[path = "../tests/common/registry.rs"]
 mod registry;
+#[path = "../tests/common/spdy.rs"]
+mod spdy;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -258,6 +260,8 @@ const SPECS: &[&str] = &[
     "Bidirectional: a container's mount under a volume reaches the node",
     "PortForward reaches a server on the pod's localhost",
     "containers of one pod reach each other over localhost",
+    "Exec over SPDY/3.1 (kubectl's transport): stdin, stdout, stderr, the exit code",
+    "PortForward over SPDY/3.1 (kubectl's transport) reaches the pod's localhost",
 ];
 
 async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
@@ -728,8 +732,74 @@ async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
             t.remove(&server).await;
             expect_eq("wget from the other container", &got?, (0, "from-the-neighbour\n"))
         }
+        29 => {
+            let client = spdy_client()?;
+            let pod = t.default_pod().await?;
+            let id = t.start(&pod, t.container("spdy-exec", &["sleep", "1000"])).await?;
+            let req = ExecRequest {
+                container_id: id.clone(),
+                cmd: vec!["sh".into(), "-c".into(), "read l; echo got $l; echo err >&2; exit 4".into()],
+                tty: false,
+                stdin: true,
+                stdout: true,
+                stderr: true,
+            };
+            let url = t.rt.exec(req).await.map_err(|e| format!("Exec: {}", e.message()))?.into_inner().url;
+            let r = spdy::run(&client, &["exec", &url, "-stdin", "it\n"]);
+            t.remove(&id).await;
+            let r = r?;
+            let status: serde_json::Value = serde_json::from_str(r["error"].as_str().unwrap_or_default())
+                .map_err(|e| format!("the error stream holds no Status ({e}): {r}"))?;
+            let got = (r["protocol"].as_str(), r["stdout"].as_str(), r["stderr"].as_str());
+            let exit = status["details"]["causes"][0]["message"].as_str();
+            if got == (Some("v4.channel.k8s.io"), Some("got it\n"), Some("err\n")) && exit == Some("4") {
+                Ok(())
+            } else {
+                Err(format!("{r}"))
+            }
+        }
+        30 => {
+            // As 27, through kubectl's transport.
+            let client = spdy_client()?;
+            let pod = t.default_pod().await?;
+            let port = 18700 + t.serial as i32;
+            let serve = format!(
+                "mkdir -p /tmp/w && echo on-localhost > /tmp/w/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/w"
+            );
+            let id = t.start(&pod, t.container("spdy-server", &["sh", "-c", &serve])).await?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while t.exec(&id, &format!("netstat -ltn | grep -q 127.0.0.1:{port}")).await?.0 != 0 {
+                if Instant::now() > deadline {
+                    t.remove(&id).await;
+                    return Err(format!("nothing listens on 127.0.0.1:{port} in the container"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let req = PortForwardRequest { pod_sandbox_id: pod.0.clone(), port: vec![port] };
+            let url = t.rt.port_forward(req).await.map_err(|e| format!("PortForward: {}", e.message()))?;
+            let r = spdy::run(&client, &["portforward", &url.into_inner().url, "-port", &port.to_string()]);
+            t.remove(&id).await;
+            let r = r?;
+            let (data, error) =
+                (r["data"][0].as_str().unwrap_or_default(), r["errors"][0].as_str().unwrap_or_default());
+            match t.path {
+                Via::ContainerdRunv if data.is_empty() && !error.is_empty() => Ok(()),
+                Via::ContainerdRunv => Err(format!("a hostNetwork runv pod's port was reached: {r}")),
+                _ if data.contains("on-localhost") && error.is_empty() => Ok(()),
+                _ => Err(format!("{r}")),
+            }
+        }
         _ => unreachable!(),
     }
+}
+
+/// The SPDY client, built once.
+fn spdy_client() -> Result<PathBuf, String> {
+    static CLIENT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| spdy::client_or_skip("the SPDY specs"))
+        .clone()
+        .ok_or_else(|| "needs Go and spdystream".into())
 }
 
 /// GET / through PortForward to `port` of `pod` over the streaming
@@ -787,7 +857,9 @@ fn differs(n: usize, via: Via) -> Option<&'static str> {
     match n {
         10 => Some("mode 2: the guest's one filter, AF_VSOCK sockets denied"),
         26 => Some("the mount stays in the guest"),
-        27 if via == Via::ContainerdRunv => Some("through containerd, a hostNetwork pod's ports are not reachable"),
+        27 | 30 if via == Via::ContainerdRunv => {
+            Some("through containerd, a hostNetwork pod's ports are not reachable")
+        }
         24 | 25 => Some("refused, naming the field"),
         _ => None,
     }

@@ -35,6 +35,15 @@ if [ "${RUNV_SKIP_APT:-0}" != 1 ] && ! command -v docker-registry >/dev/null; th
         systemctl disable --now docker-registry >/dev/null 2>&1 || true
     fi
 fi
+# A SPDY client runv did not write (tests/cri_spdy.rs, the conformance
+# table): moby/spdystream, as client-go and the kubelet use it, built with
+# Debian's Go from Debian's sources.
+if [ "${RUNV_SKIP_APT:-0}" != 1 ] && { ! command -v go >/dev/null \
+        || [ ! -d /usr/share/gocode/src/github.com/moby/spdystream ]; }; then
+    echo "==> installing Debian packages for the tests: golang-go golang-github-docker-spdystream-dev" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        golang-go golang-github-docker-spdystream-dev >/dev/null
+fi
 
 # Validates Kubernetes manifests offline (the overhead test's RuntimeClass).
 command -v kubernetes-validate >/dev/null || python3 -m pip install --quiet kubernetes-validate \

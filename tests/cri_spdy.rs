@@ -17,8 +17,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use common::registry::registry_or_skip;
@@ -28,45 +27,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
 
-const SPDYSTREAM: &str = "/usr/share/gocode/src/github.com/moby/spdystream";
-
-/// Builds the Go client once per test binary; `None` (printing why) when
-/// Go or spdystream is missing.
-fn spdy_client_or_skip(test: &str) -> Option<PathBuf> {
-    let missing: Vec<&str> = [
-        (runv::helper::find_program(Path::new("go")).is_none(), "Go (apt-get install golang-go)"),
-        (!Path::new(SPDYSTREAM).is_dir(), "moby/spdystream (apt-get install golang-github-docker-spdystream-dev)"),
-    ]
-    .into_iter()
-    .filter_map(|(missing, what)| missing.then_some(what))
-    .collect();
-    if !missing.is_empty() {
-        eprintln!("SKIP {test}: needs {}", missing.join(" and "));
-        return None;
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let bin = dir.join("spdy-client");
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/spdy/main.go"))
-        // GOPATH mode over Debian's Go sources: nothing is downloaded.
-        .env("GO111MODULE", "off")
-        .env("GOPATH", "/usr/share/gocode")
-        .env("GOFLAGS", "")
-        .env("GOCACHE", dir.join("go-build"))
-        .output()
-        .expect("running go build");
-    assert!(out.status.success(), "building the SPDY client: {}", String::from_utf8_lossy(&out.stderr));
-    Some(bin)
-}
-
-/// Runs the client; returns what it printed.
+/// Runs the client; panics with what it said when it fails.
 fn spdy(client: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(client).args(args).output().expect("running the SPDY client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "spdy-client {args:?}: {}{stdout}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("spdy-client {args:?} printed {stdout:?}: {e}"))
+    common::spdy::run(client, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn container(name: &str, image: &str, script: &str) -> ContainerConfig {
@@ -145,7 +108,7 @@ async fn spdy_clients_exec_attach_and_port_forward_through_runv_cri() {
     if !common::e2e_ready(test) || !registry_or_skip(test) {
         return;
     }
-    let Some(client) = spdy_client_or_skip(test) else { return };
+    let Some(client) = common::spdy::client_or_skip(test) else { return };
     let (_reg, cri, app) = registry_and_server().await;
     let channel = cri.channel().await;
     let mut images = ImageServiceClient::new(channel.clone());

@@ -11,6 +11,8 @@
 #                               blocks rewritten for :authority)
 #               port_forward_answer  the agent's answer to a port-forward
 #                               request, read on the host
+#               spdy_frames     the SPDY/3.1 frames of streaming clients
+#                               (zlib-compressed header blocks)
 # Each target runs SECONDS (default 60) from its committed seeds
 # (`<crate>/seeds/<target>`) plus a work corpus kept in
 # $RUNV_CACHE_DIR/fuzz-corpus, and prints
@@ -27,7 +29,7 @@ shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${RUNV_CACHE_DIR:-/var/cache/runv}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode_request virtio_mmio vsock_muxer layer_unpack cri_spec cri_http2 port_forward_answer)
+[ ${#targets[@]} -gt 0 ] || targets=(decode_request virtio_mmio vsock_muxer layer_unpack cri_spec cri_http2 port_forward_answer spdy_frames)
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz || exit 1
 export RUSTC_BOOTSTRAP=1
 # One target dir per fuzz crate, outside the repo, kept between runs.

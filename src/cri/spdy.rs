@@ -440,6 +440,29 @@ mod tests {
     }
 
     #[test]
+    fn frames_another_zlib_compressed_are_read() {
+        // The fuzz seeds, written by CPython's zlib (C zlib), the first
+        // byte being the fuzz target's cut.
+        let seed = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/spdy_frames/exec"));
+        let (mut dec, mut at, mut frames) = (Decoder::default(), 1, Vec::new());
+        while let Some((f, used)) = dec.decode(&seed[at..]).unwrap() {
+            frames.push(f);
+            at += used;
+        }
+        assert_eq!(at, seed.len());
+        let types: Vec<_> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::SynStream { headers, .. } => headers.get("streamtype"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(types, ["error", "stdin", "stdout", "resize"]);
+        assert_eq!(frames[4], Frame::Data { id: 3, data: b"hello\n".to_vec(), fin: true });
+        assert_eq!(frames[6], Frame::Ping(1));
+    }
+
+    #[test]
     fn attack_oversized_frames_are_refused_before_allocation() {
         println!("ATTACK SPDY frames past the caps: tried");
         let mut dec = Decoder::default();

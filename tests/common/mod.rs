@@ -6,6 +6,7 @@
 pub mod cri;
 pub mod registry;
 pub mod scrape;
+pub mod spdy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
