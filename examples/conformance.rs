@@ -178,6 +178,29 @@ impl Target {
         out
     }
 
+    /// Starts a web server on the pod's 127.0.0.1:`port` answering
+    /// `on-localhost`; returns its container's id once it listens.
+    async fn local_server(
+        &mut self,
+        pod: &(String, PodSandboxConfig),
+        name: &str,
+        port: i32,
+    ) -> Result<String, String> {
+        let serve = format!(
+            "mkdir -p /tmp/w && echo on-localhost > /tmp/w/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/w"
+        );
+        let id = self.start(pod, self.container(name, &["sh", "-c", &serve])).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.exec(&id, &format!("netstat -ltn | grep -q 127.0.0.1:{port}")).await?.0 != 0 {
+            if Instant::now() > deadline {
+                self.remove(&id).await;
+                return Err(format!("nothing listens on 127.0.0.1:{port} in the container"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(id)
+    }
+
     async fn probe(&mut self, config: ContainerConfig, script: &str) -> Result<(i32, String), String> {
         let pod = self.default_pod().await?;
         self.probe_in(&pod, config, script).await
@@ -696,19 +719,7 @@ async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
             // (the README table says so); runv cri reaches the guest's.
             let pod = t.default_pod().await?;
             let port = 18000 + t.serial as i32;
-            let c = t.container(
-                "local-server",
-                &["sh", "-c", &format!("mkdir -p /tmp/w && echo on-localhost > /tmp/w/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/w")],
-            );
-            let id = t.start(&pod, c).await?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while t.exec(&id, &format!("netstat -ltn | grep -q 127.0.0.1:{port}")).await?.0 != 0 {
-                if Instant::now() > deadline {
-                    t.remove(&id).await;
-                    return Err(format!("nothing listens on 127.0.0.1:{port} in the container"));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let id = t.local_server(&pod, "local-server", port).await?;
             let got = port_forward_get(&mut t.rt, &pod.0, port).await;
             t.remove(&id).await;
             match (t.path, got) {
@@ -763,18 +774,7 @@ async fn run_spec(t: &mut Target, n: usize, scratch: &Path) -> Outcome {
             let client = spdy_client()?;
             let pod = t.default_pod().await?;
             let port = 18700 + t.serial as i32;
-            let serve = format!(
-                "mkdir -p /tmp/w && echo on-localhost > /tmp/w/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/w"
-            );
-            let id = t.start(&pod, t.container("spdy-server", &["sh", "-c", &serve])).await?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while t.exec(&id, &format!("netstat -ltn | grep -q 127.0.0.1:{port}")).await?.0 != 0 {
-                if Instant::now() > deadline {
-                    t.remove(&id).await;
-                    return Err(format!("nothing listens on 127.0.0.1:{port} in the container"));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let id = t.local_server(&pod, "spdy-server", port).await?;
             let req = PortForwardRequest { pod_sandbox_id: pod.0.clone(), port: vec![port] };
             let url = t.rt.port_forward(req).await.map_err(|e| format!("PortForward: {}", e.message()))?;
             let r = spdy::run(&client, &["portforward", &url.into_inner().url, "-port", &port.to_string()]);

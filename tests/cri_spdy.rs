@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use common::registry::registry_or_skip;
 use common::registry_and_server;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
@@ -111,15 +110,8 @@ async fn spdy_clients_exec_attach_and_port_forward_through_runv_cri() {
     let Some(client) = common::spdy::client_or_skip(test) else { return };
     let (_reg, cri, app) = registry_and_server().await;
     let channel = cri.channel().await;
-    let mut images = ImageServiceClient::new(channel.clone());
+    common::cri::pull(&channel, &app).await;
     let mut rt = RuntimeServiceClient::new(channel);
-    images
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
     let pod_config = common::cri::pod_config("spdy", "default", &cri.dir.path().join("pod-logs"));
     let pod = common::cri::run_pod(&mut rt, &cri, &pod_config).await;
     let web = "mkdir -p /www /lo && echo hello from the pod > /www/index.html && \

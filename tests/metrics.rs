@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::registry::registry_or_skip;
 use common::scrape::{http_get, metrics_address, promtool_check, sample, samples};
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 
@@ -32,15 +31,8 @@ async fn prometheus_scrapes_runv_cri_and_the_cri_metrics_calls_answer() {
     let (_reg, cri, app) = common::registry_and_server_with_args(&["--metrics-address", "127.0.0.1:0"]).await;
     let addr = metrics_address(&cri.log()).unwrap_or_else(|| panic!("no metrics address printed: {}", cri.log()));
     let channel = cri.channel().await;
-    let mut images = ImageServiceClient::new(channel.clone());
+    common::cri::pull(&channel, &app).await;
     let mut rt = RuntimeServiceClient::new(channel);
-    images
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec { image: app.clone(), ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
     let pod_config = common::cri::pod_config("metered", "ops", &cri.dir.path().join("logs"));
     let pod = common::cri::run_pod(&mut rt, &cri, &pod_config).await;
     let container = rt

@@ -233,6 +233,18 @@ pub fn pod_config(name: &str, namespace: &str, log_dir: &Path) -> k8s_cri::v1::P
     }
 }
 
+/// Pulls `image` into the server behind `channel`.
+pub async fn pull(channel: &Channel, image: &str) {
+    let req = k8s_cri::v1::PullImageRequest {
+        image: Some(k8s_cri::v1::ImageSpec { image: image.into(), ..Default::default() }),
+        ..Default::default()
+    };
+    k8s_cri::v1::image_service_client::ImageServiceClient::new(channel.clone())
+        .pull_image(req)
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
+}
+
 /// Runs a pod with the `runv` handler; panics with the server's log when
 /// it fails. Returns the pod's id.
 pub async fn run_pod(
