@@ -104,6 +104,11 @@ pub struct Config {
     /// Most layers in one image (a manifest listing more is refused before
     /// any layer is fetched).
     pub image_max_layers: u64,
+    /// Most bytes a second a pod's VM receives on each NIC (0: unlimited);
+    /// enforced by the built-in VMM's virtio-net (a token bucket).
+    pub net_rx_rate_limit: u64,
+    /// Most bytes a second a pod's VM sends on each NIC (0: unlimited).
+    pub net_tx_rate_limit: u64,
     /// Most of a guest's console kept on the host per sandbox, KiB
     /// (`console.log` plus the rotated `console.log.1`).
     pub console_log_max_kib: u64,
@@ -156,6 +161,8 @@ impl Default for Config {
             image_max_layer_entries: 1_000_000,
             image_max_layers: 128,
             console_log_max_kib: 1024,
+            net_rx_rate_limit: 0,
+            net_tx_rate_limit: 0,
             debug_console: false,
             jail: true,
             jail_uid_base: 990_000_000,

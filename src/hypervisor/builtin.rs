@@ -56,7 +56,13 @@ impl Builtin {
             cmd.arg("--fs-socket").arg(socket(sock)).args(["--fs-tag", &vm.shared_fs_tag]);
         }
         for net in &vm.net_devices {
-            cmd.arg("--net").arg(format!("fd={},mac={}", net.tap_fd, net.mac));
+            let mut arg = format!("fd={},mac={}", net.tap_fd, net.mac);
+            for (key, rate) in [("rx_rate", net.rx_rate), ("tx_rate", net.tx_rate)] {
+                if let Some(rate) = rate {
+                    arg.push_str(&format!(",{key}={rate}"));
+                }
+            }
+            cmd.arg("--net").arg(arg);
         }
         if let Some(jail) = &vm.jail {
             cmd.arg("--jail").arg(jail.vmm_arg()).current_dir(jail.root());
@@ -199,11 +205,24 @@ mod tests {
     fn each_tap_becomes_a_virtio_net_device_with_the_pod_mac() {
         let b = Builtin::new(Path::new("runv-vmm"));
         let mut with_net = vm();
-        with_net.net_devices.push(NetDeviceConfig { tap_fd: 7, mac: "02:42:0a:00:00:05".into() });
-        with_net.net_devices.push(NetDeviceConfig { tap_fd: 9, mac: "02:42:0a:00:01:05".into() });
+        with_net.net_devices.push(NetDeviceConfig {
+            tap_fd: 7,
+            mac: "02:42:0a:00:00:05".into(),
+            rx_rate: None,
+            tx_rate: None,
+        });
+        with_net.net_devices.push(NetDeviceConfig {
+            tap_fd: 9,
+            mac: "02:42:0a:00:01:05".into(),
+            rx_rate: Some(1 << 20),
+            tx_rate: None,
+        });
         let args: Vec<String> = b.command(&with_net).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = args.join(" ");
-        assert!(joined.contains("--net fd=7,mac=02:42:0a:00:00:05 --net fd=9,mac=02:42:0a:00:01:05"), "{joined}");
+        assert!(
+            joined.contains("--net fd=7,mac=02:42:0a:00:00:05 --net fd=9,mac=02:42:0a:00:01:05,rx_rate=1048576"),
+            "{joined}"
+        );
         // What the VMM parses is what the backend writes.
         use clap::Parser;
         #[derive(clap::Parser)]

@@ -57,6 +57,10 @@ impl VmConfig {
 pub struct NetDeviceConfig {
     pub tap_fd: std::os::fd::RawFd,
     pub mac: String,
+    /// Most bytes a second into the guest (`net_rx_rate_limit`); None: unlimited.
+    pub rx_rate: Option<u64>,
+    /// Most bytes a second out of the guest (`net_tx_rate_limit`).
+    pub tx_rate: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -179,6 +179,14 @@ impl Hypervisor for Qemu {
     }
 
     async fn start(&mut self, vm: &VmConfig) -> Result<(), HypervisorError> {
+        if vm.net_devices.iter().any(|n| n.rx_rate.is_some() || n.tx_rate.is_some()) {
+            // Never a pod without the limit it was configured with.
+            return Err(HypervisorError::Start(
+                "net_rx_rate_limit and net_tx_rate_limit are enforced by the built-in VMM only \
+                 (hypervisor = \"builtin\"); QEMU has no per-NIC rate limiter"
+                    .into(),
+            ));
+        }
         let result = async {
             let vsock_socket = self.start_vsock(vm).await?;
             let connected = match vm.jail {
@@ -302,6 +310,16 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_nic_rate_limit_is_refused_not_dropped() {
+        let mut q = Qemu::new(Path::new("qemu-system-x86_64"), Path::new("vhost-device-vsock"), "tcg");
+        let mut limited = vm();
+        limited.net_devices =
+            vec![NetDeviceConfig { tap_fd: 7, mac: "02:42:0a:00:00:05".into(), rx_rate: Some(1 << 20), tx_rate: None }];
+        let err = q.start(&limited).await.unwrap_err().to_string();
+        assert!(err.contains("net_rx_rate_limit") && err.contains("built-in VMM"), "{err}");
+    }
+
     fn args(cmd: &Command) -> Vec<String> {
         cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
     }
@@ -335,8 +353,8 @@ mod tests {
         let q = Qemu::new(Path::new("qemu-system-x86_64"), Path::new("vhost-device-vsock"), "tcg");
         let mut with_net = vm();
         with_net.net_devices = vec![
-            NetDeviceConfig { tap_fd: 7, mac: "02:42:0a:00:00:05".into() },
-            NetDeviceConfig { tap_fd: 9, mac: "02:42:0a:00:01:05".into() },
+            NetDeviceConfig { tap_fd: 7, mac: "02:42:0a:00:00:05".into(), rx_rate: None, tx_rate: None },
+            NetDeviceConfig { tap_fd: 9, mac: "02:42:0a:00:01:05".into(), rx_rate: None, tx_rate: None },
         ];
         let joined = args(&q.command(&with_net, None, &Connected::default())).join(" ");
         for needle in [

@@ -210,7 +210,13 @@ impl Sandbox {
                 .network
                 .iter()
                 .flat_map(|n| &n.devices)
-                .map(|d| NetDeviceConfig { tap_fd: d.tap.as_raw_fd(), mac: d.mac.clone() })
+                .map(|d| NetDeviceConfig {
+                    tap_fd: d.tap.as_raw_fd(),
+                    mac: d.mac.clone(),
+                    // 0 is no limit.
+                    rx_rate: Some(config.net_rx_rate_limit).filter(|&r| r > 0),
+                    tx_rate: Some(config.net_tx_rate_limit).filter(|&r| r > 0),
+                })
                 .collect(),
             jail,
         };

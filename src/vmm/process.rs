@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::devices::virtio::block::Block;
 use super::devices::virtio::fs::VhostUserFs;
-use super::devices::virtio::net::{check_tap, Mac, Net};
+use super::devices::virtio::net::{check_tap, Mac, Net, RateLimits};
 use super::devices::virtio::vsock::device::Vsock;
 use super::vm::{BootFiles, Vm, VmError, VmExitReason};
 
@@ -64,19 +64,29 @@ impl std::str::FromStr for Disk {
     }
 }
 
-/// A virtio-net device on an inherited tap: `fd=N,mac=MAC`.
+/// A virtio-net device on an inherited tap: `fd=N,mac=MAC`, and
+/// optionally `rx_rate=BYTES,tx_rate=BYTES` (bytes a second each way).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetArg {
     pub tap_fd: i32,
     pub mac: Mac,
+    pub limits: RateLimits,
 }
 
 impl std::str::FromStr for NetArg {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (mut fd, mut mac) = (None, None);
+        let (mut fd, mut mac, mut limits) = (None, None, RateLimits::default());
+        let rate = |v: &str| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("rate '{v}' is not a number of bytes a second above 0"))
+        };
         for part in s.split(',') {
             match part.split_once('=') {
+                Some(("rx_rate", v)) => limits.rx = Some(rate(v)?),
+                Some(("tx_rate", v)) => limits.tx = Some(rate(v)?),
                 Some(("fd", v)) => {
                     fd = Some(
                         v.parse::<i32>()
@@ -86,11 +96,11 @@ impl std::str::FromStr for NetArg {
                     )
                 }
                 Some(("mac", v)) => mac = Some(v.parse::<Mac>()?),
-                _ => return Err(format!("unknown net option '{part}' (fd=N,mac=MAC)")),
+                _ => return Err(format!("unknown net option '{part}' (fd=N,mac=MAC[,rx_rate=N][,tx_rate=N])")),
             }
         }
         match (fd, mac) {
-            (Some(tap_fd), Some(mac)) => Ok(NetArg { tap_fd, mac }),
+            (Some(tap_fd), Some(mac)) => Ok(NetArg { tap_fd, mac, limits }),
             _ => Err(format!("'{s}' needs both fd=N and mac=MAC")),
         }
     }
@@ -303,7 +313,7 @@ fn open_net(net: &NetArg) -> Result<Net, VmmError> {
     // this device alone; from here the device owns it.
     let tap = File::from(unsafe { OwnedFd::from_raw_fd(net.tap_fd) });
     check_tap(&tap).map_err(err)?;
-    Net::new(tap, net.mac).map_err(|e| err(e.to_string()))
+    Net::new(tap, net.mac, net.limits).map_err(|e| err(e.to_string()))
 }
 
 fn bind_api(path: &PathBuf) -> Result<UnixListener, VmmError> {
@@ -460,6 +470,10 @@ mod tests {
         assert!(",ro".parse::<Disk>().is_err());
         let net: NetArg = "fd=5,mac=02:42:0a:00:00:05".parse().unwrap();
         assert_eq!((net.tap_fd, net.mac), (5, "02:42:0a:00:00:05".parse().unwrap()));
+        assert_eq!(net.limits, RateLimits::default());
+        let net: NetArg = "fd=5,mac=02:42:0a:00:00:05,rx_rate=1000,tx_rate=2000".parse().unwrap();
+        assert_eq!(net.limits, RateLimits { rx: Some(1000), tx: Some(2000) });
+        assert!("fd=5,mac=02:00:00:00:00:01,rx_rate=0".parse::<NetArg>().unwrap_err().contains("rate '0'"));
         assert!("fd=5".parse::<NetArg>().unwrap_err().contains("needs both"));
         assert!("fd=1,mac=02:00:00:00:00:01".parse::<NetArg>().unwrap_err().contains("above 2"));
         assert!("fd=5,mac=02:00:00:00:00:01,queues=4".parse::<NetArg>().unwrap_err().contains("'queues=4'"));

@@ -2,6 +2,7 @@
 //! MMIO exits on.
 
 pub mod i8042;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
 

@@ -10,17 +10,24 @@
 //! buffer, so a guest that posts none only stops its own receive path. A
 //! malformed chain is completed with nothing done; a frame that fits no
 //! buffer is dropped and counted; nothing a guest does stops the VMM.
+//!
+//! Each direction may be rate limited (`RateLimits`, a token bucket each):
+//! a guest frame over the tx limit stays in its queue, and a tap frame
+//! over the rx limit waits in the worker, until the bucket refills; the
+//! worker wakes for both when it does.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 
 use super::worker::{DeviceWorker, WorkerSignals};
 use super::{ActivateError, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::vmm::devices::rate_limiter::TokenBucket;
 
 pub const VIRTIO_ID_NET: u32 = 1;
 const QUEUE_SIZE: u16 = 256;
@@ -75,6 +82,17 @@ pub struct NetCounters {
     pub tx_dropped: AtomicU64,
     /// Tap frames that fit no rx buffer the guest posted.
     pub rx_dropped: AtomicU64,
+    /// Times a frame waited for its direction's rate limit.
+    pub tx_throttled: AtomicU64,
+    pub rx_throttled: AtomicU64,
+}
+
+/// Most bytes a second each way (frames without their virtio header);
+/// `None`: unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    pub rx: Option<u64>,
+    pub tx: Option<u64>,
 }
 
 struct Active {
@@ -82,10 +100,15 @@ struct Active {
     rx: Queue,
     tx: Queue,
     interrupt: Interrupt,
+    rx_limit: Option<TokenBucket>,
+    tx_limit: Option<TokenBucket>,
+    /// When the tx bucket lets the next guest frame go.
+    tx_blocked_until: Option<Instant>,
 }
 
 pub struct Net {
     mac: Mac,
+    limits: RateLimits,
     tap: Arc<File>,
     active: Arc<Mutex<Option<Active>>>,
     counters: Arc<NetCounters>,
@@ -96,10 +119,11 @@ impl Net {
     /// A NIC with `mac` on `tap`, which must be a tap queue (or, in tests,
     /// anything that keeps message boundaries) opened without a vnet
     /// header; it is made non-blocking.
-    pub fn new(tap: File, mac: Mac) -> std::io::Result<Self> {
+    pub fn new(tap: File, mac: Mac, limits: RateLimits) -> std::io::Result<Self> {
         set_nonblocking(&tap)?;
         Ok(Self {
             mac,
+            limits,
             tap: Arc::new(tap),
             active: Arc::default(),
             counters: Arc::default(),
@@ -115,38 +139,57 @@ impl Net {
         active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends every frame the guest queued.
+    /// Sends what the guest queued; when the tx limit holds a frame back,
+    /// the worker sends it later.
     fn process_tx(&self) {
         let mut guard = Self::lock(&self.active);
         let Some(a) = guard.as_mut() else { return };
-        let mem = a.mem.clone();
-        let chains: Vec<_> = match a.tx.iter(&mem) {
-            Ok(iter) => iter.collect(),
-            Err(_) => return,
-        };
-        if chains.is_empty() {
+        if a.tx_blocked_until.is_some() {
             return;
         }
-        let mut frame = Vec::with_capacity(2048);
-        for chain in chains {
-            let head = chain.head_index();
-            frame.clear();
-            let sent = match Reader::new(&mem, chain) {
-                Ok(mut reader) => {
-                    let len = reader.available_bytes();
-                    (NET_HDR_SIZE + 14..=NET_HDR_SIZE + MAX_FRAME).contains(&len)
-                        && {
-                            frame.resize(len, 0);
-                            reader.read_exact(&mut frame).is_ok()
-                        }
-                        && (&*self.tap).write(&frame[NET_HDR_SIZE..]).is_ok()
-                }
-                Err(_) => false,
-            };
-            let counter = if sent { &self.counters.tx_frames } else { &self.counters.tx_dropped };
-            counter.fetch_add(1, Ordering::Relaxed);
-            let _ = a.tx.add_used(&mem, head, 0);
+        send_frames(a, &self.tap, &self.counters);
+        if a.tx_blocked_until.is_some() {
+            self.worker.wake();
         }
+    }
+}
+
+/// Sends every frame the guest queued, up to the tx limit: a frame over it
+/// goes back to the queue and `tx_blocked_until` says until when.
+fn send_frames(a: &mut Active, tap: &File, counters: &NetCounters) {
+    let mem = a.mem.clone();
+    let mut frame = Vec::with_capacity(2048);
+    let mut used = false;
+    while let Some(chain) = a.tx.pop_descriptor_chain(&mem) {
+        let head = chain.head_index();
+        frame.clear();
+        let sent = match Reader::new(&mem, chain) {
+            Ok(mut reader) => {
+                let len = reader.available_bytes();
+                if let Some(bucket) = a.tx_limit.as_mut().filter(|_| len > NET_HDR_SIZE) {
+                    let (bytes, now) = ((len - NET_HDR_SIZE) as u64, Instant::now());
+                    if !bucket.take(bytes, now) {
+                        a.tx.go_to_previous_position();
+                        a.tx_blocked_until = Some(now + bucket.wait_for(bytes, now));
+                        counters.tx_throttled.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                (NET_HDR_SIZE + 14..=NET_HDR_SIZE + MAX_FRAME).contains(&len)
+                    && {
+                        frame.resize(len, 0);
+                        reader.read_exact(&mut frame).is_ok()
+                    }
+                    && (&*tap).write(&frame[NET_HDR_SIZE..]).is_ok()
+            }
+            Err(_) => false,
+        };
+        let counter = if sent { &counters.tx_frames } else { &counters.tx_dropped };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let _ = a.tx.add_used(&mem, head, 0);
+        used = true;
+    }
+    if used {
         a.interrupt.signal_used_queue();
     }
 }
@@ -191,8 +234,10 @@ fn deliver(a: &mut Active, frame: &[u8], counters: &NetCounters) -> bool {
 fn rx_worker(tap: Arc<File>, active: Arc<Mutex<Option<Active>>>, counters: Arc<NetCounters>, signals: WorkerSignals) {
     crate::vmm::seccomp::enter(crate::vmm::seccomp::Role::NetWorker);
     let mut buf = vec![0u8; MAX_FRAME];
-    // A frame read from the tap that waits for an rx buffer.
-    let mut pending: Option<usize> = None;
+    // A frame read from the tap that waits for an rx buffer or the rx
+    // limit, and whether its tokens are taken.
+    let mut pending: Option<(usize, bool)> = None;
+    let mut rx_blocked_until: Option<Instant> = None;
     while !signals.stopping() {
         // Only ask for tap frames when there is room to hold one: a guest
         // that posts no buffers leaves them queued in the tap (which drops
@@ -202,24 +247,45 @@ fn rx_worker(tap: Arc<File>, active: Arc<Mutex<Option<Active>>>, counters: Arc<N
             libc::pollfd { fd: tap.as_raw_fd(), events: tap_events, revents: 0 },
             libc::pollfd { fd: signals.wake_fd(), events: libc::POLLIN, revents: 0 },
         ];
+        let tx_blocked_until = Net::lock(&active).as_ref().and_then(|a| a.tx_blocked_until);
+        let timeout = poll_timeout([rx_blocked_until, tx_blocked_until], Instant::now());
         // SAFETY: polling two descriptors this thread's owners keep open.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) } < 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) } < 0 {
             continue;
         }
         signals.consume();
         let mut guard = Net::lock(&active);
         let Some(a) = guard.as_mut() else { continue };
+        let now = Instant::now();
+        if a.tx_blocked_until.is_some_and(|t| t <= now) {
+            a.tx_blocked_until = None;
+            send_frames(a, &tap, &counters);
+        }
+        if rx_blocked_until.is_some_and(|t| t > now) {
+            continue;
+        }
+        rx_blocked_until = None;
         let mut delivered = false;
         loop {
-            let len = match pending.take() {
-                Some(len) => len,
+            let (len, mut paid) = match pending.take() {
+                Some(p) => p,
                 None => match (&*tap).read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                    Ok(n) => (n, false),
                 },
             };
+            if let Some(bucket) = a.rx_limit.as_mut().filter(|_| !paid) {
+                let now = Instant::now();
+                if !bucket.take(len as u64, now) {
+                    counters.rx_throttled.fetch_add(1, Ordering::Relaxed);
+                    rx_blocked_until = Some(now + bucket.wait_for(len as u64, now));
+                    pending = Some((len, false));
+                    break;
+                }
+                paid = true;
+            }
             if !deliver(a, &buf[..len], &counters) {
-                pending = Some(len);
+                pending = Some((len, paid));
                 break;
             }
             delivered = true;
@@ -228,6 +294,14 @@ fn rx_worker(tap: Arc<File>, active: Arc<Mutex<Option<Active>>>, counters: Arc<N
             a.interrupt.signal_used_queue();
         }
     }
+}
+
+/// Milliseconds until the earliest of `deadlines` (rounded up), at most
+/// a second.
+fn poll_timeout(deadlines: [Option<Instant>; 2], now: Instant) -> i32 {
+    let wait = deadlines.iter().flatten().map(|t| t.saturating_duration_since(now)).min();
+    let wait = wait.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+    wait.as_micros().div_ceil(1000) as i32
 }
 
 impl VirtioDevice for Net {
@@ -261,7 +335,16 @@ impl VirtioDevice for Net {
         if !rx.ready() || !tx.ready() {
             return Err(ActivateError::BadQueue(if rx.ready() { 1 } else { 0 }));
         }
-        *Self::lock(&self.active) = Some(Active { mem, rx, tx, interrupt });
+        let now = Instant::now();
+        *Self::lock(&self.active) = Some(Active {
+            mem,
+            rx,
+            tx,
+            interrupt,
+            rx_limit: self.limits.rx.map(|rate| TokenBucket::new(rate, now)),
+            tx_limit: self.limits.tx.map(|rate| TokenBucket::new(rate, now)),
+            tx_blocked_until: None,
+        });
         let (tap, active, counters) = (self.tap.clone(), self.active.clone(), self.counters.clone());
         self.worker
             .start("net-rx", move |signals| rx_worker(tap, active, counters, signals))
@@ -330,6 +413,10 @@ mod tests {
 
     /// rx buffers of `rx_len` bytes at 0x10_0000 + i * 0x1_0000.
     fn rig(mem: &Mem, rx_buffers: u16, rx_len: u32) -> Rig<'_> {
+        rig_limited(mem, rx_buffers, rx_len, RateLimits::default())
+    }
+
+    fn rig_limited(mem: &Mem, rx_buffers: u16, rx_len: u32, limits: RateLimits) -> Rig<'_> {
         let rx = MockSplitQueue::create(mem, GuestAddress(0), 16);
         let tx = MockSplitQueue::create(mem, GuestAddress(0x8000), 16);
         let bufs: Vec<_> =
@@ -337,7 +424,7 @@ mod tests {
         rx.add_desc_chains(&bufs, 0).unwrap();
         let (host, vmm) = UnixDatagram::pair().unwrap();
         let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let mut dev = Net::new(File::from(std::os::fd::OwnedFd::from(vmm)), MAC).unwrap();
+        let mut dev = Net::new(File::from(std::os::fd::OwnedFd::from(vmm)), MAC, limits).unwrap();
         dev.activate(mem.clone(), vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()], irq.clone(), 0)
             .unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -386,7 +473,7 @@ mod tests {
     #[test]
     fn the_config_space_holds_the_mac_and_a_link_that_is_up() {
         let (_, vmm) = UnixDatagram::pair().unwrap();
-        let dev = Net::new(File::from(std::os::fd::OwnedFd::from(vmm)), MAC).unwrap();
+        let dev = Net::new(File::from(std::os::fd::OwnedFd::from(vmm)), MAC, RateLimits::default()).unwrap();
         let mut b = [0u8; 8];
         dev.read_config(0, &mut b);
         assert_eq!(b, [0x02, 0x42, 0x0a, 0, 0, 5, 1, 0]);
@@ -470,6 +557,57 @@ mod tests {
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [0, (NET_HDR_SIZE + 40) as u32]);
         assert_eq!(c.rx_dropped.load(Ordering::Relaxed), 1);
         r.dev.reset();
+    }
+
+    /// 10 frames of 16 KiB against 256 KiB/s: the 64 KiB burst (4 frames)
+    /// goes at once, the other 96 KiB take 0.375 s.
+    const LIMIT: u64 = 256 << 10;
+    const BIG: usize = 16 << 10;
+
+    #[test]
+    fn the_rx_limit_holds_tap_frames_back_until_the_bucket_refills() {
+        let m = mem();
+        let r = rig_limited(&m, 10, 0x8000, RateLimits { rx: Some(LIMIT), tx: None });
+        let started = Instant::now();
+        for i in 0..10u8 {
+            r.host.send(&frame(BIG, i)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let early = r.received().len();
+        assert!(early <= 6, "{early} frames within 0.1 s at 256 KiB/s");
+        let got = r.wait_received(10);
+        let took = started.elapsed();
+        assert_eq!(got.len(), 10);
+        assert!(took >= Duration::from_millis(300), "10 frames of 16 KiB in {took:?}");
+        assert!(got.iter().enumerate().all(|(i, (len, d))| *len as usize == NET_HDR_SIZE + BIG && d[20] == i as u8));
+        assert!(r.dev.counters().rx_throttled.load(Ordering::Relaxed) > 0);
+        assert_eq!(r.dev.counters().rx_dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_tx_limit_leaves_guest_frames_queued_until_the_bucket_refills() {
+        // 8 frames (the 16-entry queue holds 8 two-descriptor chains): 4
+        // at once, 64 KiB more in 0.25 s.
+        let m = mem();
+        let mut r = rig_limited(&m, 0, 0, RateLimits { rx: None, tx: Some(LIMIT) });
+        let started = Instant::now();
+        let mut bytes = vec![0u8; NET_HDR_SIZE];
+        bytes.extend_from_slice(&frame(BIG, 7));
+        for slot in 0..8 {
+            r.send(slot, &bytes);
+        }
+        let at_once = r.tx.used().idx().load();
+        assert!((4..=6).contains(&at_once), "{at_once} frames sent at once at 256 KiB/s");
+        let mut got = vec![0u8; BIG + 1];
+        for _ in 0..8 {
+            assert_eq!(r.host.recv(&mut got).unwrap(), BIG);
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200), "8 frames of 16 KiB in {took:?}");
+        assert_eq!(wait_for(8, || vec![(); r.tx.used().idx().load() as usize]).len(), 8);
+        let c = r.dev.counters();
+        assert_eq!((c.tx_frames.load(Ordering::Relaxed), c.tx_dropped.load(Ordering::Relaxed)), (8, 0));
+        assert!(c.tx_throttled.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
