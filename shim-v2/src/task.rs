@@ -338,7 +338,7 @@ impl TaskService {
         if let Err(e) = record.write(&dir) {
             log::warn!("sandbox {}: recording its figures in {}: {e}", self.id, dir.display());
         }
-        self.watch_sandbox(sandbox.id().to_string(), dir.clone(), pod, figures);
+        let sandbox_id = sandbox.id().to_string();
         let forwarder = spec.netns.as_deref().and_then(|netns| {
             let socket = runv::sandbox::port_forward::vsock_socket_of(&dir)?;
             crate::localhost::start(netns, socket)
@@ -350,6 +350,12 @@ impl TaskService {
         state.sandbox = Some(sandbox);
         state.forwarder = forwarder;
         state.shared = Some(shared.clone());
+        drop(state);
+        // Only once the sandbox is in the state: a watcher that looked
+        // before would find none and end, and nothing would notice a
+        // helper's death (the localhost forwarder's iptables run made
+        // that window wide enough to lose).
+        self.watch_sandbox(sandbox_id, dir.clone(), pod, figures);
         Ok((agent, shared))
     }
 
