@@ -12,7 +12,7 @@ use std::os::unix::net::UnixDatagram;
 use libfuzzer_sys::fuzz_target;
 use runv::vmm::devices::virtio::block::Block;
 use runv::vmm::devices::virtio::mmio::{reg, MmioTransport};
-use runv::vmm::devices::virtio::net::{Mac, Net};
+use runv::vmm::devices::virtio::net::{Mac, Net, RateLimits};
 use runv::vmm::devices::virtio::vsock::device::Vsock;
 use runv::vmm::devices::virtio::{status, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
 use runv::vmm::devices::BusDevice;
@@ -47,7 +47,9 @@ fuzz_target!(|data: &[u8]| {
         1 => {
             let _ = host.send(&image[..image.len().min(1514)]);
             let tap = std::fs::File::from(std::os::fd::OwnedFd::from(tap));
-            Box::new(Net::new(tap, Mac([2, 0, 0, 0, 0, 1])).unwrap())
+            // Limited both ways, so frames over a limit go back to their queue too.
+            let limits = RateLimits { rx: Some(1 << 20), tx: Some(64 << 10) };
+            Box::new(Net::new(tap, Mac([2, 0, 0, 0, 0, 1]), limits).unwrap())
         }
         _ => Box::new(Vsock::new(3, &dir.path().join("v.sock")).unwrap()),
     };
