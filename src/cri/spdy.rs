@@ -78,6 +78,11 @@ pub enum Frame {
         headers: Headers,
         fin: bool,
     },
+    /// A new stream whose id is not odd and above every earlier one, as a
+    /// client's must be: it is to be reset with `PROTOCOL_ERROR`.
+    BadStreamId {
+        id: u32,
+    },
     Data {
         id: u32,
         data: Vec<u8>,
@@ -101,11 +106,13 @@ fn be32(b: &[u8]) -> u32 {
 /// here, so one decoder serves one connection, in order.
 pub struct Decoder {
     inflate: Decompress,
+    /// The client's last stream id.
+    last_stream: u32,
 }
 
 impl Default for Decoder {
     fn default() -> Self {
-        Self { inflate: Decompress::new(true) }
+        Self { inflate: Decompress::new(true), last_stream: 0 }
     }
 }
 
@@ -147,8 +154,14 @@ impl Decoder {
                     let id = stream_id(0)?;
                     // id, associated id, priority and slot: 10 bytes.
                     let block = body.get(10..).ok_or(FrameError::Malformed("SYN_STREAM too short"))?;
+                    // Inflated either way: the block advances the zlib stream.
                     let headers = parse_header_block(&self.inflate(block)?)?;
-                    Frame::SynStream { id, headers, fin }
+                    if id % 2 == 0 || id <= self.last_stream {
+                        Frame::BadStreamId { id }
+                    } else {
+                        self.last_stream = id;
+                        Frame::SynStream { id, headers, fin }
+                    }
                 }
                 RST_STREAM if len == 8 => Frame::Reset { id: stream_id(0)?, status: be32(&body[4..]) },
                 PING if len == 4 => Frame::Ping(be32(body)),
@@ -283,7 +296,8 @@ impl Encoder {
         control(SYN_REPLY, if fin { FLAG_FIN } else { 0 }, &body)
     }
 
-    /// A new stream, as a client opens one (tests and fuzz seeds).
+    /// A new stream, as a client opens one (tests).
+    #[cfg(test)]
     pub fn syn_stream(&mut self, id: u32, headers: &Headers, fin: bool) -> Vec<u8> {
         let mut body = id.to_be_bytes().to_vec();
         body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
@@ -434,6 +448,13 @@ mod tests {
         assert_eq!(frames[3], Frame::Data { id: 3, data: b"GET /".to_vec(), fin: true });
         assert_eq!(frames[4], Frame::Ping(7));
         assert_eq!(frames[5], Frame::Reset { id: 1, status: 5 });
+        // Stream ids must be odd and rise.
+        for (id, ok) in [(7, true), (7, false), (5, false), (10, false), (9, true)] {
+            let f = enc.syn_stream(id, &Headers::from([("streamtype", "error")]), false);
+            let frame = dec.decode(&f).unwrap().unwrap().0;
+            assert_eq!(matches!(frame, Frame::SynStream { .. }), ok, "{id}: {frame:?}");
+            assert_eq!(matches!(frame, Frame::BadStreamId { .. }), !ok, "{id}: {frame:?}");
+        }
         // A frame cut short is not a frame yet.
         let one = Encoder::data(9, b"abc", false);
         assert_eq!(dec.decode(&one[..one.len() - 1]).unwrap(), None);

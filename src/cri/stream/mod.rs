@@ -259,18 +259,27 @@ impl Session {
     }
 }
 
+/// What failed, as the final status says it; `None` for a success.
+fn failure_message(exit: &Result<i32, String>) -> Option<String> {
+    match exit {
+        Ok(0) => None,
+        Ok(code) => Some(format!("command terminated with non-zero exit code: {code}")),
+        Err(message) => Some(message.clone()),
+    }
+}
+
 /// The final status as a Kubernetes `Status` object (the kubelet's).
 fn status_json(exit: &Result<i32, String>) -> serde_json::Value {
-    match exit {
-        Ok(0) => serde_json::json!({"metadata": {}, "status": "Success"}),
-        Ok(code) => serde_json::json!({
+    match (exit, failure_message(exit)) {
+        (_, None) => serde_json::json!({"metadata": {}, "status": "Success"}),
+        (Ok(code), Some(message)) => serde_json::json!({
             "metadata": {},
             "status": "Failure",
-            "message": format!("command terminated with non-zero exit code: {code}"),
+            "message": message,
             "reason": "NonZeroExitCode",
             "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
         }),
-        Err(message) => serde_json::json!({"metadata": {}, "status": "Failure", "message": message}),
+        (Err(_), Some(message)) => serde_json::json!({"metadata": {}, "status": "Failure", "message": message}),
     }
 }
 

@@ -25,7 +25,10 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::{refuse, status_json, switch, Head, Input, Output, Pending, Session, StreamServer, STREAM_QUEUE_FRAMES};
+use super::{
+    failure_message, refuse, status_json, switch, Head, Input, Output, Pending, Session, StreamServer,
+    STREAM_QUEUE_FRAMES,
+};
 use crate::cri::runtime::Runtime;
 use crate::cri::spdy::{self as frames, Frame, FrameReader, Out};
 
@@ -146,7 +149,7 @@ async fn remote_command(
     };
     let expected = 1 + [stdin, stdout, stderr && !tty, tty && version >= 3].iter().filter(|w| **w).count();
     let mut streams = Streams::default();
-    let (mut opened, mut last_id) = (0, 0);
+    let mut opened = 0;
     let deadline = tokio::time::Instant::now() + STREAM_CREATION_TIMEOUT;
     while opened < expected {
         let frame = match tokio::time::timeout_at(deadline, reader.next()).await {
@@ -166,12 +169,10 @@ async fn remote_command(
             }
         };
         match frame {
+            Frame::BadStreamId { id } => {
+                let _ = out.send(Out::Reset { id, status: frames::PROTOCOL_ERROR }).await;
+            }
             Frame::SynStream { id, headers, .. } => {
-                if id % 2 == 0 || id <= last_id {
-                    let _ = out.send(Out::Reset { id, status: frames::PROTOCOL_ERROR }).await;
-                    continue;
-                }
-                last_id = id;
                 let stream_type = headers.get("streamtype").unwrap_or_default().to_string();
                 match streams.slot(&stream_type) {
                     Some(slot) => {
@@ -230,7 +231,7 @@ async fn read_input(
                 terminal_sizes(&mut resize).into_iter().map(|(w, h)| Input::Resize(w, h)).collect()
             }
             Ok(Some(Frame::Reset { id, .. })) if Some(id) == streams.stdin => vec![Input::CloseStdin],
-            Ok(Some(Frame::SynStream { id, .. })) => {
+            Ok(Some(Frame::SynStream { id, .. } | Frame::BadStreamId { id })) => {
                 // Every stream of a session is open before it starts.
                 let _ = out.send(Out::Reset { id, status: frames::REFUSED_STREAM }).await;
                 continue;
@@ -288,13 +289,12 @@ async fn relay_output(mut output: mpsc::Receiver<Output>, streams: Streams, out:
         let (id, data) = match o {
             Output::Stdout(d) => (streams.stdout, d),
             Output::Stderr(d) => (streams.stderr, d),
-            // v1 to v3 carry only a failure's message, and nothing on success.
             Output::Status(exit) if version >= 4 => (streams.error, status_json(&exit).to_string().into_bytes()),
-            Output::Status(Ok(0)) => continue,
-            Output::Status(exit) => {
-                let status = status_json(&exit);
-                (streams.error, status["message"].as_str().unwrap_or_default().as_bytes().to_vec())
-            }
+            // v1 to v3 carry only a failure's message, and nothing on success.
+            Output::Status(exit) => match failure_message(&exit) {
+                Some(message) => (streams.error, message.into_bytes()),
+                None => continue,
+            },
         };
         if let Some(id) = id {
             if out.send(Out::Data { id, data, fin: false }).await.is_err() {
@@ -326,7 +326,6 @@ async fn port_forward(runtime: &Runtime, pod_id: &str, reader: &mut Reader, out:
     let mut pairs: HashMap<String, Pair> = HashMap::new();
     let mut forwards: HashMap<u32, ToPod> = HashMap::new();
     let (done_tx, mut done) = mpsc::channel::<u32>(MAX_FORWARDS);
-    let mut last_id = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let frame = tokio::select! {
@@ -341,12 +340,10 @@ async fn port_forward(runtime: &Runtime, pod_id: &str, reader: &mut Reader, out:
             }
         };
         match frame {
+            Ok(Some(Frame::BadStreamId { id })) => {
+                let _ = out.send(Out::Reset { id, status: frames::PROTOCOL_ERROR }).await;
+            }
             Ok(Some(Frame::SynStream { id, headers, .. })) => {
-                if id % 2 == 0 || id <= last_id {
-                    let _ = out.send(Out::Reset { id, status: frames::PROTOCOL_ERROR }).await;
-                    continue;
-                }
-                last_id = id;
                 let stream_type = headers.get("streamtype").unwrap_or_default();
                 let port = headers.get("port").and_then(|p| p.parse::<u16>().ok()).filter(|p| *p > 0);
                 let (Some(port), "data" | "error") = (port, stream_type) else {
