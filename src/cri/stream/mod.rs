@@ -114,7 +114,7 @@ impl StreamServer {
     async fn handle(&self, mut conn: TcpStream, runtime: Arc<Runtime>) {
         let (head, read_ahead) = match tokio::time::timeout(REQUEST_HEAD_TIMEOUT, read_head(&mut conn)).await {
             Ok(Ok(request)) => request,
-            Ok(Err(why)) => return refuse(conn, 400, &[], &why).await,
+            Ok(Err(why)) => return refuse(&mut conn, 400, &[], &why).await,
             Err(_) => return,
         };
         match head.header("upgrade").map(str::to_ascii_lowercase).as_deref() {
@@ -122,7 +122,7 @@ impl StreamServer {
             Some("spdy/3.1") => spdy::serve(self, conn, head, read_ahead, runtime).await,
             _ => {
                 let why = "runv cri's streaming server speaks WebSocket and SPDY/3.1: upgrade to one of them";
-                refuse(conn, 400, &[], why).await
+                refuse(&mut conn, 400, &[], why).await
             }
         }
     }
@@ -188,7 +188,7 @@ async fn read_head(conn: &mut TcpStream) -> Result<(Head, Vec<u8>), String> {
 }
 
 /// An HTTP error answer, and the connection closes.
-async fn refuse(mut conn: TcpStream, code: u16, headers: &[(&str, &str)], why: &str) {
+async fn refuse(conn: &mut TcpStream, code: u16, headers: &[(&str, &str)], why: &str) {
     let reason = match code {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -207,14 +207,24 @@ async fn refuse(mut conn: TcpStream, code: u16, headers: &[(&str, &str)], why: &
     let _ = conn.shutdown().await;
 }
 
-/// The `101 Switching Protocols` answer with `headers`.
-async fn switch(conn: &mut TcpStream, headers: &[(&str, &str)]) -> std::io::Result<()> {
-    let mut resp = String::from("HTTP/1.1 101 Switching Protocols\r\n");
-    for (n, v) in headers {
-        resp.push_str(&format!("{n}: {v}\r\n"));
+impl StreamServer {
+    /// The request of the URL at `path`, once the `101 Switching
+    /// Protocols` answer with `headers` is written; an unknown or expired
+    /// URL is answered 404.
+    async fn upgrade(&self, conn: &mut TcpStream, path: &str, headers: &[(&str, &str)]) -> Option<Pending> {
+        let Some(request) = self.take(path) else {
+            refuse(conn, 404, &[], "unknown or expired stream URL").await;
+            return None;
+        };
+        let mut resp = String::from("HTTP/1.1 101 Switching Protocols\r\n");
+        for (n, v) in headers {
+            resp.push_str(&format!("{n}: {v}\r\n"));
+        }
+        resp.push_str("\r\n");
+        conn.write_all(resp.as_bytes()).await.ok()?;
+        super::metrics::METRICS.streams.with_label_values(&[request.kind()]).inc();
+        Some(request)
     }
-    resp.push_str("\r\n");
-    conn.write_all(resp.as_bytes()).await
 }
 
 /// What an exec or attach session sends its client.

@@ -26,8 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::{
-    failure_message, refuse, status_json, switch, Head, Input, Output, Pending, Session, StreamServer,
-    STREAM_QUEUE_FRAMES,
+    failure_message, refuse, status_json, Head, Input, Output, Pending, Session, StreamServer, STREAM_QUEUE_FRAMES,
 };
 use crate::cri::runtime::Runtime;
 use crate::cri::spdy::{self as frames, Frame, FrameReader, Out};
@@ -65,20 +64,14 @@ pub(super) async fn serve(
             let why = format!(
                 "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server accepts {supported:?}"
             );
-            return refuse(conn, 403, &accepted, &why).await;
+            return refuse(&mut conn, 403, &accepted, &why).await;
         }
-    };
-    let Some(request) = server.take(&head.path) else {
-        return refuse(conn, 404, &[], "unknown or expired stream URL").await;
     };
     let mut headers = vec![("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")];
     if !protocol.is_empty() {
         headers.push(("X-Stream-Protocol-Version", protocol.as_str()));
     }
-    if switch(&mut conn, &headers).await.is_err() {
-        return;
-    }
-    crate::cri::metrics::METRICS.streams.with_label_values(&[request.kind()]).inc();
+    let Some(request) = server.upgrade(&mut conn, &head.path, &headers).await else { return };
     let (read, write) = conn.into_split();
     let mut reader = FrameReader::new(read, read_ahead);
     let (out, writer) = frames::spawn_writer(write);

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::{refuse, status_json, switch, Head, Input, Output, Pending, Session, StreamServer, STREAM_QUEUE_FRAMES};
+use super::{refuse, status_json, Head, Input, Output, Pending, Session, StreamServer, STREAM_QUEUE_FRAMES};
 use crate::cri::runtime::Runtime;
 
 /// The subprotocols served, most preferred first.
@@ -47,19 +47,16 @@ pub(super) async fn serve(
     let offered = head.values("sec-websocket-protocol");
     let Some(chosen) = PROTOCOLS.iter().find(|p| offered.iter().any(|o| o == *p)) else {
         let why = format!("no supported subprotocol offered (runv cri speaks {})", PROTOCOLS.join(", "));
-        return refuse(conn, 400, &[], &why).await;
+        return refuse(&mut conn, 400, &[], &why).await;
     };
     let (Some(key), Some("13")) = (head.header("sec-websocket-key"), head.header("sec-websocket-version")) else {
         return refuse(
-            conn,
+            &mut conn,
             400,
             &[],
             "not a WebSocket handshake: Sec-WebSocket-Key and Sec-WebSocket-Version: 13 are required",
         )
         .await;
-    };
-    let Some(request) = server.take(&head.path) else {
-        return refuse(conn, 404, &[], "unknown or expired stream URL").await;
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let headers = [
@@ -68,12 +65,9 @@ pub(super) async fn serve(
         ("Sec-WebSocket-Accept", accept.as_str()),
         ("Sec-WebSocket-Protocol", chosen),
     ];
-    if switch(&mut conn, &headers).await.is_err() {
-        return;
-    }
+    let Some(request) = server.upgrade(&mut conn, &head.path, &headers).await else { return };
     let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE));
     let ws = WebSocketStream::from_partially_read(conn, read_ahead, Role::Server, Some(config)).await;
-    crate::cri::metrics::METRICS.streams.with_label_values(&[request.kind()]).inc();
     let (sink, source) = ws.split();
     // Bounded: a client that reads slowly slows the copy, not the host.
     let (tx, rx) = mpsc::channel::<Message>(STREAM_QUEUE_FRAMES);
