@@ -416,6 +416,27 @@ fn http_get_until(addr: &str, needle: &str, secs: u64) -> String {
     }
 }
 
+/// A CNI configuration list: the bridge plugin on `bridge` as the gateway
+/// of 10.<SUBNET>.0.0/24, host-local addresses kept in `ipam_dir`.
+fn bridge_conflist(bridge: &str, subnet: u8, ipam_dir: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "runv-cri-test",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": format!("10.{subnet}.0.0/24") }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+                "dataDir": ipam_dir,
+            }
+        }]
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
     let test = "a_pod_on_the_cni_network_is_reachable_and_leaves_nothing";
@@ -437,22 +458,7 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
     if !nat_works {
         eprintln!("SKIP {test} (hostPort part): iptables cannot read the nat table here");
     }
-    let mut conf = serde_json::json!({
-        "cniVersion": "0.4.0",
-        "name": "runv-cri-test",
-        "plugins": [{
-            "type": "bridge",
-            "bridge": bridge.0,
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": format!("10.{SUBNET}.0.0/24") }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-                "dataDir": cri.dir.path().join("cni-ipam"),
-            }
-        }]
-    });
+    let mut conf = bridge_conflist(&bridge.0, SUBNET, &cri.dir.path().join("cni-ipam"));
     if nat_works {
         // hostPort: runv cri hands the pod's port mappings to the plugins
         // that ask for them, as containerd does.
@@ -590,4 +596,153 @@ async fn port_forward_get(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str, 
         }
     }
     let _ = tx.send(Message::Close(None)).await;
+}
+
+/// The rate-limited pod's subnet (bridge runvbr<N>), the limit both ways
+/// in bytes a second, and what is sent each way.
+const LIMITED_SUBNET: u8 = 244;
+const RATE: usize = 128 * 1024;
+const PAYLOAD: usize = 512 * 1024;
+/// The shortest time `PAYLOAD` can take through a `RATE` limiter whose
+/// bucket starts full (its burst: a tenth of a second's worth, at least
+/// 64 KiB; README, `net_rx_rate_limit`). Frames carry headers too, so the
+/// real floor is higher; an unlimited NIC, even under nested TCG (the L1
+/// rig), moves 512 KiB far faster.
+fn limited_floor() -> Duration {
+    Duration::from_secs_f64((PAYLOAD - (RATE / 10).max(64 * 1024)) as f64 / RATE as f64)
+}
+
+/// Answers one HTTP request on `listener` with `PAYLOAD` bytes and returns
+/// how long the client took to have them all: from the first byte written
+/// to the client's close, which wget does once it has read them.
+fn serve_payload_once(listener: std::net::TcpListener) -> std::thread::JoinHandle<(usize, Duration)> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        let started = Instant::now();
+        conn.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {PAYLOAD}\r\n\r\n").as_bytes()).unwrap();
+        conn.write_all(&vec![b'r'; PAYLOAD]).unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        (PAYLOAD, started.elapsed())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_nic_rate_limit_holds_both_ways_on_the_builtin_vmm_and_is_refused_on_qemu() {
+    use std::io::{Read, Write};
+    let test = "a_pod_nic_rate_limit_holds_both_ways_on_the_builtin_vmm_and_is_refused_on_qemu";
+    if !common::e2e_ready(test) || !registry_or_skip(test) {
+        return;
+    }
+    if !Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("SKIP {test}: needs the CNI plugins in /usr/lib/cni (containernetworking-plugins)");
+        return;
+    }
+    let extra = format!("net_rx_rate_limit = {RATE}\nnet_tx_rate_limit = {RATE}");
+    let (_reg, cri, app) = common::registry_and_server_with(&extra, &[]).await;
+    let bridge = Bridge(format!("runvbr{LIMITED_SUBNET}"));
+    let conf = bridge_conflist(&bridge.0, LIMITED_SUBNET, &cri.dir.path().join("cni-ipam"));
+    std::fs::write(cri.dir.path().join("net.d/10-runv.conflist"), conf.to_string()).unwrap();
+    let channel = cri.channel().await;
+    let mut images = ImageServiceClient::new(channel.clone());
+    let mut rt = RuntimeServiceClient::new(channel);
+    images.pull_image(PullImageRequest { image: image(&app), ..Default::default() }).await.unwrap();
+
+    let pod_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "limited".into(),
+            namespace: "default".into(),
+            uid: "uid-limited".into(),
+            attempt: 0,
+        }),
+        ..Default::default()
+    };
+    let run = rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() })
+        .await;
+    let veths = || -> Vec<_> {
+        std::fs::read_dir(format!("/sys/class/net/{}/brif", bridge.0)).into_iter().flatten().flatten().collect()
+    };
+    if common::cri::hypervisor::vm_program() != "runv-vmm" {
+        // QEMU has no per-NIC limiter: the pod is refused, naming the keys,
+        // rather than started unlimited, and nothing of it is left.
+        let err = run.expect_err("QEMU started a pod whose NIC has a rate limit");
+        assert!(err.message().contains("net_rx_rate_limit"), "{err:?}");
+        let left = cri.settled_leftovers();
+        assert!(left.is_empty(), "left behind: {left:#?}\n{}", cri.log());
+        assert!(veths().is_empty(), "veths still on {}: {:?}", bridge.0, veths());
+        return;
+    }
+    let pod_id = run.unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log())).into_inner().pod_sandbox_id;
+    let status = rt
+        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod_id.clone(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let ip = status.network.unwrap().ip;
+    let script = format!(
+        "mkdir -p /tmp/www && echo ready > /tmp/www/index.html && head -c {PAYLOAD} /dev/zero > /tmp/www/big \
+         && exec httpd -f -p 8080 -h /tmp/www"
+    );
+    let id = run_container(&mut rt, &pod_id, &pod_config, container("web", &app, &script)).await;
+    http_get_until(&format!("{ip}:8080"), "ready", 90);
+
+    // Out of the VM (the guest's tx): the host reads a file from the pod.
+    let mut conn = std::net::TcpStream::connect(format!("{ip}:8080")).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let started = Instant::now();
+    conn.write_all(b"GET /big HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body).unwrap();
+    let tx = started.elapsed();
+    let zeros = body.iter().rev().take_while(|&&b| b == 0).count();
+    assert_eq!(zeros, PAYLOAD, "the pod's answer is cut short ({} bytes)", body.len());
+
+    // Into the VM (the guest's rx): the pod reads from a server on the
+    // bridge's gateway address.
+    let listener = std::net::TcpListener::bind(format!("10.{LIMITED_SUBNET}.0.1:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = serve_payload_once(listener);
+    let r = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["sh".into(), "-c".into(), format!("wget -q -O - http://10.{LIMITED_SUBNET}.0.1:{port}/ | wc -c")],
+            timeout: 120,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.exit_code, 0, "wget: {}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), PAYLOAD.to_string());
+    let (_, rx) = server.join().unwrap();
+
+    let kib_s = |d: Duration| PAYLOAD as f64 / 1024.0 / d.as_secs_f64();
+    eprintln!(
+        "{test}: {} KiB each way against a limit of {} KiB/s: out of the VM {:.2} s ({:.0} KiB/s), into it {:.2} s ({:.0} KiB/s); the floor is {:.2} s",
+        PAYLOAD / 1024,
+        RATE / 1024,
+        tx.as_secs_f64(),
+        kib_s(tx),
+        rx.as_secs_f64(),
+        kib_s(rx),
+        limited_floor().as_secs_f64()
+    );
+    assert!(tx >= limited_floor(), "out of the VM: {PAYLOAD} bytes in {tx:?}, faster than the limit allows");
+    assert!(rx >= limited_floor(), "into the VM: {PAYLOAD} bytes in {rx:?}, faster than the limit allows");
+
+    rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.unwrap();
+    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod_id }).await.unwrap();
+    let left = cri.settled_leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}\n{}", cri.log());
+    assert!(veths().is_empty(), "veths still on {}: {:?}", bridge.0, veths());
 }

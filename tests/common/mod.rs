@@ -28,12 +28,18 @@ pub async fn registry_and_server() -> (registry::Registry, cri::CriServer, Strin
 
 /// As `registry_and_server`, with more arguments of `runv cri`.
 pub async fn registry_and_server_with_args(args: &[&str]) -> (registry::Registry, cri::CriServer, String) {
+    registry_and_server_with("", args).await
+}
+
+/// As `registry_and_server`, with more config (TOML lines) and more
+/// arguments of `runv cri`.
+pub async fn registry_and_server_with(extra: &str, args: &[&str]) -> (registry::Registry, cri::CriServer, String) {
     use registry::{dir_layer, push_with_cmd, Registry};
     let reg = Registry::start();
     let rootfs = dir_layer(&Path::new(SHARE_DIR).join("rootfs"));
     let app = push_with_cmd(&reg, "runv/busybox:1", std::slice::from_ref(&rootfs), &["sh"]).await;
     let pause = push_with_cmd(&reg, "runv/pause:1", &[rootfs], &["sleep", "2147483647"]).await;
-    let cri = cri::CriServer::start_with_args(&reg.addr, &format!("cri_sandbox_image = \"{pause}\""), args);
+    let cri = cri::CriServer::start_with_args(&reg.addr, &format!("cri_sandbox_image = \"{pause}\"\n{extra}"), args);
     (reg, cri, app)
 }
 
