@@ -3,6 +3,11 @@
 //! `overhead.podFixed` covers it.
 //!
 //! Parts, each counted once:
+//! - guest memory reserved at boot: the VM's RAM that the guest kernel
+//!   never hands to its allocator (its own image, the page map of every
+//!   RAM page, early tables): the VM's memory size - MemTotal. The host
+//!   backs it (the VMM writes the image, the kernel initialises the page
+//!   map), and no container can use it;
 //! - guest kernel: guest memory in use that is neither reclaimable cache
 //!   nor process memory (kernel, slab, page tables, and the tmpfs the agent
 //!   runs from): MemTotal - MemFree - Buffers - (Cached - Shmem) - AnonPages
@@ -51,12 +56,17 @@ pub async fn measure(config: &Config, settle: Duration, window: Duration) -> any
         dir_record: None,
     };
     let sandbox = Sandbox::start(config, &spec).await?;
-    let result = measure_sandbox(&sandbox, settle, window).await;
+    let result = measure_sandbox(&sandbox, spec.memory_mib, settle, window).await;
     sandbox.shutdown().await;
     result
 }
 
-async fn measure_sandbox(sandbox: &Sandbox, settle: Duration, window: Duration) -> anyhow::Result<Overhead> {
+async fn measure_sandbox(
+    sandbox: &Sandbox,
+    memory_mib: u32,
+    settle: Duration,
+    window: Duration,
+) -> anyhow::Result<Overhead> {
     let agent = sandbox.agent();
     let req =
         runv_proto::agent::CreateSandboxRequest { hostname: "overhead".into(), pause: true, ..Default::default() };
@@ -76,18 +86,9 @@ async fn measure_sandbox(sandbox: &Sandbox, settle: Duration, window: Duration) 
 
     let details = agent.guest_details().await?;
     let m = details.memory.clone().unwrap_or_default();
-    let kernel = m
-        .total_kib
-        .saturating_sub(m.free_kib)
-        .saturating_sub(m.buffers_kib)
-        .saturating_sub(m.cached_kib.saturating_sub(m.shmem_kib))
-        .saturating_sub(m.anon_pages_kib)
-        .saturating_sub(m.slab_reclaimable_kib);
-    let mut parts = vec![
-        Part { name: "guest kernel (and its tmpfs root)".into(), side: "guest", memory_kib: kernel },
-        Part { name: "agent".into(), side: "guest", memory_kib: details.agent_anon_rss_kib },
-        Part { name: "pause".into(), side: "guest", memory_kib: details.pause_anon_rss_kib },
-    ];
+    let mut parts = guest_kernel_parts(memory_mib, &m)?;
+    parts.push(Part { name: "agent".into(), side: "guest", memory_kib: details.agent_anon_rss_kib });
+    parts.push(Part { name: "pause".into(), side: "guest", memory_kib: details.pause_anon_rss_kib });
     for (name, pid) in &pids {
         parts.push(Part { name: name.clone(), side: "host", memory_kib: private_pss_kib(*pid) });
     }
@@ -99,6 +100,30 @@ async fn measure_sandbox(sandbox: &Sandbox, settle: Duration, window: Duration) 
         window_secs,
         hypervisor: sandbox.describe_hypervisor(),
     })
+}
+
+/// The guest kernel's two parts from its /proc/meminfo figures, in a VM
+/// of `memory_mib`: what it reserved at boot, and what it holds in use.
+fn guest_kernel_parts(memory_mib: u32, m: &runv_proto::agent::MemoryInfo) -> anyhow::Result<Vec<Part>> {
+    let ram_kib = u64::from(memory_mib) * 1024;
+    if m.total_kib == 0 || m.total_kib > ram_kib {
+        anyhow::bail!("the guest reports MemTotal {} KiB in a VM of {ram_kib} KiB", m.total_kib);
+    }
+    let in_use = m
+        .total_kib
+        .saturating_sub(m.free_kib)
+        .saturating_sub(m.buffers_kib)
+        .saturating_sub(m.cached_kib.saturating_sub(m.shmem_kib))
+        .saturating_sub(m.anon_pages_kib)
+        .saturating_sub(m.slab_reclaimable_kib);
+    Ok(vec![
+        Part {
+            name: "guest kernel image, page map (reserved)".into(),
+            side: "guest",
+            memory_kib: ram_kib - m.total_kib,
+        },
+        Part { name: "guest kernel (and its tmpfs root)".into(), side: "guest", memory_kib: in_use },
+    ])
 }
 
 fn process_name(pid: u32) -> String {
@@ -196,6 +221,27 @@ mod tests {
             window_secs: 2.0,
             hypervisor: "qemu/tcg".into(),
         }
+    }
+
+    #[test]
+    fn the_guest_kernel_counts_what_it_reserved_at_boot_and_what_it_holds() {
+        // A 256 MiB guest as runv's kernel reports itself idle.
+        let m = runv_proto::agent::MemoryInfo {
+            total_kib: 245_632,
+            free_kib: 225_392,
+            buffers_kib: 0,
+            cached_kib: 9_160,
+            shmem_kib: 7_660,
+            anon_pages_kib: 1_336,
+            slab_reclaimable_kib: 0,
+            ..Default::default()
+        };
+        let parts = guest_kernel_parts(256, &m).unwrap();
+        assert_eq!(parts[0].memory_kib, 262_144 - 245_632);
+        assert_eq!(parts[1].memory_kib, 245_632 - 225_392 - (9_160 - 7_660) - 1_336);
+        // A MemTotal past the VM's size is no figure to publish.
+        let wrong = runv_proto::agent::MemoryInfo { total_kib: 300_000, ..m };
+        assert!(guest_kernel_parts(256, &wrong).unwrap_err().to_string().contains("MemTotal 300000"));
     }
 
     #[test]
