@@ -91,6 +91,66 @@ if [ ! -f "$dir/l1.cpio" ]; then
     rm -rf "$tmp"
     trap - EXIT
 fi
+
+# --- L1's own hypervisor: QEMU from Debian 12's backports, cached by version ----
+# Debian 12's QEMU 7.2 emulates SVM with faults of its own: now and then it
+# crashed L1's kernel outright (a stack guard page hit in error_entry on a
+# VMM's vCPU thread; an IPI that the CPU running a nested guest never
+# took, so a soft lockup in kvm_destroy_vm), faults no process in L1 can
+# cause, and the nested guests' triple faults and stalls of #15 went with
+# it. The QEMU of bookworm-backports (10.0) runs L1; the host's QEMU stays
+# the product's backend (and L1's, inside L1). RUNV_L1_QEMU (a
+# qemu-system-x86_64) overrides it.
+qemu=${RUNV_L1_QEMU:-}
+qemu_args=()
+if [ -z "$qemu" ]; then
+    apt_dir=$cache/apt
+    apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$apt_dir/lists"
+        -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" >"$apt_dir/sources.list"
+    qver=
+    if apt-get "${apt_opts[@]}" -qq update >/dev/null 2>&1; then
+        qver=$(apt-cache "${apt_opts[@]}" show qemu-system-x86 2>/dev/null \
+            | awk '/^Version:/ { print $2; exit }') || true
+    fi
+    if [ -z "$qver" ]; then
+        # No index (offline): the newest QEMU already cached, else fail.
+        qver=$(ls -1 "$cache" 2>/dev/null | sed -n 's/^qemu-//p' | sort -V | tail -n 1) || true
+        [ -n "$qver" ] || die "cannot read bookworm-backports' index to fetch L1's QEMU, and none is cached"
+        [ -x "$cache/qemu-$qver/usr/bin/qemu-system-x86_64" ] || die "the cached QEMU in $cache/qemu-$qver is incomplete"
+    fi
+    qdir=$cache/qemu-$(echo "${qver#*:}" | tr -c 'A-Za-z0-9.+\n' '_')   # no epoch, no '~'
+    if [ ! -x "$qdir/usr/bin/qemu-system-x86_64" ]; then
+        echo "l1: fetching QEMU $qver from bookworm-backports for L1 (once; cached in $qdir)" >&2
+        tmp=$(mktemp -d "$cache/.qemu.XXXXXX")
+        trap 'rm -rf "$tmp"' EXIT
+        (cd "$tmp" && apt-get "${apt_opts[@]}" download "qemu-system-x86=$qver" "qemu-system-common=$qver" \
+            "qemu-system-data=$qver" >/dev/null 2>&1) || die "apt-get download of QEMU $qver (bookworm-backports) failed"
+        for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$tmp/x" || die "unpacking $deb failed"; done
+        # The libraries it links, from Debian 12 itself (a backport is
+        # built against Debian 12's).
+        libs=$(dpkg-deb -f "$tmp"/qemu-system-x86_*.deb Depends | tr ',' '\n' | awk '$1 ~ /^lib/ { print $1 }')
+        want=$(for l in $libs; do dpkg -s "$l" >/dev/null 2>&1 || echo "$l"; done | tr '\n' ' ')
+        if [ -n "$want" ]; then
+            echo "l1: installing what L1's QEMU links: $want" >&2
+            # shellcheck disable=SC2086
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $want >/dev/null \
+                || die "apt-get install $want failed"
+        fi
+        missing=$(ldd "$tmp/x/usr/bin/qemu-system-x86_64" | awk '/not found/ { print $1 }' | tr '\n' ' ')
+        [ -z "$missing" ] || die "QEMU $qver needs libraries this host lacks: $missing"
+        rm -rf "$qdir"
+        mv "$tmp/x" "$qdir"
+        rm -rf "$tmp"
+        trap - EXIT
+    fi
+    qemu=$qdir/usr/bin/qemu-system-x86_64
+    # Its own option ROMs, and the host's SeaBIOS (what Debian links in).
+    qemu_args=(-L "$qdir/usr/share/qemu" -L /usr/share/seabios)
+fi
+"$qemu" --version >/dev/null 2>&1 || die "$qemu does not run"
+
 if [ "$prepare" = 1 ]; then
     echo "$dir"
     exit 0
@@ -133,10 +193,10 @@ fi
 # panics once its watchdog notices (about 20 s) and, with panic=-1 and
 # -no-reboot, QEMU exits: "L1 stopped before COMMAND finished" instead of
 # an idle L1 holding the run for the whole timeout.
-timeout --foreground -k 10 "$timeout" qemu-system-x86_64 \
+timeout --foreground -k 10 "$timeout" "$qemu" "${qemu_args[@]}" \
     -M q35,accel=tcg -cpu max -smp "$cpus" -m "$memory" \
     -kernel "$dir/vmlinuz" -initrd "$dir/l1.cpio" \
-    -append "console=ttyS0 quiet loglevel=4 panic=-1 softlockup_panic=1 rdinit=/init" \
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 softlockup_panic=1 rdinit=/init ${RUNV_L1_APPEND:-}" \
     -display none -serial stdio -monitor none -no-reboot -nodefaults \
     -virtfs local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap \
     -virtfs local,path="$run",mount_tag=l1run,security_model=passthrough \

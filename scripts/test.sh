@@ -107,8 +107,11 @@ killed_runv_leaves_no_helper_running"
 # (`runv check` first in the first; each L1 probes KVM once, cached on its
 # tmpfs).
 #
-# Known and not yet root-caused (#15): now and then a nested guest dies or
-# stalls under L1's emulated SVM: the agent's connection ends with "early
+# Known (#15): now and then a nested guest dies or stalls under L1's
+# emulated SVM. Under Debian 12's QEMU 7.2 the same emulation crashed L1's
+# own kernel (scripts/l1/README.md, "Which QEMU runs L1"), so L1 now runs on
+# bookworm-backports' QEMU 10.0; the retries below stay, loud and counted,
+# to show whether it still happens: the agent's connection ends with "early
 # eof", the VM "exited while booting", the agent never answers or misses
 # an agent call's 10 s deadline, a command in the guest stalls past its
 # ExecSync timeout ("did not finish within"), a running guest is reset by its vCPU
@@ -174,13 +177,20 @@ rm -f "$l1_out"
 # Every benchmark once, in a short form (tests/bench/; run them with
 # their default sizes on demand). Their figures are printed, not judged;
 # the fault matrix and the concurrent starts fail on a leak, a hang or a
-# failed case. The L1 comparison (tests/bench/l1.sh) boots L1 again and
-# is left to on-demand runs.
+# failed case. The L1 comparison (tests/bench/l1.sh: the built-in VMM
+# against QEMU/KVM in one L1) runs once, one boot each (about 3 minutes).
 echo "==> benchmarks, short forms (tests/bench/)" >&2
-for bench in "run.sh 1" "vmm.sh 2" "pod.sh 1" "cri.sh 1" "net.sh 1 4" "faults.sh short" "concurrent.sh 4" "conformance.sh"; do
+for bench in "run.sh 1" "vmm.sh 2" "pod.sh 1" "cri.sh 1" "net.sh 1 4" "faults.sh short" "concurrent.sh 4" "conformance.sh" "l1.sh 1"; do
     echo "==> tests/bench/$bench" >&2
     # shellcheck disable=SC2086
     if ! timeout -k 10 900 tests/bench/$bench 2>&1 | tee -a "$log"; then
+        # The L1 comparison gets one more L1 when the first failed, as a
+        # test binary in L1 does (above), loudly.
+        # shellcheck disable=SC2086
+        if [ "${bench%% *}" = l1.sh ] && echo "FLAKY: tests/bench/$bench failed in L1; rerunning it in a fresh L1" | tee -a "$log" \
+            && timeout -k 10 900 tests/bench/$bench 2>&1 | tee -a "$log"; then
+            continue
+        fi
         echo "FAILED: tests/bench/$bench" | tee -a "$log" >&2
         status=1
     fi

@@ -3,8 +3,10 @@
 //! containers in one microVM (the shim, QEMU, virtiofsd: all real), ExecSync,
 //! Exec and Attach over the streaming server's WebSocket, CRI logs, stats, a
 //! restart of `runv cri` in the middle, stop and remove, and nothing left
-//! behind; and a pod on a CNI bridge, reached from the host and through
-//! PortForward.
+//! behind; a pod on a CNI bridge, reached from the host and through
+//! PortForward; and a pod whose NIC is rate-limited (`net_rx_rate_limit`,
+//! `net_tx_rate_limit`): held to the limit both ways on the built-in VMM
+//! (in the L1 rig), refused with the keys named on QEMU.
 //! Needs root, the installed guest and docker-registry; skips with a
 //! printed reason otherwise.
 
