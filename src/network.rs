@@ -325,7 +325,9 @@ fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     // struct ifreq: the name, then a short of flags.
     let mut ifreq = [0u8; 40];
     ifreq[..name.len()].copy_from_slice(name.as_bytes());
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // A vnet header on every frame: checksum and segmentation offloads
+    // between the guest and the host kernel (both VMMs use it).
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifreq` is
     // large enough to hold; the descriptor is ours.

@@ -109,9 +109,20 @@ fn a_veth_is_bridged_to_a_tap_both_ways_and_the_guest_is_told_its_config() {
     let neigh: Vec<_> = g.neighbors.iter().map(|n| format!("{} {} {}", n.address, n.mac, n.device)).collect();
     assert_eq!(neigh, ["10.251.0.9 02:00:00:00:00:09 eth0"]);
 
+    // The tap carries a vnet header (offloads for either VMM):
+    // `virtio_net_hdr`, 10 bytes until a VMM sets its own size.
+    let fd = dev.tap.as_raw_fd();
+    let mut ifreq = [0u8; 40];
+    // SAFETY: TUNGETIFF writes a struct ifreq, which `ifreq` can hold.
+    assert_eq!(unsafe { libc::ioctl(fd, 0x8004_54d2, ifreq.as_mut_ptr()) }, 0);
+    let flags = i32::from(i16::from_ne_bytes([ifreq[16], ifreq[17]]));
+    assert_eq!(
+        flags & (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR),
+        libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR
+    );
+
     // Traffic from the host to the pod IP comes out of the tap (the ARP
     // request for 10.251.0.2), and a frame written to the tap leaves by eth0.
-    let fd = dev.tap.as_raw_fd();
     let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
     udp.send_to(b"hello", "10.251.0.2:9").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
@@ -127,9 +138,10 @@ fn a_veth_is_bridged_to_a_tap_both_ways_and_the_guest_is_told_its_config() {
     };
     assert_eq!(&arp[38..42], &[10, 251, 0, 2], "asking for the pod IP: {arp:02x?}");
     let before = rx_packets(&pod.host_if);
-    let mut reply = vec![0xffu8; 6];
+    let mut reply = vec![0u8; VNET_HDR];
+    reply.extend_from_slice(&[0xffu8; 6]);
     reply.extend_from_slice(&[0x02, 0x42, 0x0a, 0xfb, 0x00, 0x02, 0x88, 0xb5]);
-    reply.resize(60, 0);
+    reply.resize(VNET_HDR + 60, 0);
     // SAFETY: writing a buffer we own to the tap descriptor.
     let n = unsafe { libc::write(fd, reply.as_ptr().cast(), reply.len()) };
     assert_eq!(n, reply.len() as isize);
@@ -143,6 +155,10 @@ fn a_veth_is_bridged_to_a_tap_both_ways_and_the_guest_is_told_its_config() {
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
 }
 
+/// The tap's vnet header before a VMM sets its size: `virtio_net_hdr`.
+const VNET_HDR: usize = 10;
+
+/// The next frame from the tap, without its vnet header.
 fn read_frame(fd: i32, timeout: Duration) -> Option<Vec<u8>> {
     let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     // SAFETY: one pollfd we own.
@@ -152,7 +168,7 @@ fn read_frame(fd: i32, timeout: Duration) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 2048];
     // SAFETY: reading into a buffer we own.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    (n > 0).then(|| buf[..n as usize].to_vec())
+    (n > VNET_HDR as isize).then(|| buf[VNET_HDR..n as usize].to_vec())
 }
 
 fn rx_packets(dev: &str) -> u64 {

@@ -47,9 +47,16 @@ fuzz_target!(|data: &[u8]| {
         1 => {
             let _ = host.send(&image[..image.len().min(1514)]);
             let tap = std::fs::File::from(std::os::fd::OwnedFd::from(tap));
-            // Limited both ways, so frames over a limit go back to their queue too.
+            // Limited both ways, so frames over a limit go back to their queue
+            // too; bare frames or, half the time, vnet headers and offloads
+            // (the guest's headers checked against what it acked).
             let limits = RateLimits { rx: Some(1 << 20), tx: Some(64 << 10) };
-            Box::new(Net::new(tap, Mac([2, 0, 0, 0, 0, 1]), limits).unwrap())
+            let mac = Mac([2, 0, 0, 0, 0, 1]);
+            if data[0] & 0x40 != 0 {
+                Box::new(Net::with_vnet_header(tap, mac, limits).unwrap())
+            } else {
+                Box::new(Net::new(tap, mac, limits).unwrap())
+            }
         }
         _ => Box::new(Vsock::new(3, &dir.path().join("v.sock")).unwrap()),
     };

@@ -197,7 +197,10 @@ pub fn allowed(role: Role) -> Vec<Allow> {
                 libc::SYS_accept4,
                 libc::SYS_accept,
             ]));
-            v.push(ioctl(true));
+            let (nr, mut rules) = ioctl(true);
+            // virtio-net's activation: the tap's offloads, as the guest acked them.
+            rules.push(vec![(1, Op::Eq, crate::vmm::devices::virtio::net::TUNSETOFFLOAD)]);
+            v.push((nr, rules));
             v.push(unix_socket());
         }
         Role::VsockWorker => {

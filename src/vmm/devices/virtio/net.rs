@@ -1,8 +1,19 @@
 //! virtio-net on a tap (virtio 1.1, 5.1): one rx and one tx queue in front
 //! of a tap queue the VMM inherits, already bridged to the pod's interface
-//! by the host (`crate::network`). No offloads are offered, so every frame
-//! is one Ethernet frame of at most the link's MTU and the 12-byte
-//! `virtio_net_hdr_v1` in front of it is all zeros (num_buffers 1).
+//! by the host (`crate::network`).
+//!
+//! Offloads: the host opens the tap with a vnet header (`IFF_VNET_HDR`),
+//! whose layout is the 12-byte `virtio_net_hdr_v1` in front of every guest
+//! frame, so checksum offload and TCP segmentation (TSO) both ways pass
+//! through as the header says: the guest may hand over a 64 KiB TCP
+//! segment with its checksum left to do, which the host kernel segments
+//! (or, on a local path, never needs to), and the tap may hand the guest
+//! such segments once the guest acked it can take them (`TUNSETOFFLOAD`).
+//! A guest header asking for an offload the guest did not negotiate is
+//! dropped here; the host kernel checks the rest of it (the tap's
+//! `virtio_net_hdr_to_skb`), as it does for QEMU and vhost-net. On a tap
+//! without a vnet header, no offloads are offered: every frame is one
+//! Ethernet frame and the header the guest sees is zeros (num_buffers 1).
 //!
 //! The guest's frames are written to the tap when it notifies the tx queue
 //! (on the vCPU thread); a worker thread reads the tap and fills rx buffers
@@ -34,6 +45,21 @@ const QUEUE_SIZE: u16 = 256;
 const RX: u16 = 0;
 const TX: u16 = 1;
 
+/// The device takes frames with a partial checksum (the guest's tx).
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+/// The guest takes frames with a partial checksum (its rx).
+const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+/// What a vnet-header tap lets the device offer.
+const OFFLOADS: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6;
 /// The device has a MAC address in its config space.
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 /// The config space has a link status.
@@ -42,9 +68,35 @@ const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
 /// `struct virtio_net_hdr_v1` (VERSION_1 always has `num_buffers`).
 pub const NET_HDR_SIZE: usize = 12;
-/// The largest frame taken from either side: a tap never carries more
-/// than 64 KiB, and without offloads a frame is at most the MTU anyway.
-pub const MAX_FRAME: usize = 65535;
+/// `virtio_net_hdr.flags`: the checksum from csum_start is left to do.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `virtio_net_hdr.gso_type` values.
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+/// The largest frame taken from either side: a TCP segment of 64 KiB
+/// (the most Linux hands a device, with or without offloads) and its
+/// Ethernet header, a VLAN tag included.
+pub const MAX_FRAME: usize = 65536 + 18;
+
+/// TUNSETOFFLOAD, TUNSETVNETHDRSZ and TUNGETIFF (linux/if_tun.h).
+pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+
+/// What travels on the tap descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    /// Bare Ethernet frames: no offloads.
+    Raw,
+    /// `virtio_net_hdr_v1` and the frame; `tap`: the descriptor is a real
+    /// tap, whose offloads are set with TUNSETOFFLOAD (else a test's
+    /// datagram socket).
+    VnetHdr { tap: bool },
+}
 
 /// A MAC address, as `02:42:0a:00:00:05`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +152,9 @@ struct Active {
     rx: Queue,
     tx: Queue,
     interrupt: Interrupt,
+    wire: Wire,
+    /// The features the guest acked.
+    acked: u64,
     rx_limit: Option<TokenBucket>,
     tx_limit: Option<TokenBucket>,
     /// When the tx bucket lets the next guest frame go.
@@ -109,6 +164,7 @@ struct Active {
 pub struct Net {
     mac: Mac,
     limits: RateLimits,
+    wire: Wire,
     tap: Arc<File>,
     active: Arc<Mutex<Option<Active>>>,
     counters: Arc<NetCounters>,
@@ -116,14 +172,38 @@ pub struct Net {
 }
 
 impl Net {
-    /// A NIC with `mac` on `tap`, which must be a tap queue (or, in tests,
-    /// anything that keeps message boundaries) opened without a vnet
-    /// header; it is made non-blocking.
+    /// A NIC with `mac` on `tap`, a tap queue (or, in tests, anything that
+    /// keeps message boundaries, carrying bare frames); it is made
+    /// non-blocking. A tap opened with a vnet header gets its header size
+    /// set to `NET_HDR_SIZE` and the device offers offloads.
     pub fn new(tap: File, mac: Mac, limits: RateLimits) -> std::io::Result<Self> {
+        let wire = match tap_flags(&tap) {
+            Ok(flags) if flags & libc::IFF_VNET_HDR != 0 => {
+                let size = NET_HDR_SIZE as libc::c_int;
+                // SAFETY: TUNSETVNETHDRSZ reads an int we own.
+                if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETVNETHDRSZ as _, &size) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Wire::VnetHdr { tap: true }
+            }
+            _ => Wire::Raw,
+        };
+        Self::on_wire(tap, mac, limits, wire)
+    }
+
+    /// A NIC whose descriptor carries `virtio_net_hdr_v1` and the frame
+    /// without being a tap (tests and fuzzing: the offload path with a
+    /// datagram socket for a tap).
+    pub fn with_vnet_header(file: File, mac: Mac, limits: RateLimits) -> std::io::Result<Self> {
+        Self::on_wire(file, mac, limits, Wire::VnetHdr { tap: false })
+    }
+
+    fn on_wire(tap: File, mac: Mac, limits: RateLimits, wire: Wire) -> std::io::Result<Self> {
         set_nonblocking(&tap)?;
         Ok(Self {
             mac,
             limits,
+            wire,
             tap: Arc::new(tap),
             active: Arc::default(),
             counters: Arc::default(),
@@ -180,7 +260,12 @@ fn send_frames(a: &mut Active, tap: &File, counters: &NetCounters) {
                         frame.resize(len, 0);
                         reader.read_exact(&mut frame).is_ok()
                     }
-                    && (&*tap).write(&frame[NET_HDR_SIZE..]).is_ok()
+                    && match a.wire {
+                        Wire::Raw => (&*tap).write(&frame[NET_HDR_SIZE..]).is_ok(),
+                        Wire::VnetHdr { .. } => {
+                            header_negotiated(&frame[..NET_HDR_SIZE], a.acked) && (&*tap).write(&frame).is_ok()
+                        }
+                    }
             }
             Err(_) => false,
         };
@@ -194,6 +279,46 @@ fn send_frames(a: &mut Active, tap: &File, counters: &NetCounters) {
     }
 }
 
+/// Whether a guest's tx header asks only for offloads it negotiated: a
+/// partial checksum needs CSUM, a TCP segment HOST_TSO4/6 (and CSUM, as
+/// the spec requires); ECN and UDP segments are never offered.
+fn header_negotiated(hdr: &[u8], acked: u64) -> bool {
+    let (flags, gso) = (hdr[0], hdr[1]);
+    let csum_ok = flags & !HDR_F_NEEDS_CSUM == 0 && (flags & HDR_F_NEEDS_CSUM == 0 || acked & VIRTIO_NET_F_CSUM != 0);
+    let gso_ok = match gso {
+        GSO_NONE => true,
+        GSO_TCPV4 => acked & VIRTIO_NET_F_HOST_TSO4 != 0,
+        GSO_TCPV6 => acked & VIRTIO_NET_F_HOST_TSO6 != 0,
+        _ => false,
+    };
+    csum_ok && gso_ok && (gso == GSO_NONE || flags & HDR_F_NEEDS_CSUM != 0)
+}
+
+/// The tap's TUNSETOFFLOAD flags for what the guest acked it can take.
+fn tap_offloads(acked: u64) -> libc::c_uint {
+    if acked & VIRTIO_NET_F_GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut f = TUN_F_CSUM;
+    if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+        f |= TUN_F_TSO4;
+    }
+    if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+        f |= TUN_F_TSO6;
+    }
+    f
+}
+
+/// The TUNGETIFF flags of `fd`, if it is a tun/tap queue.
+fn tap_flags(fd: &File) -> std::io::Result<i32> {
+    let mut ifreq = [0u8; 40];
+    // SAFETY: TUNGETIFF writes a struct ifreq, which `ifreq` can hold.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF as _, ifreq.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(i32::from(i16::from_ne_bytes([ifreq[16], ifreq[17]])))
+}
+
 fn set_nonblocking(f: &File) -> std::io::Result<()> {
     // SAFETY: fcntl on a descriptor we own, with integer arguments.
     let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
@@ -203,29 +328,23 @@ fn set_nonblocking(f: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Puts `frame` in the next rx buffer. Returns false when the guest has
-/// posted none (the frame waits); a buffer too small for it gets nothing
-/// and the frame is dropped.
-fn deliver(a: &mut Active, frame: &[u8], counters: &NetCounters) -> bool {
+/// Puts `packet` (the header and the frame) in the next rx buffer. Returns
+/// false when the guest has posted none (the packet waits); a buffer too
+/// small for it gets nothing and the packet is dropped.
+fn deliver(a: &mut Active, packet: &[u8], counters: &NetCounters) -> bool {
     let mem = a.mem.clone();
     let Some(chain) = a.rx.pop_descriptor_chain(&mem) else { return false };
     let head = chain.head_index();
-    let used = match Writer::new(&mem, chain) {
-        Ok(mut w) if w.available_bytes() >= NET_HDR_SIZE + frame.len() => {
-            let mut hdr = [0u8; NET_HDR_SIZE];
-            hdr[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
-            if w.write_all(&hdr).is_ok() && w.write_all(frame).is_ok() {
-                counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                (NET_HDR_SIZE + frame.len()) as u32
-            } else {
-                counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                0
-            }
-        }
-        _ => {
-            counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-            0
-        }
+    let written = match Writer::new(&mem, chain) {
+        Ok(mut w) => w.available_bytes() >= packet.len() && w.write_all(packet).is_ok(),
+        Err(_) => false,
+    };
+    let used = if written {
+        counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+        packet.len() as u32
+    } else {
+        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+        0
     };
     let _ = a.rx.add_used(&mem, head, used);
     true
@@ -233,7 +352,11 @@ fn deliver(a: &mut Active, frame: &[u8], counters: &NetCounters) -> bool {
 
 fn rx_worker(tap: Arc<File>, active: Arc<Mutex<Option<Active>>>, counters: Arc<NetCounters>, signals: WorkerSignals) {
     crate::vmm::seccomp::enter(crate::vmm::seccomp::Role::NetWorker);
-    let mut buf = vec![0u8; MAX_FRAME];
+    // The header, then the frame: a vnet-header tap fills both (all but
+    // num_buffers, which is always 1 here); a bare one the frame alone,
+    // behind a zero header.
+    let mut buf = vec![0u8; NET_HDR_SIZE + MAX_FRAME];
+    buf[10..12].copy_from_slice(&1u16.to_le_bytes());
     // A frame read from the tap that waits for an rx buffer or the rx
     // limit, and whether its tokens are taken.
     let mut pending: Option<(usize, bool)> = None;
@@ -266,19 +389,25 @@ fn rx_worker(tap: Arc<File>, active: Arc<Mutex<Option<Active>>>, counters: Arc<N
         }
         rx_blocked_until = None;
         let mut delivered = false;
+        let start = if a.wire == Wire::Raw { NET_HDR_SIZE } else { 0 };
         loop {
+            // `len`: the packet's, the header included.
             let (len, mut paid) = match pending.take() {
                 Some(p) => p,
-                None => match (&*tap).read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => (n, false),
+                None => match (&*tap).read(&mut buf[start..]) {
+                    Ok(n) if start + n > NET_HDR_SIZE => {
+                        buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                        (start + n, false)
+                    }
+                    Ok(_) | Err(_) => break,
                 },
             };
+            let frame_len = (len - NET_HDR_SIZE) as u64;
             if let Some(bucket) = a.rx_limit.as_mut().filter(|_| !paid) {
                 let now = Instant::now();
-                if !bucket.take(len as u64, now) {
+                if !bucket.take(frame_len, now) {
                     counters.rx_throttled.fetch_add(1, Ordering::Relaxed);
-                    rx_blocked_until = Some(now + bucket.wait_for(len as u64, now));
+                    rx_blocked_until = Some(now + bucket.wait_for(frame_len, now));
                     pending = Some((len, false));
                     break;
                 }
@@ -314,7 +443,11 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        let base = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
+        match self.wire {
+            Wire::Raw => base,
+            Wire::VnetHdr { .. } => base | OFFLOADS,
+        }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -327,7 +460,13 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn activate(&mut self, mem: Mem, queues: Vec<Queue>, interrupt: Interrupt, _: u64) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: Mem,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+        acked: u64,
+    ) -> Result<(), ActivateError> {
         let mut q = queues.into_iter();
         let (Some(rx), Some(tx)) = (q.next(), q.next()) else {
             return Err(ActivateError::Device("virtio-net needs its rx and tx queues".into()));
@@ -335,12 +474,23 @@ impl VirtioDevice for Net {
         if !rx.ready() || !tx.ready() {
             return Err(ActivateError::BadQueue(if rx.ready() { 1 } else { 0 }));
         }
+        if self.wire == (Wire::VnetHdr { tap: true }) {
+            // What the tap may hand the guest: only what the guest acked.
+            let offloads = tap_offloads(acked);
+            // SAFETY: TUNSETOFFLOAD takes its flags by value.
+            if unsafe { libc::ioctl(self.tap.as_raw_fd(), TUNSETOFFLOAD as _, offloads) } < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(ActivateError::Device(format!("setting the tap's offloads: {e}")));
+            }
+        }
         let now = Instant::now();
         *Self::lock(&self.active) = Some(Active {
             mem,
             rx,
             tx,
             interrupt,
+            wire: self.wire,
+            acked,
             rx_limit: self.limits.rx.map(|rate| TokenBucket::new(rate, now)),
             tx_limit: self.limits.tx.map(|rate| TokenBucket::new(rate, now)),
             tx_blocked_until: None,
@@ -366,21 +516,16 @@ impl VirtioDevice for Net {
     }
 }
 
-/// Whether `fd` is a tap queue without a vnet header, as the VMM needs:
-/// the flags TUNGETIFF reports, or why not.
+/// Whether `fd` is a tap queue as the VMM needs (IFF_NO_PI; with
+/// IFF_VNET_HDR, offloads are offered): the flags TUNGETIFF reports, or
+/// why not.
 pub fn check_tap(fd: &File) -> Result<(), String> {
-    const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-    let mut ifreq = [0u8; 40];
-    // SAFETY: TUNGETIFF writes a struct ifreq, which `ifreq` can hold.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF as _, ifreq.as_mut_ptr()) } < 0 {
-        return Err(format!("not a tap queue ({})", std::io::Error::last_os_error()));
-    }
-    let flags = i32::from(i16::from_ne_bytes([ifreq[16], ifreq[17]]));
+    let flags = tap_flags(fd).map_err(|e| format!("not a tap queue ({e})"))?;
     if flags & libc::IFF_TAP == 0 {
         return Err("a tun device, not a tap: virtio-net carries Ethernet frames".into());
     }
-    if flags & libc::IFF_VNET_HDR != 0 || flags & libc::IFF_NO_PI == 0 {
-        return Err("the tap must be opened with IFF_NO_PI and without IFF_VNET_HDR".into());
+    if flags & libc::IFF_NO_PI == 0 {
+        return Err("the tap must be opened with IFF_NO_PI".into());
     }
     Ok(())
 }
@@ -417,6 +562,15 @@ mod tests {
     }
 
     fn rig_limited(mem: &Mem, rx_buffers: u16, rx_len: u32, limits: RateLimits) -> Rig<'_> {
+        rig_on(mem, rx_buffers, rx_len, limits, None)
+    }
+
+    /// As `rig`, on a vnet-header wire, the guest having acked `acked`.
+    fn rig_vnet(mem: &Mem, rx_buffers: u16, rx_len: u32, acked: u64) -> Rig<'_> {
+        rig_on(mem, rx_buffers, rx_len, RateLimits::default(), Some(acked))
+    }
+
+    fn rig_on(mem: &Mem, rx_buffers: u16, rx_len: u32, limits: RateLimits, vnet_acked: Option<u64>) -> Rig<'_> {
         let rx = MockSplitQueue::create(mem, GuestAddress(0), 16);
         let tx = MockSplitQueue::create(mem, GuestAddress(0x8000), 16);
         let bufs: Vec<_> =
@@ -424,9 +578,13 @@ mod tests {
         rx.add_desc_chains(&bufs, 0).unwrap();
         let (host, vmm) = UnixDatagram::pair().unwrap();
         let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let mut dev = Net::new(File::from(std::os::fd::OwnedFd::from(vmm)), MAC, limits).unwrap();
-        dev.activate(mem.clone(), vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()], irq.clone(), 0)
-            .unwrap();
+        let file = File::from(std::os::fd::OwnedFd::from(vmm));
+        let mut dev = match vnet_acked {
+            None => Net::new(file, MAC, limits).unwrap(),
+            Some(_) => Net::with_vnet_header(file, MAC, limits).unwrap(),
+        };
+        let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+        dev.activate(mem.clone(), queues, irq.clone(), vnet_acked.unwrap_or(0)).unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         Rig { mem, rx, tx, dev, irq, host }
     }
@@ -610,6 +768,118 @@ mod tests {
         assert!(c.tx_throttled.load(Ordering::Relaxed) > 0);
     }
 
+    /// A `virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size,
+    /// csum_start, csum_offset (num_buffers 0, as a driver sends it).
+    fn hdr(flags: u8, gso: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> Vec<u8> {
+        let mut h = vec![flags, gso];
+        for v in [54u16, gso_size, csum_start, csum_offset, 0] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        h
+    }
+
+    #[test]
+    fn on_a_vnet_wire_offloads_are_offered_and_headers_pass_both_ways() {
+        let acked = VIRTIO_F_VERSION_1 | OFFLOADS;
+        let m = mem();
+        let mut r = rig_vnet(&m, 2, 0x1_0000, acked);
+        assert_eq!(r.dev.features() & OFFLOADS, OFFLOADS);
+        // A 32 KiB TCP segment whose checksum is left to the host.
+        let mut packet = hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16);
+        packet.extend_from_slice(&frame(32 << 10, 0x11));
+        r.send(0, &packet);
+        let mut got = vec![0u8; 64 << 10];
+        let n = r.host.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &packet[..], "header and frame reach the tap as the guest wrote them");
+        // And the other way: the tap's header (DATA_VALID) reaches the
+        // guest with num_buffers 1.
+        let mut from_tap = hdr(2, GSO_TCPV4, 1448, 0, 0);
+        from_tap.extend_from_slice(&frame(40 << 10, 0x22));
+        r.host.send(&from_tap).unwrap();
+        let rx = r.wait_received(1);
+        let mut want = from_tap.clone();
+        want[10] = 1;
+        assert_eq!(rx[0].0 as usize, want.len());
+        assert_eq!(rx[0].1, want);
+    }
+
+    #[test]
+    fn a_guest_header_asking_for_what_it_did_not_negotiate_is_dropped() {
+        // Checksum offload acked, segmentation not.
+        let acked = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_CSUM;
+        let m = mem();
+        let mut r = rig_vnet(&m, 0, 0, acked);
+        let f = frame(1514, 0x33);
+        let with = |h: Vec<u8>| [h, f.clone()].concat();
+        r.send(0, &with(hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16))); // TSO not acked
+        r.send(1, &with(hdr(HDR_F_NEEDS_CSUM, 0x80 | GSO_TCPV4, 1448, 34, 16))); // ECN never offered
+        r.send(2, &with(hdr(2, GSO_NONE, 0, 0, 0))); // DATA_VALID is the device's
+        r.send(3, &with(hdr(0, 3, 1448, 0, 0))); // UDP segmentation never offered
+        let good = with(hdr(HDR_F_NEEDS_CSUM, GSO_NONE, 0, 34, 16));
+        r.send(4, &good);
+        let mut got = vec![0u8; 4096];
+        let n = r.host.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &good[..]);
+        r.host.set_nonblocking(true).unwrap();
+        assert!(r.host.recv(&mut got).is_err(), "only the negotiated frame reaches the tap");
+        let c = r.dev.counters();
+        assert_eq!((c.tx_frames.load(Ordering::Relaxed), c.tx_dropped.load(Ordering::Relaxed)), (1, 4));
+        assert_eq!(r.tx.used().idx().load(), 5);
+    }
+
+    #[test]
+    fn the_tap_offloads_follow_what_the_guest_acked() {
+        assert_eq!(tap_offloads(VIRTIO_NET_F_GUEST_TSO4), 0, "TSO without checksum offload is nothing");
+        assert_eq!(tap_offloads(VIRTIO_NET_F_GUEST_CSUM), TUN_F_CSUM);
+        assert_eq!(
+            tap_offloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        );
+    }
+
+    /// A non-persistent tap in this network namespace (root), with or
+    /// without a vnet header; None where taps cannot be made.
+    fn real_tap(vnet: bool) -> Option<File> {
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").ok()?;
+        let mut ifreq = [0u8; 40];
+        ifreq[..10].copy_from_slice(b"rvnettst%d");
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+        if vnet {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        ifreq[16..18].copy_from_slice(&(flags as i16).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes the struct ifreq we own.
+        (unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) } == 0).then_some(f)
+    }
+
+    #[test]
+    fn a_vnet_tap_gets_the_header_size_and_the_acked_offloads_and_a_plain_one_none() {
+        let (Some(vnet), Some(plain)) = (real_tap(true), real_tap(false)) else {
+            eprintln!("SKIP a_vnet_tap_gets_the_header_size_and_the_acked_offloads_and_a_plain_one_none: cannot make a tap here (needs root and /dev/net/tun)");
+            return;
+        };
+        assert!(check_tap(&vnet).is_ok() && check_tap(&plain).is_ok());
+        let fd = vnet.as_raw_fd();
+        let mut dev = Net::new(vnet, MAC, RateLimits::default()).unwrap();
+        assert_eq!(dev.features() & OFFLOADS, OFFLOADS);
+        let mut size: libc::c_int = 0;
+        const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
+        // SAFETY: TUNGETVNETHDRSZ writes an int we own.
+        assert_eq!(unsafe { libc::ioctl(fd, TUNGETVNETHDRSZ as _, &mut size) }, 0);
+        assert_eq!(size as usize, NET_HDR_SIZE);
+        let m = mem();
+        let rx = MockSplitQueue::create(&m, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let acked = VIRTIO_F_VERSION_1 | OFFLOADS;
+        dev.activate(m.clone(), vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()], irq, acked)
+            .expect("the tap takes the offloads the guest acked");
+        dev.reset();
+        let dev = Net::new(plain, MAC, RateLimits::default()).unwrap();
+        assert_eq!(dev.features() & OFFLOADS, 0, "a tap without a vnet header offers no offloads");
+    }
+
     #[test]
     fn macs_parse_or_say_why_not() {
         assert_eq!("02:42:0a:00:00:05".parse::<Mac>().unwrap(), MAC);
@@ -619,7 +889,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_plain_tap_is_taken() {
+    fn only_a_tap_is_taken() {
         let (_, vmm) = UnixDatagram::pair().unwrap();
         let e = check_tap(&File::from(std::os::fd::OwnedFd::from(vmm))).unwrap_err();
         assert!(e.contains("not a tap"), "{e}");
