@@ -553,7 +553,30 @@ fn copy_out(agent: AgentClient, cid: &str, eid: &str, path: &str, stderr: bool) 
                 break;
             }
         }
+        // Opened read-write, the FIFO keeps what was written only while it
+        // is open: closing it before containerd's reader has opened it (a
+        // short exec right after a containerd restart, or under load) lost
+        // the whole output. Close once the reader has taken it all, or
+        // after OUTPUT_DRAIN_LIMIT (a reader that never comes).
+        let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_LIMIT;
+        while fifo_unread(&out) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }))
+}
+
+/// How long a finished process's output waits in its FIFO for containerd
+/// to read it.
+const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Bytes written to a FIFO and not yet read (0 when that cannot be told).
+fn fifo_unread(fifo: &impl std::os::fd::AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes an int we own; the descriptor is open.
+    if unsafe { libc::ioctl(fifo.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return 0;
+    }
+    n.max(0) as usize
 }
 
 /// Streams containerd's stdin FIFO into the guest process. CloseIO (not
@@ -1098,5 +1121,26 @@ impl TaskService {
         if let Some(p) = state.containers.get_mut(container_id).and_then(|c| c.processes.get_mut("")) {
             p.status = status;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_left_in_a_fifo_is_counted_until_a_reader_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut out = tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_sender(&path).unwrap();
+        assert_eq!(fifo_unread(&out), 0);
+        tokio::io::AsyncWriteExt::write_all(&mut out, b"still here\n").await.unwrap();
+        assert_eq!(fifo_unread(&out), 11, "what no reader took yet");
+        let mut reader = std::fs::File::open(&path).unwrap();
+        let mut got = [0u8; 11];
+        std::io::Read::read_exact(&mut reader, &mut got).unwrap();
+        assert_eq!(&got, b"still here\n");
+        assert_eq!(fifo_unread(&out), 0);
     }
 }
