@@ -149,8 +149,8 @@ pub struct VmmArgs {
     #[arg(long, value_name = "TAG")]
     pub fs_tag: Option<String>,
     /// A virtio-net device on tap queue N, which the VMM inherits open
-    /// (IFF_TAP|IFF_NO_PI, no vnet header), with the guest NIC's MAC
-    /// (repeatable).
+    /// (IFF_TAP|IFF_NO_PI; with IFF_VNET_HDR, checksum and segmentation
+    /// offloads are offered), with the guest NIC's MAC (repeatable).
     #[arg(long = "net", value_name = "fd=N,mac=MAC")]
     pub nets: Vec<NetArg>,
     /// Skip the seccomp filter and the capability drop (debugging only).
