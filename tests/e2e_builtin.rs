@@ -63,9 +63,11 @@ fn run_on_the_builtin_vmm_streams_output_stdin_and_the_exit_code() {
 
     let mut child = env.runv().args(["run", "--", "cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    child.stdin.take().unwrap().write_all(&data).unwrap();
+    // A runv that ends early breaks the pipe: its stderr says why, first.
+    let written = child.stdin.take().unwrap().write_all(&data);
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    written.expect("writing runv's stdin");
     assert_eq!(out.stdout, data);
 
     let left = env.settled_leftovers();

@@ -189,12 +189,12 @@ fn run_forwards_stdin_byte_for_byte() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        stdin.write_all(&data).unwrap();
-    });
+    // A runv that ends early breaks the pipe: its stderr says why, first.
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
     let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let written = writer.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    written.expect("writing runv's stdin");
     assert_eq!(stdout(&out).split_whitespace().collect::<Vec<_>>(), ["1048576", "done"]);
 
     let echo = env.runv().args(["run", "--", "cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
