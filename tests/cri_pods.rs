@@ -418,6 +418,13 @@ fn http_get_until(addr: &str, needle: &str, secs: u64) -> String {
     }
 }
 
+/// The pod's IP, as PodSandboxStatus reports it.
+async fn pod_ip(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str) -> String {
+    let req = PodSandboxStatusRequest { pod_sandbox_id: pod_id.into(), verbose: false };
+    let status = rt.pod_sandbox_status(req).await.unwrap().into_inner().status.unwrap();
+    status.network.unwrap().ip
+}
+
 /// A CNI configuration list: the bridge plugin on `bridge` as the gateway
 /// of 10.<SUBNET>.0.0/24, host-local addresses kept in `ipam_dir`.
 fn bridge_conflist(bridge: &str, subnet: u8, ipam_dir: &Path) -> serde_json::Value {
@@ -502,14 +509,7 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log()))
         .into_inner()
         .pod_sandbox_id;
-    let status = rt
-        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod_id.clone(), verbose: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
-    let ip = status.network.unwrap().ip;
+    let ip = pod_ip(&mut rt, &pod_id).await;
     assert!(ip.starts_with(&format!("10.{SUBNET}.0.")), "pod IP {ip:?}");
     let vms = common::cri::hypervisor::vm_processes(&cri.dir.path().to_string_lossy());
     assert_eq!(vms.len(), 1, "VMs for the pod: {vms:#?}");
@@ -684,14 +684,7 @@ async fn a_pod_nic_rate_limit_holds_both_ways_on_the_builtin_vmm_and_is_refused_
         return;
     }
     let pod_id = run.unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.log())).into_inner().pod_sandbox_id;
-    let status = rt
-        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod_id.clone(), verbose: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
-    let ip = status.network.unwrap().ip;
+    let ip = pod_ip(&mut rt, &pod_id).await;
     let script = format!(
         "mkdir -p /tmp/www && echo ready > /tmp/www/index.html && head -c {PAYLOAD} /dev/zero > /tmp/www/big \
          && exec httpd -f -p 8080 -h /tmp/www"
