@@ -117,7 +117,8 @@ killed_runv_leaves_no_helper_running"
 # ExecSync timeout ("did not finish within"), a running guest is reset by its vCPU
 # ("a triple fault" at the reset vector, nothing on its console; to the
 # caller "the sandbox VM ended (the guest shut down)", once under QEMU 10.0
-# too, in containerd_cri between RunPodSandbox and CreateContainer), or the
+# too, in containerd_cri between RunPodSandbox and CreateContainer; a VM
+# that vanished under e2e_run's jail check says "VM process alive: false"), or the
 # whole L1 stops making progress (a binary that not even SIGKILL ends, or
 # no process in L1 running at all: two whole L1 steps were lost to it when
 # every binary shared one L1). A binary whose L1 fails that way (L1 itself
@@ -129,7 +130,7 @@ killed_runv_leaves_no_helper_running"
 # ends an L1 whose heartbeat stops for 120 s or whose watchdog sees a soft
 # lockup, so an attempt lost to a stall costs minutes, not the 900 s
 # timeout.)
-l1_signature="socket err: early eof|exited while booting|sandbox VM ended (the guest shut down)|did not answer within|did not finish within|before its deadline|a triple fault|L1 did not finish|L1 stopped before|L1 stopped making progress"
+l1_signature="socket err: early eof|exited while booting|sandbox VM ended (the guest shut down)|VM process alive: false|did not answer within|did not finish within|before its deadline|a triple fault|L1 did not finish|L1 stopped before|L1 stopped making progress"
 # The whole step stays within 2700 s, whatever hangs: each L1 gets at
 # most 900 s and no more than what is left.
 l1_deadline=$((SECONDS + 2700))
