@@ -130,7 +130,7 @@ killed_runv_leaves_no_helper_running"
 # ends an L1 whose heartbeat stops for 120 s or whose watchdog sees a soft
 # lockup, so an attempt lost to a stall costs minutes, not the 900 s
 # timeout.)
-l1_signature="socket err: early eof|exited while booting|sandbox VM ended (the guest shut down)|VM process alive: false|did not answer within|did not finish within|before its deadline|a triple fault|L1 did not finish|L1 stopped before|L1 stopped making progress"
+l1_signature="socket err: early eof|exited while booting|sandbox VM ended \(the guest shut down\)|VM process alive: false|did not answer within|did not finish within|before its deadline|a triple fault|L1 did not finish|L1 stopped before|L1 stopped making progress"
 # The whole step stays within 2700 s, whatever hangs: each L1 gets at
 # most 900 s and no more than what is left.
 l1_deadline=$((SECONDS + 2700))
