@@ -145,11 +145,38 @@ impl Drop for HelperProcess {
     }
 }
 
-/// The last `lines` non-empty lines of a text file, joined by " | ".
+/// The most of a log tail that goes into an error message, in bytes: a
+/// guest console or a helper's log is written by a guest that may be
+/// hostile, and the message travels to clients and into containerd's logs.
+pub const LOG_TAIL_MAX: usize = 600;
+
+/// The last `lines` non-empty lines of a text file, joined by " | ", with
+/// control characters shown as '?' and at most `LOG_TAIL_MAX` bytes (the
+/// end is kept: it says what happened last).
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let kept: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    kept[kept.len().saturating_sub(lines)..].join(" | ")
+    // Only the end of the file can matter; a flooded log is not read whole.
+    let mut text = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        use std::io::{Read, Seek, SeekFrom};
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let _ = f.take(64 * 1024).read_to_end(&mut text);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let kept: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let joined = kept[kept.len().saturating_sub(lines)..].join(" | ");
+    if joined.len() <= LOG_TAIL_MAX {
+        return joined;
+    }
+    let mut start = joined.len() - LOG_TAIL_MAX;
+    while !joined.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &joined[start..])
 }
 
 /// Waits until `path` exists (a helper's socket), or the helper dies, or
@@ -332,5 +359,33 @@ mod identity_tests {
         assert!(!child.wait().unwrap().success());
         assert!(!id.is_alive());
         assert_eq!(ProcessIdentity::parse("1234"), None, "a bare pid is not an identity");
+    }
+}
+
+#[cfg(test)]
+mod log_tail_tests {
+    use super::*;
+
+    #[test]
+    fn a_log_tail_keeps_the_last_lines_and_hides_control_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "one\n\n  two  \nthree\x1b[2J\r\nfour\n").unwrap();
+        assert_eq!(log_tail(&path, 3), "two | three?[2J | four");
+        assert_eq!(log_tail(&dir.path().join("missing"), 3), "");
+    }
+
+    #[test]
+    fn attack_a_flooded_log_line_is_cut_to_its_end() {
+        println!("ATTACK a one-line console flood into an error message (unit): tried");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut flood = "é".repeat(1 << 20);
+        flood.push_str("Kernel panic - not syncing: the end\n");
+        std::fs::write(&path, flood).unwrap();
+        let tail = log_tail(&path, 5);
+        assert!(tail.len() <= LOG_TAIL_MAX + 3, "{} bytes", tail.len());
+        assert!(tail.starts_with("...") && tail.ends_with("Kernel panic - not syncing: the end"), "{tail}");
+        println!("ATTACK a one-line console flood into an error message (unit): held");
     }
 }

@@ -352,7 +352,7 @@ impl Sandbox {
             return self.fault.clone();
         }
         if let Some(exit) = self.hypervisor.try_exit() {
-            self.fault = Some(format!("the sandbox VM ended ({exit})"));
+            self.fault = Some(vm_end(&exit, &log_tail(&self.console_log, 3), &self.hypervisor.diagnostics()));
             return self.fault.clone();
         }
         let helper = match self.virtiofsd.as_mut().and_then(Virtiofsd::try_exit) {
@@ -400,6 +400,20 @@ impl Sandbox {
         exit
         // Drop removes the directory.
     }
+}
+
+/// How a running sandbox's VM ended, with what the guest's console and the
+/// VM process said last: a guest that panicked, or a vCPU that hit a triple
+/// fault, says so to the client rather than only in the sandbox's logs.
+fn vm_end(exit: &VmExit, console: &str, vmm: &str) -> String {
+    let mut why = format!("the sandbox VM ended ({exit}");
+    if !console.is_empty() {
+        why += &format!("; last console lines: {console}");
+    }
+    if !vmm.is_empty() {
+        why += &format!("; the VM process said: {vmm}");
+    }
+    why + ")"
 }
 
 impl Drop for Sandbox {
@@ -536,4 +550,19 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         crate::helper::create_private_dir_all(parent)?;
     }
     std::fs::DirBuilder::new().mode(0o700).create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_that_ended_says_what_its_console_and_its_vmm_said_last() {
+        assert_eq!(vm_end(&VmExit::GuestShutdown, "", ""), "the sandbox VM ended (the guest shut down)");
+        assert_eq!(
+            vm_end(&VmExit::GuestShutdown, "Kernel panic - not syncing: Attempted to kill init!", "vcpu0: shutdown exit"),
+            "the sandbox VM ended (the guest shut down; last console lines: Kernel panic - not syncing: \
+             Attempted to kill init!; the VM process said: vcpu0: shutdown exit)"
+        );
+    }
 }

@@ -473,10 +473,19 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, stop: &AtomicBoo
 /// bytes resolve the stop against System.map in seconds).
 fn describe_stop(vcpu: &VcpuFd, what: &str) -> String {
     match vcpu.get_regs() {
+        // AMD's KVM reinitialises the vCPU on a shutdown intercept (the
+        // VMCB is undefined after one), so the registers read back are the
+        // reset state, not where the guest faulted.
+        Ok(r) if r.rip == RESET_RIP => format!("{what}; the vCPU reads back in its reset state (rip {RESET_RIP:#x}), so where it faulted is lost"),
         Ok(r) => format!("{what} at rip {:#x} (rflags {:#x})", r.rip, r.rflags),
         Err(_) => what.to_string(),
     }
 }
+
+/// The instruction pointer of an x86 vCPU after RESET or INIT (with CS's
+/// base at 0xffff0000). The guest never runs there: the VMM enters the
+/// kernel in 64-bit mode.
+const RESET_RIP: u64 = 0xfff0;
 
 /// Guest RAM backed by one memfd, mapped shared (vhost-user backends map
 /// it too), laid out around the MMIO gap.

@@ -9,7 +9,10 @@
 #     whole PodFixed.
 # Prints every figure, `podFixed-builtin: X MiB`, and last `ratio: X`
 # (boot to agent ready, built-in / QEMU). Absolute times under nested TCG
-# mean little; ratios from one run do.
+# mean little; ratios from one run do. A nested guest dies or stalls now
+# and then on either backend: a failed boot, pod start or overhead
+# measurement is printed (FAILED BOOT/START/OVERHEAD), counted and taken
+# again, at most 3 times per backend.
 #
 # Usage: tests/bench/l1.sh [RUNS]   (default 5; needs scripts/install.sh, root)
 set -euo pipefail
@@ -44,22 +47,32 @@ qemu_boot() {
         -nodefaults -no-user-config -display none -no-reboot -serial "file:$work/qemu.console"
 }
 timed() { # command -> ms, or fails if the agent never said it was ready
-    local console=$work/$1.console t0 t1
+    local console=$work/$1.console t0 t1 status=0
     : >"$console"
     t0=$(now_ms)
     # A boot that hangs (seen under nested TCG) is a failure, not a wait.
     timeout 180 bash -c "$(declare -f "$1_boot"); cmdline='$cmdline' share='$share' release='$release' work='$work' $1_boot" \
-        >/dev/null 2>&1
-    [ $? != 124 ] || { echo "FAILED: $1 did not finish booting within 180 s" >&2; exit 1; }
+        >/dev/null 2>&1 || status=$?
+    [ "$status" != 124 ] || { echo "FAILED BOOT: $1 did not finish booting within 180 s" >&2; return 1; }
     t1=$(now_ms)
-    grep -q "runv-agent: probe ok" "$console" || { echo "FAILED: $1 did not reach the agent:" >&2; tail -n 5 "$console" >&2; exit 1; }
+    grep -q "runv-agent: probe ok" "$console" || { echo "FAILED BOOT: $1 did not reach the agent: $(tail -n 3 "$console" | tr '\n' ' ')" >&2; return 1; }
     echo $((t1 - t0))
+}
+# Under nested virtualization a guest now and then dies or stalls on either
+# backend (scripts/l1/README.md): a failed boot is printed and counted, and
+# the sample is taken again, at most 3 times per backend.
+declare -A failed=([builtin]=0 [qemu]=0)
+sample() { # backend -> sets ms, or exits after a fourth failed boot
+    until ms=$(timed "$1"); do
+        failed[$1]=$((failed[$1] + 1))
+        [ "${failed[$1]}" -le 3 ] || { echo "FAILED: $1 failed to boot more than 3 times" >&2; exit 1; }
+    done
 }
 builtin_boot >/dev/null 2>&1 || true; qemu_boot >/dev/null 2>&1 || true   # warm the page cache
 b_times=() q_times=()
 for i in $(seq "$runs"); do
-    b_times+=("$(timed builtin)")
-    q_times+=("$(timed qemu)")
+    sample builtin; b_times+=("$ms")
+    sample qemu; q_times+=("$ms")
     echo "run $i: built-in ${b_times[-1]} ms, qemu/kvm ${q_times[-1]} ms" >&2
 done
 b=$(printf '%s\n' "${b_times[@]}" | median)
@@ -77,14 +90,23 @@ part_mib() { # json part-name-prefix
 o = json.load(open(sys.argv[1]))
 print(round(sum(p["memory_kib"] for p in o["parts"] if p["name"].startswith(sys.argv[2])) / 1024, 1))' "$1" "$2"
 }
-overhead builtin "" >"$work/builtin.json"
-overhead qemu 'accel = "kvm"' >"$work/qemu.json"
+measure_overhead() { # backend extra-config: a failed measurement (a nested guest that died) is taken again, twice at most
+    local attempt
+    for attempt in 1 2 3; do
+        overhead "$1" "$2" >"$work/$1.json" && return 0
+        echo "FAILED OVERHEAD: runv overhead on $1 (attempt $attempt of 3)" >&2
+    done
+    exit 1
+}
+measure_overhead builtin ""
+measure_overhead qemu 'accel = "kvm"'
 total_mib() { python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["total_memory_kib"] / 1024, 1))' "$1"; }
 
 echo "== runv cri, each backend" >&2
 "$release/examples/cri_bench" "$runs" vmm | tee "$work/cri.txt" | grep -v '^ratio:'
 cri_ratio=$(awk '/^ratio:/ { print $2 }' "$work/cri.txt")
 
+echo "failed boots (retried): built-in VMM ${failed[builtin]}, QEMU/KVM ${failed[qemu]}"
 echo "boot to agent ready, built-in VMM (median of $runs): $b ms"
 echo "boot to agent ready, QEMU microvm accel=kvm (median of $runs): $q ms"
 echo "VMM process memory, runv-vmm: $(part_mib "$work/builtin.json" runv-vmm) MiB"

@@ -508,43 +508,65 @@ pub async fn time_pod_to_running(
     config: PodSandboxConfig,
     container: ContainerConfig,
 ) -> Duration {
+    try_time_pod_to_running(cri, handler, config, container).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `time_pod_to_running`, with a failed step returned as an error naming
+/// it; the pod, if it was made, is removed either way.
+pub async fn try_time_pod_to_running(
+    cri: &mut RuntimeServiceClient<Channel>,
+    handler: &str,
+    config: PodSandboxConfig,
+    container: ContainerConfig,
+) -> Result<Duration, String> {
     let started = Instant::now();
     let pod = cri
         .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() })
         .await
-        .expect("RunPodSandbox")
+        .map_err(|e| format!("RunPodSandbox: {}", e.message()))?
         .into_inner()
         .pod_sandbox_id;
-    let id = cri
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container),
-            sandbox_config: Some(config),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    cri.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
-    loop {
-        let status = cri
-            .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
+    let result = async {
+        let id = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container),
+                sandbox_config: Some(config),
+            })
             .await
-            .expect("ContainerStatus")
+            .map_err(|e| format!("CreateContainer: {}", e.message()))?
             .into_inner()
-            .status
-            .expect("a status");
-        if status.state == ContainerState::ContainerRunning as i32 {
-            break;
+            .container_id;
+        let running = async {
+            cri.start_container(StartContainerRequest { container_id: id.clone() })
+                .await
+                .map_err(|e| format!("StartContainer: {}", e.message()))?;
+            loop {
+                let status = cri
+                    .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                    .await
+                    .map_err(|e| format!("ContainerStatus: {}", e.message()))?
+                    .into_inner()
+                    .status
+                    .ok_or("ContainerStatus: no status")?;
+                if status.state == ContainerState::ContainerRunning as i32 {
+                    return Ok::<_, String>(started.elapsed());
+                }
+                if status.state == ContainerState::ContainerExited as i32 {
+                    return Err(format!("the container exited: {} {}", status.reason, status.message));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        .await;
+        let _ = cri.stop_container(StopContainerRequest { container_id: id.clone(), timeout: 0 }).await;
+        let _ = cri.remove_container(RemoveContainerRequest { container_id: id }).await;
+        running
     }
-    let elapsed = started.elapsed();
-    let _ = cri.stop_container(StopContainerRequest { container_id: id.clone(), timeout: 0 }).await;
-    let _ = cri.remove_container(RemoveContainerRequest { container_id: id }).await;
+    .await;
     let _ = cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await;
     let _ = cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await;
-    elapsed
+    result
 }
 
 /// The median of the benchmarks' samples.
