@@ -427,25 +427,6 @@ async fn pod_ip(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str) -> String 
 
 /// A CNI configuration list: the bridge plugin on `bridge` as the gateway
 /// of 10.<SUBNET>.0.0/24, host-local addresses kept in `ipam_dir`.
-fn bridge_conflist(bridge: &str, subnet: u8, ipam_dir: &Path) -> serde_json::Value {
-    serde_json::json!({
-        "cniVersion": "0.4.0",
-        "name": "runv-cri-test",
-        "plugins": [{
-            "type": "bridge",
-            "bridge": bridge,
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": format!("10.{subnet}.0.0/24") }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-                "dataDir": ipam_dir,
-            }
-        }]
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
     let test = "a_pod_on_the_cni_network_is_reachable_and_leaves_nothing";
@@ -467,7 +448,7 @@ async fn a_pod_on_the_cni_network_is_reachable_and_leaves_nothing() {
     if !nat_works {
         eprintln!("SKIP {test} (hostPort part): iptables cannot read the nat table here");
     }
-    let mut conf = bridge_conflist(&bridge.0, SUBNET, &cri.dir.path().join("cni-ipam"));
+    let mut conf = common::cni::bridge_conflist("runv-cri-test", &bridge.0, SUBNET, &cri.dir.path().join("cni-ipam"));
     if nat_works {
         // hostPort: runv cri hands the pod's port mappings to the plugins
         // that ask for them, as containerd does.
@@ -651,7 +632,7 @@ async fn a_pod_nic_rate_limit_holds_both_ways_on_the_builtin_vmm_and_is_refused_
     let extra = format!("net_rx_rate_limit = {RATE}\nnet_tx_rate_limit = {RATE}");
     let (_reg, cri, app) = common::registry_and_server_with(&extra, &[]).await;
     let bridge = Bridge(format!("runvbr{LIMITED_SUBNET}"));
-    let conf = bridge_conflist(&bridge.0, LIMITED_SUBNET, &cri.dir.path().join("cni-ipam"));
+    let conf = common::cni::bridge_conflist("runv-cri-test", &bridge.0, LIMITED_SUBNET, &cri.dir.path().join("cni-ipam"));
     std::fs::write(cri.dir.path().join("net.d/10-runv.conflist"), conf.to_string()).unwrap();
     let channel = cri.channel().await;
     let mut images = ImageServiceClient::new(channel.clone());

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cni;
 pub mod cri;
 pub mod registry;
 pub mod scrape;

@@ -45,23 +45,7 @@ pub struct Rig {
 
 /// A bridge network for `dir`'s pods on 10.`subnet`.0.0/24.
 pub fn cni_conf(dir: &Path, subnet: u8) -> String {
-    serde_json::json!({
-        "cniVersion": "0.4.0",
-        "name": "runv-faults",
-        "plugins": [{
-            "type": "bridge",
-            "bridge": format!("runvbr{subnet}"),
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": format!("10.{subnet}.0.0/24") }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-                "dataDir": dir.join("cni-ipam"),
-            }
-        }]
-    })
-    .to_string()
+    containerd::cni::bridge_conflist("runv-faults", &format!("runvbr{subnet}"), subnet, &dir.join("cni-ipam")).to_string()
 }
 
 pub const CONFIG: &str = "debug_console = true\n";

@@ -8,6 +8,9 @@ pub mod hypervisor;
 #[path = "../../../tests/common/scrape.rs"]
 pub mod scrape;
 
+#[path = "../../../tests/common/cni.rs"]
+pub mod cni;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -121,23 +124,7 @@ impl Containerd {
         std::fs::create_dir_all(d.join("net.d")).unwrap();
         let bridge = subnet.map(|s| {
             let bridge = format!("runvbr{s}");
-            let conf = serde_json::json!({
-                "cniVersion": "0.4.0",
-                "name": "runv-test",
-                "plugins": [{
-                    "type": "bridge",
-                    "bridge": bridge,
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "hairpinMode": true,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{ "subnet": format!("10.{s}.0.0/24") }]],
-                        "routes": [{ "dst": "0.0.0.0/0" }],
-                        "dataDir": d.join("cni-ipam"),
-                    }
-                }]
-            });
+            let conf = cni::bridge_conflist("runv-test", &bridge, s, &d.join("cni-ipam"));
             std::fs::write(d.join("net.d/10-runv-test.conflist"), conf.to_string()).unwrap();
             bridge
         });
