@@ -632,7 +632,8 @@ async fn a_pod_nic_rate_limit_holds_both_ways_on_the_builtin_vmm_and_is_refused_
     let extra = format!("net_rx_rate_limit = {RATE}\nnet_tx_rate_limit = {RATE}");
     let (_reg, cri, app) = common::registry_and_server_with(&extra, &[]).await;
     let bridge = Bridge(format!("runvbr{LIMITED_SUBNET}"));
-    let conf = common::cni::bridge_conflist("runv-cri-test", &bridge.0, LIMITED_SUBNET, &cri.dir.path().join("cni-ipam"));
+    let conf =
+        common::cni::bridge_conflist("runv-cri-test", &bridge.0, LIMITED_SUBNET, &cri.dir.path().join("cni-ipam"));
     std::fs::write(cri.dir.path().join("net.d/10-runv.conflist"), conf.to_string()).unwrap();
     let channel = cri.channel().await;
     let mut images = ImageServiceClient::new(channel.clone());

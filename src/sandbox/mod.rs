@@ -560,7 +560,11 @@ mod tests {
     fn a_vm_that_ended_says_what_its_console_and_its_vmm_said_last() {
         assert_eq!(vm_end(&VmExit::GuestShutdown, "", ""), "the sandbox VM ended (the guest shut down)");
         assert_eq!(
-            vm_end(&VmExit::GuestShutdown, "Kernel panic - not syncing: Attempted to kill init!", "vcpu0: shutdown exit"),
+            vm_end(
+                &VmExit::GuestShutdown,
+                "Kernel panic - not syncing: Attempted to kill init!",
+                "vcpu0: shutdown exit"
+            ),
             "the sandbox VM ended (the guest shut down; last console lines: Kernel panic - not syncing: \
              Attempted to kill init!; the VM process said: vcpu0: shutdown exit)"
         );

@@ -476,7 +476,9 @@ fn describe_stop(vcpu: &VcpuFd, what: &str) -> String {
         // AMD's KVM reinitialises the vCPU on a shutdown intercept (the
         // VMCB is undefined after one), so the registers read back are the
         // reset state, not where the guest faulted.
-        Ok(r) if r.rip == RESET_RIP => format!("{what}; the vCPU reads back in its reset state (rip {RESET_RIP:#x}), so where it faulted is lost"),
+        Ok(r) if r.rip == RESET_RIP => {
+            format!("{what}; the vCPU reads back in its reset state (rip {RESET_RIP:#x}), so where it faulted is lost")
+        }
         Ok(r) => format!("{what} at rip {:#x} (rflags {:#x})", r.rip, r.rflags),
         Err(_) => what.to_string(),
     }

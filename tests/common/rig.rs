@@ -45,7 +45,8 @@ pub struct Rig {
 
 /// A bridge network for `dir`'s pods on 10.`subnet`.0.0/24.
 pub fn cni_conf(dir: &Path, subnet: u8) -> String {
-    containerd::cni::bridge_conflist("runv-faults", &format!("runvbr{subnet}"), subnet, &dir.join("cni-ipam")).to_string()
+    containerd::cni::bridge_conflist("runv-faults", &format!("runvbr{subnet}"), subnet, &dir.join("cni-ipam"))
+        .to_string()
 }
 
 pub const CONFIG: &str = "debug_console = true\n";
