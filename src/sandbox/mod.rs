@@ -267,7 +267,15 @@ impl Sandbox {
             }
             if !announced {
                 // Poll the VM's state every few milliseconds while waiting.
-                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(20), ready.accept()).await {
+                if let Ok(Ok((mut stream, _))) = tokio::time::timeout(Duration::from_millis(20), ready.accept()).await {
+                    // The connection is the announcement; its message is
+                    // taken (at most one read, for at most READY_READ)
+                    // before closing, so that the agent's write does not
+                    // race the close and print a broken pipe on the
+                    // console. The guest cannot hold the boot up longer.
+                    let mut message = [0u8; 16];
+                    let _ = tokio::time::timeout(READY_READ, tokio::io::AsyncReadExt::read(&mut stream, &mut message))
+                        .await;
                     announced = true;
                     tracing::debug!(sandbox = %self.id, elapsed = ?started.elapsed(), "agent announced itself");
                 }
@@ -401,6 +409,10 @@ impl Sandbox {
         // Drop removes the directory.
     }
 }
+
+/// How long the host waits for the agent's readiness message on a
+/// connection it has accepted.
+const READY_READ: Duration = Duration::from_secs(1);
 
 /// How a running sandbox's VM ended, with what the guest's console and the
 /// VM process said last: a guest that panicked, or a vCPU that hit a triple
