@@ -957,5 +957,12 @@ async fn main() {
     drop(server);
     ctd.assert_clean();
     println!("{passed} passed, {failed} failed");
+    // exit() runs no destructors: stop containerd and the registry and
+    // remove their directories and the scratch directory first, so that a
+    // run leaves nothing behind.
+    drop(targets);
+    drop(ctd);
+    drop(reg);
+    drop(scratch);
     std::process::exit(if failed == 0 { 0 } else { 1 });
 }
