@@ -100,6 +100,7 @@ measure_overhead() { # backend extra-config: a failed measurement (a nested gues
 }
 measure_overhead builtin ""
 measure_overhead qemu 'accel = "kvm"'
+idle_m() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["idle_cpu_millicores"])' "$1"; }
 total_mib() { python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["total_memory_kib"] / 1024, 1))' "$1"; }
 
 echo "== runv cri, each backend" >&2
@@ -112,6 +113,7 @@ echo "boot to agent ready, QEMU microvm accel=kvm (median of $runs): $q ms"
 echo "VMM process memory, runv-vmm: $(part_mib "$work/builtin.json" runv-vmm) MiB"
 echo "VMM process memory, qemu: $(part_mib "$work/qemu.json" qemu) MiB"
 echo "PodFixed with QEMU/KVM: $(total_mib "$work/qemu.json") MiB"
+echo "idle CPU of an idle pod's host processes, built-in VMM: $(idle_m "$work/builtin.json") m; QEMU/KVM: $(idle_m "$work/qemu.json") m"
 echo "runv cri pod start ratio (built-in / QEMU): $cri_ratio"
 echo "podFixed-builtin: $(total_mib "$work/builtin.json") MiB"
 awk -v b="$b" -v q="$q" 'BEGIN { printf "ratio: %.2f\n", b / q }'
