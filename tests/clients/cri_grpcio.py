@@ -17,6 +17,7 @@ test (tests/cri_clients.rs) asserts on it. Exits 1 on an unexpected error.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,9 @@ def stubs(proto):
     sys.path.insert(0, out)
     import v1_pb2
     import v1_pb2_grpc
+    # Loaded: the generated files are not needed again (a run leaves nothing).
+    sys.path.remove(out)
+    shutil.rmtree(out)
     return v1_pb2, v1_pb2_grpc
 
 
