@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything runv needs on a Debian 12 host, builds runv, the
-# static guest agent, the guest kernel (cached), the initramfs and the
+# static guest agent, the guest kernel (cached), the agent's image and the
 # default rootfs, and installs them under $PREFIX (default /usr/local).
 # Safe to re-run: every step skips what is already there and current.
 #
@@ -31,7 +31,8 @@ apt_packages=(
     linux-source-6.1        # guest kernel source
     build-essential bc bison flex libelf-dev libssl-dev  # kernel build
     busybox-static          # default rootfs
-    cpio file               # initramfs
+    e2fsprogs file          # the agent's image (mke2fs -d)
+    cpio                    # the L1 rig's initramfs (scripts/l1.sh)
     libcap-ng-dev libseccomp-dev pkg-config  # virtiofsd build
     protobuf-compiler       # CRI protos
     containerd runc         # the containerd runtime path and its tests
@@ -66,20 +67,23 @@ step "building runv, runv-vmm and containerd-shim-runv-v2"
 cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p runv -p containerd-shim-runv-v2
 step "building the static guest agent"
 # libcontainer links libseccomp: statically, from Debian's libseccomp-dev.
-# The agent lives in guest memory (initramfs), so build it for size.
+# The agent's pages live in guest memory (the page cache of its image), so
+# build it for size.
 LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_LTO=fat \
 CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_STRIP=true \
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p runv-agent --target "$host_target"
 
-# --- guest kernel, initramfs, rootfs ----------------------------------------------
+# --- guest kernel, the agent's image, rootfs -----------------------------------------
 step "guest kernel"
 vmlinux=$("$repo/guest-kernel/build.sh" | tail -n 1)
 
 mkdir -p "$share" "$prefix/bin"
-step "initramfs"
-"$repo/guest-kernel/initramfs.sh" "$CARGO_TARGET_DIR/$host_target/release/runv-agent" "$share/initramfs.cpio"
+step "the agent's image"
+"$repo/guest-kernel/agent-image.sh" "$CARGO_TARGET_DIR/$host_target/release/runv-agent" "$share/agent.img"
+# What earlier releases booted from; nothing reads it now.
+rm -f "$share/initramfs.cpio"
 step "default rootfs"
 "$repo/scripts/make-rootfs.sh" "$share/rootfs"
 
@@ -88,4 +92,4 @@ for bin in runv runv-vmm containerd-shim-runv-v2; do
     install -m 0755 "$CARGO_TARGET_DIR/release/$bin" "$prefix/bin/$bin.new"
     mv "$prefix/bin/$bin.new" "$prefix/bin/$bin"
 done
-step "installed: $prefix/bin/runv, $prefix/bin/runv-vmm, $prefix/bin/containerd-shim-runv-v2, $share/{vmlinux,initramfs.cpio,rootfs}"
+step "installed: $prefix/bin/runv, $prefix/bin/runv-vmm, $prefix/bin/containerd-shim-runv-v2, $share/{vmlinux,agent.img,rootfs}"

@@ -4,7 +4,7 @@
 #
 #   /usr/bin/runv, /usr/bin/runv-vmm, /usr/bin/containerd-shim-runv-v2
 #   /usr/libexec/runv/virtiofsd, /usr/libexec/runv/vhost-device-vsock
-#   /usr/share/runv/{vmlinux,initramfs.cpio,rootfs/}
+#   /usr/share/runv/{vmlinux,agent.img,rootfs/}
 #   /etc/runv/config.toml (a conffile: deploy/config.toml with the
 #       package's paths; local changes survive upgrades)
 #   /lib/systemd/system/runv-cri.service (not enabled: for nodes without
@@ -46,20 +46,20 @@ done
 for helper in virtiofsd vhost-device-vsock; do
     install -m 0755 "$prefix/bin/$helper" "$root/usr/libexec/runv/$helper"
 done
-install -m 0644 "$prefix/share/runv/vmlinux" "$prefix/share/runv/initramfs.cpio" "$root/usr/share/runv/"
+install -m 0644 "$prefix/share/runv/vmlinux" "$prefix/share/runv/agent.img" "$root/usr/share/runv/"
 cp -a "$prefix/share/runv/rootfs" "$root/usr/share/runv/rootfs"
 
 # The default config with the package's paths: absolute, so that nothing
 # else on PATH (a /usr/local install) stands in for the package's own.
 sed -e 's|^kernel = .*|kernel = "/usr/share/runv/vmlinux"|' \
-    -e 's|^initramfs = .*|initramfs = "/usr/share/runv/initramfs.cpio"|' \
+    -e 's|^agent_image = .*|agent_image = "/usr/share/runv/agent.img"|' \
     -e 's|^rootfs = .*|rootfs = "/usr/share/runv/rootfs"|' \
     -e 's|^vmm = .*|vmm = "/usr/bin/runv-vmm"|' \
     -e 's|^virtiofsd = .*|virtiofsd = "/usr/libexec/runv/virtiofsd"|' \
     -e 's|^vhost_vsock = .*|vhost_vsock = "/usr/libexec/runv/vhost-device-vsock"|' \
     -e 's|^cri_shim = .*|cri_shim = "/usr/bin/containerd-shim-runv-v2"|' \
     "$repo/deploy/config.toml" > "$root/etc/runv/config.toml"
-for key in kernel initramfs rootfs vmm virtiofsd vhost_vsock cri_shim; do
+for key in kernel agent_image rootfs vmm virtiofsd vhost_vsock cri_shim; do
     grep -q "^$key = \"/usr/" "$root/etc/runv/config.toml" \
         || { echo "package.sh: deploy/config.toml has no '$key = ...' line to point at the package" >&2; exit 1; }
 done

@@ -198,7 +198,7 @@ pub fn check(config: &Config) -> Report {
         }
     }
 
-    for (item, path) in [("kernel", &config.kernel), ("initramfs", &config.initramfs)] {
+    for (item, path) in [("kernel", &config.kernel), ("agent_image", &config.agent_image)] {
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => r.add(Level::Ok, item, format!("{} ({} KiB)", path.display(), m.len() / 1024)),
             _ => r.add(
@@ -272,7 +272,7 @@ fn cgroup_version() -> Option<String> {
 }
 
 /// Whether KVM can boot the configured guest under QEMU: `Ok` or why not.
-/// The answer is cached per host kernel, guest kernel and initramfs and
+/// The answer is cached per host kernel, guest kernel, the agent's image and
 /// hypervisor binaries (see `probe_cache_path`).
 pub fn kvm_boots_guest(config: &Config) -> Result<(), String> {
     kvm_probe(config).map_err(|e| e.to_string())
@@ -355,7 +355,7 @@ fn parse_probe_record(text: &str, now: u64) -> Option<Result<(), String>> {
 }
 
 /// Where boot probe answers are kept: host-wide, since they depend on the
-/// host, the guest kernel and initramfs and the hypervisor binaries only
+/// host, the guest kernel, the agent's image and the hypervisor binaries only
 /// (a probe under nested KVM can take seconds); the runtime directory when
 /// that cannot be created.
 pub const PROBE_CACHE_DIR: &str = "/var/cache/runv/probes";
@@ -364,7 +364,7 @@ pub(crate) fn probe_cache_path(config: &Config) -> PathBuf {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let qemu = find_program(&config.qemu);
     let vmm = find_program(&config.vmm);
-    for p in [Some(&config.kernel), Some(&config.initramfs), qemu.as_ref(), vmm.as_ref()].into_iter().flatten() {
+    for p in [Some(&config.kernel), Some(&config.agent_image), qemu.as_ref(), vmm.as_ref()].into_iter().flatten() {
         p.hash(&mut h);
         if let Ok(m) = std::fs::metadata(p) {
             m.len().hash(&mut h);
@@ -404,14 +404,14 @@ pub(crate) fn probe_cache_path(config: &Config) -> PathBuf {
 /// Boots the guest with the probe flag under `accel` and waits for the
 /// agent's marker on the console; returns the time to the marker.
 pub fn probe_boot(config: &Config, accel: &'static str, timeout: Duration) -> Result<Duration, ProbeError> {
-    if !config.kernel.is_file() || !config.initramfs.is_file() {
-        return Err("guest kernel or initramfs missing".into());
+    if !config.kernel.is_file() || !config.agent_image.is_file() {
+        return Err("guest kernel or the agent's image missing".into());
     }
     let dir = tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
     let result = (|| -> Result<Duration, ProbeError> {
         let vm = VmConfig {
             kernel: config.kernel.clone(),
-            initramfs: config.initramfs.clone(),
+            agent_image: config.agent_image.clone(),
             cmdline: format!("{} {}", guest::KERNEL_CMDLINE_BASE, guest::PROBE_CMDLINE_FLAG),
             vcpus: 1,
             memory_mib: 128,
@@ -486,8 +486,8 @@ fn builtin_probe(config: &Config) -> Result<(), ProbeError> {
 /// Boots the guest with the probe flag under `runv-vmm` and waits for the
 /// agent's marker on the console; returns the time to the marker.
 pub fn probe_builtin(config: &Config, vmm: &Path, timeout: Duration) -> Result<Duration, ProbeError> {
-    if !config.kernel.is_file() || !config.initramfs.is_file() {
-        return Err("guest kernel or initramfs missing".into());
+    if !config.kernel.is_file() || !config.agent_image.is_file() {
+        return Err("guest kernel or the agent's image missing".into());
     }
     let dir = tempdir_in(&config.runtime_dir).map_err(|e| format!("creating a probe directory: {e}"))?;
     let result = (|| -> Result<Duration, ProbeError> {
@@ -497,8 +497,9 @@ pub fn probe_builtin(config: &Config, vmm: &Path, timeout: Duration) -> Result<D
         let mut child = Command::new(vmm)
             .arg("--kernel")
             .arg(&config.kernel)
-            .arg("--initramfs")
-            .arg(&config.initramfs)
+            .args(["--initramfs", "none"])
+            .arg("--disk")
+            .arg(crate::hypervisor::agent_disk_arg(&config.agent_image))
             .args(["--cmdline", &format!("{} {}", guest::KERNEL_CMDLINE_BASE, guest::PROBE_CMDLINE_FLAG)])
             .args(["--memory", "128"])
             .arg("--console")

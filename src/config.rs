@@ -8,7 +8,8 @@ use serde::Deserialize;
 
 /// Where the configuration is read from when no path is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runv/config.toml";
-/// Where `scripts/install.sh` puts the guest kernel, initramfs and rootfs.
+/// Where `scripts/install.sh` puts the guest kernel, the agent's image and
+/// the rootfs.
 pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/runv";
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,9 @@ pub struct Config {
     pub hypervisor: HypervisorKind,
     pub accel: Accel,
     pub kernel: PathBuf,
-    pub initramfs: PathBuf,
+    /// The guest's root: a read-only ext4 image holding the agent as
+    /// `/init`, attached as the VM's first virtio-blk disk.
+    pub agent_image: PathBuf,
     /// Root filesystem `runv run` uses when given no `--rootfs`.
     pub rootfs: PathBuf,
     /// Extra guest kernel parameters, appended to runv's own.
@@ -132,7 +135,7 @@ impl Default for Config {
             hypervisor: HypervisorKind::Auto,
             accel: Accel::Auto,
             kernel: share.join("vmlinux"),
-            initramfs: share.join("initramfs.cpio"),
+            agent_image: share.join("agent.img"),
             rootfs: share.join("rootfs"),
             kernel_params: String::new(),
             vcpus: 1,
@@ -192,6 +195,16 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        // A key of earlier releases gets a pointer to what replaced it.
+        if text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("initramfs")) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "initramfs",
+                problem: "is no longer read: runv boots the guest from the agent's read-only disk image; \
+                          set `agent_image` (scripts/install.sh makes agent.img) instead"
+                    .into(),
+            });
+        }
         let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
@@ -315,6 +328,12 @@ mod tests {
         assert!(fields.len() > 20 && fields.contains(&"image_max_layers"), "{fields:?}");
         let missing: Vec<_> = fields.iter().filter(|k| !table.contains_key(**k)).collect();
         assert!(missing.is_empty(), "keys missing from deploy/config.toml: {missing:?}");
+    }
+
+    #[test]
+    fn the_retired_initramfs_key_points_to_agent_image() {
+        let e = Config::parse("initramfs = \"/x.cpio\"\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("t.toml: initramfs is no longer read") && e.contains("agent_image"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! `runv/<sandbox id>`) that every one of its host processes joins before
 //! it runs a single instruction of its own.
 //!
-//! - The built-in VMM opens `/dev/kvm`, the kernel and the initramfs as
+//! - The built-in VMM opens `/dev/kvm`, the kernel and the agent's disk image as
 //!   root, then [`enter`]s the jail: new mount, IPC, UTS and network
 //!   namespaces, `pivot_root` into the jail directory (which holds nothing
 //!   but its sockets), an empty bounding set, and the sandbox's uid and gid

@@ -13,7 +13,7 @@ fn check_prints_a_verdict_and_an_exit_status_scripts_can_use() {
     assert!(verdict.starts_with("verdict: "), "stdout: {text}");
     let ready = verdict.starts_with("verdict: ready");
     assert_eq!(out.status.success(), ready, "stdout: {text}");
-    for item in ["kvm", "qemu", "virtiofsd", "vhost-device-vsock", "kernel", "initramfs", "cgroup"] {
+    for item in ["kvm", "qemu", "virtiofsd", "vhost-device-vsock", "kernel", "agent_image", "cgroup"] {
         assert!(text.lines().any(|l| l.split_whitespace().nth(1) == Some(item)), "no '{item}' line in: {text}");
     }
     let strict = env.runv().args(["check", "--require-kvm"]).output().unwrap();

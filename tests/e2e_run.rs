@@ -320,21 +320,23 @@ fn missing_kernel_is_a_one_line_error() {
 fn a_guest_that_never_answers_times_out_and_is_torn_down() {
     require_e2e!("a_guest_that_never_answers_times_out_and_is_torn_down");
     let probe = TestEnv::new("");
-    // An initramfs whose init sleeps instead of serving the agent.
+    // An agent image whose init sleeps instead of serving the agent.
     let stage = probe.dir.path().join("stage");
     std::fs::create_dir_all(stage.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", stage.join("bin/busybox")).unwrap();
     std::fs::write(stage.join("init"), "#!/bin/busybox sh\nexec /bin/busybox sleep 1000\n").unwrap();
     std::process::Command::new("chmod").arg("755").arg(stage.join("init")).status().unwrap();
-    let cpio = probe.dir.path().join("silent.cpio");
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("cd {} && find . | cpio --quiet -o -H newc -R 0:0 > {}", stage.display(), cpio.display()))
+    let image = probe.dir.path().join("silent.img");
+    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    let status = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-d"])
+        .arg(&stage)
+        .arg(&image)
         .status()
         .unwrap();
     assert!(status.success());
 
-    let env = TestEnv::new(&format!("initramfs = \"{}\"\nboot_timeout_secs = 4\naccel = \"tcg\"", cpio.display()));
+    let env = TestEnv::new(&format!("agent_image = \"{}\"\nboot_timeout_secs = 4\naccel = \"tcg\"", image.display()));
     let started = Instant::now();
     let out = env.run(&["--", "true"]);
     assert_eq!(out.status.code(), Some(125));
@@ -349,7 +351,7 @@ fn a_guest_that_never_answers_times_out_and_is_torn_down() {
 fn a_guest_that_dies_while_booting_is_reported() {
     require_e2e!("a_guest_that_dies_while_booting_is_reported");
     // No init at that path: the kernel panics, and panic=-1 ends the VM.
-    let env = TestEnv::new("kernel_params = \"rdinit=/no-such-init\"\naccel = \"tcg\"");
+    let env = TestEnv::new("kernel_params = \"init=/no-such-init\"\naccel = \"tcg\"");
     let out = env.run(&["--", "true"]);
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);

@@ -33,7 +33,7 @@ dpkg -i "$v1" >/dev/null || fail "dpkg -i $v1"
 [ "$(dpkg-query -W -f='${Version}' runv)" = 0.1.0~pkgtest1 ] || fail "version after install"
 dpkg -L runv > "$work/files"
 for f in /usr/bin/runv /usr/bin/runv-vmm /usr/bin/containerd-shim-runv-v2 /usr/libexec/runv/virtiofsd \
-    /usr/libexec/runv/vhost-device-vsock /usr/share/runv/vmlinux /usr/share/runv/initramfs.cpio \
+    /usr/libexec/runv/vhost-device-vsock /usr/share/runv/vmlinux /usr/share/runv/agent.img \
     /usr/share/runv/rootfs/bin/busybox /etc/runv/config.toml /lib/systemd/system/runv-cri.service \
     /lib/systemd/system/runv-monitor.service /usr/share/doc/runv/containerd-config.toml; do
     [ -e "$f" ] || fail "$f is not installed"

@@ -8,7 +8,7 @@
 //! host sends one line, a JSON array (the argv); the process runs with the
 //! connection as its stdout and stderr (stdin is /dev/null); when it exits the agent
 //! writes `guest::DEBUG_CONSOLE_EXIT_PREFIX<status>\n` and closes. The
-//! initramfs holds no shell: the program comes from the guest's files (a
+//! agent's image holds no shell: the program comes from the guest's files (a
 //! container's rootfs under the shared directory, for instance).
 
 use std::io::{BufRead, Write};

@@ -78,11 +78,14 @@ const MOUNTS: &[Mount] = &[
 /// Set in the environment of the agent once it runs from the tmpfs root.
 const SWITCHED_ENV: &str = "RUNV_AGENT_SWITCHED_ROOT";
 
-/// Moves the agent from the initramfs onto a tmpfs root and re-executes it
-/// there, as switch_root does. The initramfs cannot be pivot_root'ed away
-/// from, and containers need pivot_root. Returns only when already switched.
+/// Moves the agent from an initramfs onto a tmpfs root and re-executes it
+/// there, as switch_root does: the initramfs cannot be pivot_root'ed away
+/// from, and containers need pivot_root. Returns only when already
+/// switched, or when the root is not an initramfs: runv boots the agent
+/// from its read-only disk image (`agent_image`), whose root containers
+/// can pivot away from as it is.
 pub fn switch_root_to_tmpfs() -> Result<()> {
-    if std::env::var_os(SWITCHED_ENV).is_some() {
+    if std::env::var_os(SWITCHED_ENV).is_some() || !root_is_initramfs()? {
         return Ok(());
     }
     let new_root = "/newroot";
@@ -100,6 +103,16 @@ pub fn switch_root_to_tmpfs() -> Result<()> {
     Err(err).context("re-executing the agent from the tmpfs root")
 }
 
+/// Whether `/` is the kernel's initramfs (a ramfs or tmpfs rootfs) rather
+/// than a mounted disk.
+fn root_is_initramfs() -> Result<bool> {
+    let fs = nix::sys::statfs::statfs("/").context("statfs /")?;
+    let kind = fs.filesystem_type();
+    // RAMFS_MAGIC (linux/magic.h; nix does not name it).
+    const RAMFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x8584_58f6);
+    Ok(kind == RAMFS_MAGIC || kind == nix::sys::statfs::TMPFS_MAGIC)
+}
+
 /// Mounts the basics and points stdio at the console.
 pub fn setup() -> Result<()> {
     for m in MOUNTS {
@@ -107,7 +120,7 @@ pub fn setup() -> Result<()> {
         mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data)
             .with_context(|| format!("mounting {} on {}", m.fstype, m.target))?;
     }
-    // The initramfs has no /dev/console node, so the kernel started us
+    // The agent's image (or an initramfs) has no /dev/console node, so the kernel started us
     // without stdio; take the console now that devtmpfs is there.
     let console = fs::OpenOptions::new().read(true).write(true).open("/dev/console").context("opening /dev/console")?;
     for fd in 0..3 {

@@ -55,8 +55,11 @@ pub const AGENT_STATE_DIR: &str = "/run/runv";
 /// Kernel command line pieces every runv guest gets. `reboot=t` plus the
 /// hypervisor's no-reboot mode turns a guest reboot into a VM exit (without
 /// ACPI a poweroff would halt forever); `panic=-1` reboots on panic so a
-/// crashed guest ends its VM instead of hanging.
-pub const KERNEL_CMDLINE_BASE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+/// crashed guest ends its VM instead of hanging. The root is the agent's
+/// read-only image on the VM's first (and only) virtio-blk disk, with the
+/// agent as init.
+pub const KERNEL_CMDLINE_BASE: &str =
+    "console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 init=/init";
 
 /// Command line flag asking the agent to report readiness on the console and
 /// reboot at once (used to probe whether a hypervisor can boot the guest).

@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{container_config, cri_client, pod_config, ready, Containerd};
+use common::{container_config, cri_client, pod_config, ready, Containerd, SHARE_DIR};
 use k8s_cri::v1::*;
 
 #[derive(Default)]
@@ -251,6 +251,23 @@ async fn root_in_the_guest_gets_nothing_on_the_host() {
     attacks.record(
         "a console flood (4 MiB against a 256 KiB cap)",
         (kept > 256 * 1024 + 64 * 1024 || !out.contains("flooded")).then(|| format!("{kept} bytes kept: {out}")),
+    );
+
+    // 5b. Write the agent's image, which every VM on the node boots from:
+    //     the block device set writable, the root remounted read-write,
+    //     the agent overwritten through the filesystem and the disk's
+    //     first blocks through the device.
+    let image_path = Path::new(SHARE_DIR).join("agent.img");
+    let image_before = std::fs::read(&image_path).expect("the installed agent image");
+    let (out, _) = guest
+        .sh("blockdev --setrw /dev/vda 2>&1; mount -o remount,rw / 2>&1; echo owned > /init 2>&1; \
+             dd if=/dev/zero of=/dev/vda bs=4096 count=16 conv=notrunc,fsync 2>&1; sync; true")
+        .await;
+    println!("the guest, writing the agent's image: {out}");
+    attacks.record(
+        "root in the guest writing the agent's image (the node's other VMs boot from it)",
+        (std::fs::read(&image_path).ok() != Some(image_before))
+            .then(|| format!("the image changed; guest said {out:?}")),
     );
 
     // 6. Read the host's runv state from a container.

@@ -40,8 +40,9 @@ impl Builtin {
         };
         cmd.arg("--kernel")
             .arg(&vm.kernel)
-            .arg("--initramfs")
-            .arg(&vm.initramfs)
+            .args(["--initramfs", "none"])
+            .arg("--disk")
+            .arg(agent_disk_arg(&vm.agent_image))
             .args(["--cmdline", &vm.cmdline])
             .args(["--vcpus", &vm.vcpus.to_string()])
             .args(["--memory", &vm.memory_mib.to_string()])
@@ -73,6 +74,14 @@ impl Builtin {
         crate::helper::inherit_fds(&mut cmd, fds);
         cmd
     }
+}
+
+/// `runv-vmm --disk` for the agent's image: read-only (the VMM splits the
+/// option at the last comma, so a path with commas in it stays whole).
+pub fn agent_disk_arg(image: &Path) -> std::ffi::OsString {
+    let mut arg = image.as_os_str().to_owned();
+    arg.push(",ro");
+    arg
 }
 
 /// The VMM's control socket, beside the vsock socket.
@@ -164,7 +173,7 @@ mod tests {
     fn vm() -> VmConfig {
         VmConfig {
             kernel: "/k/vmlinux".into(),
-            initramfs: "/k/initramfs.cpio".into(),
+            agent_image: "/k/agent.img".into(),
             cmdline: "console=ttyS0 reboot=k".into(),
             vcpus: 2,
             memory_mib: 300,
@@ -187,7 +196,8 @@ mod tests {
         let joined = args.join(" ");
         for needle in [
             "--kernel /k/vmlinux",
-            "--initramfs /k/initramfs.cpio",
+            "--initramfs none",
+            "--disk /k/agent.img,ro",
             "--vcpus 2",
             "--memory 300",
             "--console /w/console.log",

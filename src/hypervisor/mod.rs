@@ -7,7 +7,7 @@ mod qemu;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use builtin::Builtin;
+pub use builtin::{agent_disk_arg, Builtin};
 pub use qemu::{Connected, Qemu, QEMU_SANDBOX};
 
 use crate::config::Accel;
@@ -17,7 +17,9 @@ use crate::helper::HelperExit;
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
-    pub initramfs: PathBuf,
+    /// The guest's root disk: the agent's read-only image, attached
+    /// read-only as the first virtio-blk device (`/dev/vda`).
+    pub agent_image: PathBuf,
     pub cmdline: String,
     pub vcpus: u32,
     pub memory_mib: u32,

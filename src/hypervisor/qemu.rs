@@ -105,8 +105,10 @@ impl Qemu {
             .args(["-global", "virtio-mmio.force-legacy=false"])
             .args(["-kernel"])
             .arg(&vm.kernel)
-            .args(["-initrd"])
-            .arg(&vm.initramfs)
+            // The guest's root: the agent's image, read-only (QEMU opens it
+            // O_RDONLY and the device tells the guest so).
+            .args(["-drive", &agent_drive(&vm.agent_image)])
+            .args(["-device", "virtio-blk-device,drive=agent"])
             .args(["-append", &vm.cmdline])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             // QEMU's own seccomp filter: no obsolete syscalls, no setuid or
@@ -258,6 +260,14 @@ impl Hypervisor for Qemu {
     }
 }
 
+/// QEMU's `-drive` for the agent's image: raw, read-only, no cache of
+/// QEMU's own beyond the host's page cache, a comma in the path escaped as
+/// QEMU's option syntax wants (`,,`).
+fn agent_drive(image: &Path) -> String {
+    let path = image.to_string_lossy().replace(',', ",,");
+    format!("file={path},if=none,id=agent,format=raw,readonly=on")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,7 +305,7 @@ mod tests {
     fn vm() -> VmConfig {
         VmConfig {
             kernel: "/k/vmlinux".into(),
-            initramfs: "/k/initramfs.cpio".into(),
+            agent_image: "/k/agent,1.img".into(),
             cmdline: "console=ttyS0".into(),
             vcpus: 2,
             memory_mib: 300,
@@ -342,10 +352,13 @@ mod tests {
             "vhost-user-vsock-device,chardev=vsock",
             "socket,id=fs,path=/w/fs.sock",
             "vhost-user-fs-device,chardev=fs,tag=runv",
+            // The agent's image, read-only, its comma escaped.
+            "-drive file=/k/agent,,1.img,if=none,id=agent,format=raw,readonly=on",
+            "-device virtio-blk-device,drive=agent",
         ] {
             assert!(joined.contains(needle), "missing '{needle}' in: {joined}");
         }
-        assert!(!joined.contains("-netdev"), "{joined}");
+        assert!(!joined.contains("-netdev") && !joined.contains("-initrd"), "{joined}");
     }
 
     #[test]

@@ -55,8 +55,8 @@ pub struct SandboxSpec {
 pub enum SandboxError {
     #[error("guest kernel {0} not found (set `kernel` in the config, or run scripts/install.sh)")]
     KernelMissing(PathBuf),
-    #[error("guest initramfs {0} not found (set `initramfs` in the config, or run scripts/install.sh)")]
-    InitramfsMissing(PathBuf),
+    #[error("the agent's image {0} not found (set `agent_image` in the config, or run scripts/install.sh)")]
+    AgentImageMissing(PathBuf),
     #[error("shared directory {0} does not exist or is not a directory")]
     SharedDirMissing(PathBuf),
     #[error("{0}")]
@@ -106,8 +106,8 @@ impl Sandbox {
         if !config.kernel.is_file() {
             return Err(SandboxError::KernelMissing(config.kernel.clone()));
         }
-        if !config.initramfs.is_file() {
-            return Err(SandboxError::InitramfsMissing(config.initramfs.clone()));
+        if !config.agent_image.is_file() {
+            return Err(SandboxError::AgentImageMissing(config.agent_image.clone()));
         }
         if !spec.shared_dir.is_dir() {
             return Err(SandboxError::SharedDirMissing(spec.shared_dir.clone()));
@@ -196,7 +196,7 @@ impl Sandbox {
             .map_err(|source| SandboxError::WorkDir { path: self.console_log.clone(), source })?;
         let vm = VmConfig {
             kernel: config.kernel.clone(),
-            initramfs: config.initramfs.clone(),
+            agent_image: config.agent_image.clone(),
             cmdline,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
@@ -473,7 +473,7 @@ fn qemu_backend(config: &Config) -> Box<dyn Hypervisor> {
 /// Whether the built-in VMM runs sandboxes on this host: it boots the guest
 /// (the boot probe), and a whole sandbox on it (vsock to the agent, the
 /// shared directory over virtio-fs) starts and answers. Cached per kernel,
-/// initramfs, QEMU and host kernel, like the boot probe.
+/// agent image, QEMU and host kernel, like the boot probe.
 async fn builtin_runs_sandboxes(config: &Config) -> Result<(), String> {
     let probe_config = config.clone();
     tokio::task::spawn_blocking(move || crate::check::builtin_boots_guest(&probe_config))

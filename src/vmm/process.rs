@@ -113,7 +113,8 @@ pub struct VmmArgs {
     /// boot protocol). Default: the configured kernel.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
-    /// Initramfs (default: the configured one; `none` for none).
+    /// Initramfs (default none; `none` for none). runv boots its guest
+    /// from the agent's disk image instead (`--disk`).
     #[arg(long, value_name = "FILE")]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line (virtio-mmio devices are appended).
@@ -172,8 +173,7 @@ pub fn main(args: VmmArgs, config: &crate::config::Config) -> std::process::Exit
         kernel: args.kernel.unwrap_or_else(|| config.kernel.clone()),
         initramfs: match args.initramfs {
             Some(p) if p.as_os_str() == "none" => None,
-            Some(p) => Some(p),
-            None => Some(config.initramfs.clone()),
+            p => p,
         },
         cmdline: args.cmdline,
         vcpus: args.vcpus,

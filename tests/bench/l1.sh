@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: the built-in VMM against QEMU `-M microvm,accel=kvm` on the
-# same KVM, the same guest kernel and initramfs, inside one run of the L1
+# same KVM, the same guest kernel and agent image, inside one run of the L1
 # rig (scripts/l1.sh: a real, nested KVM under QEMU TCG), alternating:
 #   - VMM start to agent ready: the agent as init in probe mode prints its
 #     marker and resets the machine, which ends either VMM;
@@ -33,17 +33,18 @@ work=$(mktemp -d)
 mount -t tmpfs -o size=1536m bench "$work"   # overlayfs and containerd want a real upper
 trap 'cd /; umount -l "$work"; rm -rf "$work"' EXIT
 export TMPDIR=$work
-cmdline="console=ttyS0 reboot=t panic=-1 quiet runv.probe=1"
+cmdline="console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 init=/init runv.probe=1"
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 builtin_boot() {
-    "$release/runv-vmm" --kernel "$share/vmlinux" --initramfs "$share/initramfs.cpio" \
+    "$release/runv-vmm" --kernel "$share/vmlinux" --initramfs none --disk "$share/agent.img,ro" \
         --cmdline "$cmdline" --memory 256 --console "$work/builtin.console"
 }
 qemu_boot() {
     qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -m 256M \
-        -kernel "$share/vmlinux" -initrd "$share/initramfs.cpio" -append "$cmdline" \
+        -kernel "$share/vmlinux" -drive "file=$share/agent.img,if=none,id=agent,format=raw,readonly=on" \
+        -device virtio-blk-device,drive=agent -append "$cmdline" \
         -nodefaults -no-user-config -display none -no-reboot -serial "file:$work/qemu.console"
 }
 timed() { # command -> ms, or fails if the agent never said it was ready

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: wall time of `runv run -- true` against a bare QEMU boot of the
-# same kernel and initramfs to init (the agent's probe mode: init prints a
+# same kernel and agent image to init (the agent's probe mode: init prints a
 # marker and reboots, which ends QEMU), alternating runs in one invocation.
 # Prints the medians and, last, `ratio: X` (runv / bare QEMU).
 #
@@ -10,7 +10,7 @@ runs=${1:-7}
 runv=${RUNV:-runv}
 share=${RUNV_SHARE:-/usr/local/share/runv}
 kernel=$share/vmlinux
-initramfs=$share/initramfs.cpio
+agent_image=$share/agent.img
 
 if "$runv" check --require-kvm >/dev/null 2>&1; then accel=kvm; cpu=host; else accel=tcg; cpu=max; fi
 cfg=$(mktemp)
@@ -21,8 +21,9 @@ now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 bare_qemu() {
     qemu-system-x86_64 -M microvm,acpi=off -accel "$accel" -cpu "$cpu" -m 256M \
-        -kernel "$kernel" -initrd "$initramfs" \
-        -append "console=ttyS0 reboot=t panic=-1 quiet runv.probe=1" \
+        -kernel "$kernel" -drive "file=$agent_image,if=none,id=agent,format=raw,readonly=on" \
+        -device virtio-blk-device,drive=agent \
+        -append "console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 init=/init runv.probe=1" \
         -nodefaults -no-user-config -display none -no-reboot -serial null
 }
 

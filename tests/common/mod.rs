@@ -59,7 +59,7 @@ pub fn e2e_ready(test: &str) -> bool {
     if !nix::unistd::Uid::effective().is_root() {
         missing.push("root".to_string());
     }
-    for f in ["vmlinux", "initramfs.cpio", "rootfs"] {
+    for f in ["vmlinux", "agent.img", "rootfs"] {
         if !Path::new(SHARE_DIR).join(f).exists() {
             missing.push(format!("{SHARE_DIR}/{f}"));
         }

@@ -92,7 +92,7 @@ pub fn ready(test: &str) -> bool {
             missing.push(p.to_string());
         }
     }
-    for f in ["vmlinux", "initramfs.cpio", "rootfs"] {
+    for f in ["vmlinux", "agent.img", "rootfs"] {
         if !Path::new(SHARE_DIR).join(f).exists() {
             missing.push(format!("{SHARE_DIR}/{f}"));
         }
