@@ -174,9 +174,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Only `capacity` (sectors, le64) at offset 0.
         let capacity = (self.size >> SECTOR_SHIFT).to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = capacity.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_space(&capacity, offset, data);
     }
 
     fn activate(

@@ -183,9 +183,7 @@ impl VirtioDevice for VhostUserFs {
         let mut config = [0u8; TAG_LEN + 4];
         config[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_space(&config, offset, data);
     }
 
     fn activate(

@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use super::muxer::{Interest, Muxer, MAX_PKT_DATA};
 use super::packet::{Header, HEADER_SIZE};
 use crate::vmm::devices::virtio::worker::{DeviceWorker, WorkerSignals};
-use crate::vmm::devices::virtio::{ActivateError, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::vmm::devices::virtio::{read_config_space, ActivateError, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
@@ -189,9 +189,7 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // guest_cid: le64 at 0.
         let cid = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cid.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        read_config_space(&cid, offset, data);
     }
 
     fn activate(&mut self, mem: Mem, queues: Vec<Queue>, interrupt: Interrupt, _: u64) -> Result<(), ActivateError> {
