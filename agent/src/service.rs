@@ -128,17 +128,16 @@ impl Agent for AgentService {
             slab_reclaimable_kib: mem_field(&meminfo, "SReclaimable"),
             ..Default::default()
         };
-        let rss = |pid: &str, field: &str| {
-            std::fs::read_to_string(format!("/proc/{pid}/status")).map(|s| mem_field(&s, field)).unwrap_or(0)
-        };
-        let anon_rss = |pid: &str| rss(pid, "RssAnon");
-        let pause_anon_rss_kib = self.containers.pause_pid().await.map(|p| anon_rss(&p.to_string())).unwrap_or(0);
+        let status = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let own = status("self");
+        let pause_anon_rss_kib =
+            self.containers.pause_pid().await.map(|p| mem_field(&status(&p.to_string()), "RssAnon")).unwrap_or(0);
         Ok(GuestDetailsResponse {
             kernel_release: uname.release().to_string_lossy().into_owned(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             memory: Some(memory).into(),
-            agent_anon_rss_kib: anon_rss("self"),
-            agent_file_rss_kib: rss("self", "RssFile"),
+            agent_anon_rss_kib: mem_field(&own, "RssAnon"),
+            agent_file_rss_kib: mem_field(&own, "RssFile"),
             pause_anon_rss_kib,
             ..Default::default()
         })

@@ -260,9 +260,8 @@ impl Hypervisor for Qemu {
     }
 }
 
-/// QEMU's `-drive` for the agent's image: raw, read-only, no cache of
-/// QEMU's own beyond the host's page cache, a comma in the path escaped as
-/// QEMU's option syntax wants (`,,`).
+/// QEMU's `-drive` for the agent's image: raw and read-only, a comma in
+/// the path escaped as QEMU's option syntax wants (`,,`).
 fn agent_drive(image: &Path) -> String {
     let path = image.to_string_lossy().replace(',', ",,");
     format!("file={path},if=none,id=agent,format=raw,readonly=on")
