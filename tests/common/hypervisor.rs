@@ -47,7 +47,7 @@ pub fn vm_processes(needle: &str) -> Vec<String> {
         let program = cmdline.split(' ').next().unwrap_or_default();
         // A jailed runv-vmm is two processes: the VMM and, outside its PID
         // namespace, its reaper; one VM.
-        let reaper = std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "runv-vmm-reaper");
+        let reaper = is_vmm_reaper(&e.path());
         if cmdline.contains(needle)
             && !reaper
             && Path::new(program).file_name().is_some_and(|f| f.to_string_lossy().starts_with(vm_program()))
@@ -56,4 +56,20 @@ pub fn vm_processes(needle: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// Whether the process at `proc_dir` (`/proc/PID`) is a jailed runv-vmm's
+/// reaper: it names itself so a moment after it forks the VMM, and until
+/// then it is already the parent of a runv-vmm.
+pub fn is_vmm_reaper(proc_dir: &Path) -> bool {
+    if std::fs::read_to_string(proc_dir.join("comm")).is_ok_and(|c| c.trim() == "runv-vmm-reaper") {
+        return true;
+    }
+    let Some(pid) = proc_dir.file_name() else { return false };
+    let children = std::fs::read_to_string(proc_dir.join("task").join(pid).join("children")).unwrap_or_default();
+    children.split_whitespace().any(|child| {
+        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        Path::new(&*String::from_utf8_lossy(argv0)).file_name().is_some_and(|f| f.to_string_lossy() == "runv-vmm")
+    })
 }

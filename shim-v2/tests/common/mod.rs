@@ -380,7 +380,7 @@ pub fn sandbox_processes(needle: &str, prefix: &str) -> Vec<(i32, String)> {
             String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
         let argv0 = cmdline.split(' ').next().unwrap_or_default();
         let name = Path::new(argv0).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let reaper = std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "runv-vmm-reaper");
+        let reaper = hypervisor::is_vmm_reaper(&e.path());
         // A jailed helper names its sockets relative to its jail directory,
         // its working directory.
         let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
