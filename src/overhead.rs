@@ -90,19 +90,11 @@ async fn measure_sandbox(
     let details = agent.guest_details().await?;
     let m = details.memory.clone().unwrap_or_default();
     let mut parts = guest_kernel_parts(memory_mib, &m)?;
-    // The agent's own memory and the pages of its binary it keeps resident
-    // (page cache of its disk root, which the kernel's in-use figure
-    // leaves out as reclaimable cache).
-    parts.push(Part {
-        name: "agent (and its binary's resident pages)".into(),
-        side: "guest",
-        memory_kib: details.agent_anon_rss_kib + details.agent_file_rss_kib,
-    });
-    parts.push(Part { name: "pause".into(), side: "guest", memory_kib: details.pause_anon_rss_kib });
+    parts.extend(guest_process_parts(memory_mib, &details)?);
     for (name, pid) in &pids {
         parts.push(Part { name: name.clone(), side: "host", memory_kib: private_pss_kib(*pid) });
     }
-    let total_memory_kib = parts.iter().map(|p| p.memory_kib).sum();
+    let total_memory_kib = parts.iter().fold(0u64, |sum, p| sum.saturating_add(p.memory_kib));
     Ok(Overhead {
         parts,
         total_memory_kib,
@@ -133,6 +125,34 @@ fn guest_kernel_parts(memory_mib: u32, m: &runv_proto::agent::MemoryInfo) -> any
             memory_kib: ram_kib - m.total_kib,
         },
         Part { name: "guest kernel (in use)".into(), side: "guest", memory_kib: in_use },
+    ])
+}
+
+/// The agent's and the pause process's parts, as the guest reports them:
+/// the agent's own memory and the pages of its binary it keeps resident
+/// (page cache of its disk root, which the kernel's in-use figure leaves
+/// out as reclaimable cache). A figure larger than the VM's RAM is the
+/// guest's error (or a lie), refused rather than summed.
+fn guest_process_parts(
+    memory_mib: u32,
+    details: &runv_proto::agent::GuestDetailsResponse,
+) -> anyhow::Result<Vec<Part>> {
+    let ram_kib = u64::from(memory_mib) * 1024;
+    let figure = |what: &str, kib: u64| {
+        if kib > ram_kib {
+            anyhow::bail!("the guest reports {what} of {kib} KiB in a VM of {ram_kib} KiB");
+        }
+        Ok(kib)
+    };
+    let agent = figure("the agent's anonymous memory", details.agent_anon_rss_kib)?
+        + figure("the agent's resident file pages", details.agent_file_rss_kib)?;
+    Ok(vec![
+        Part { name: "agent (and its binary's resident pages)".into(), side: "guest", memory_kib: agent },
+        Part {
+            name: "pause".into(),
+            side: "guest",
+            memory_kib: figure("the pause process's memory", details.pause_anon_rss_kib)?,
+        },
     ])
 }
 
@@ -169,7 +189,7 @@ impl Overhead {
     /// PodFixed memory in MiB: the total with `margin_percent` added,
     /// rounded up.
     pub fn pod_fixed_memory_mib(&self, margin_percent: u32) -> u64 {
-        let kib = self.total_memory_kib * u64::from(100 + margin_percent);
+        let kib = self.total_memory_kib.saturating_mul(u64::from(100 + margin_percent));
         kib.div_ceil(100 * 1024)
     }
 
@@ -252,6 +272,25 @@ mod tests {
         // A MemTotal past the VM's size is no figure to publish.
         let wrong = runv_proto::agent::MemoryInfo { total_kib: 300_000, ..m };
         assert!(guest_kernel_parts(256, &wrong).unwrap_err().to_string().contains("MemTotal 300000"));
+    }
+
+    /// A guest that reports its processes' memory as u64::MAX (a wrapping
+    /// sum would publish a tiny PodFixed) is refused with the figure named.
+    #[test]
+    fn a_guest_reporting_more_memory_than_its_vm_has_is_refused() {
+        let honest = runv_proto::agent::GuestDetailsResponse {
+            agent_anon_rss_kib: 900,
+            agent_file_rss_kib: 3_000,
+            pause_anon_rss_kib: 400,
+            ..Default::default()
+        };
+        let parts = guest_process_parts(128, &honest).unwrap();
+        assert_eq!((parts[0].memory_kib, parts[1].memory_kib), (3_900, 400));
+        let lying = runv_proto::agent::GuestDetailsResponse { agent_file_rss_kib: u64::MAX, ..honest.clone() };
+        let err = guest_process_parts(128, &lying).unwrap_err().to_string();
+        assert!(err.contains("resident file pages") && err.contains(&u64::MAX.to_string()), "{err}");
+        let lying = runv_proto::agent::GuestDetailsResponse { pause_anon_rss_kib: 128 * 1024 + 1, ..honest };
+        assert!(guest_process_parts(128, &lying).unwrap_err().to_string().contains("pause"));
     }
 
     #[test]
