@@ -428,7 +428,7 @@ impl RuntimeService for Cri {
             return Err(Status::invalid_argument("Exec: tty and stderr cannot both be set"));
         }
         self.runtime.container_status(&req.container_id, false).await?;
-        Ok(Response::new(ExecResponse { url: self.streams.exec_url(req) }))
+        Ok(Response::new(ExecResponse { url: self.streams.exec_url(req)? }))
     }
 
     async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
@@ -438,7 +438,7 @@ impl RuntimeService for Cri {
             return Err(Status::invalid_argument("Attach: one of stdin, stdout and stderr must be set"));
         }
         self.runtime.container_status(&req.container_id, false).await?;
-        Ok(Response::new(AttachResponse { url: self.streams.attach_url(req) }))
+        Ok(Response::new(AttachResponse { url: self.streams.attach_url(req)? }))
     }
 
     async fn port_forward(&self, req: Request<PortForwardRequest>) -> Result<Response<PortForwardResponse>, Status> {
@@ -448,7 +448,7 @@ impl RuntimeService for Cri {
         if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
             return Err(Status::invalid_argument(format!("PortForward: port {p} is out of range")));
         }
-        Ok(Response::new(PortForwardResponse { url: self.streams.port_forward_url(req) }))
+        Ok(Response::new(PortForwardResponse { url: self.streams.port_forward_url(req)? }))
     }
 
     async fn container_stats(

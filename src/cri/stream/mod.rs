@@ -29,6 +29,17 @@ use super::runtime::Runtime;
 
 /// How long a URL stays valid unused (the kubelet's default).
 const TOKEN_TTL: Duration = Duration::from_secs(60);
+/// The most URLs handed out and not yet used or expired (the kubelet's
+/// streaming server's maxInFlight): a client calling Exec in a loop fills
+/// no more than this; beyond it Exec, Attach and PortForward answer
+/// RESOURCE_EXHAUSTED until one is used or expires.
+const MAX_PENDING: usize = 1000;
+/// And the most bytes their requests may hold together (an Exec's command
+/// line is the client's to fill, up to the gRPC message limit each).
+const MAX_PENDING_BYTES: usize = 64 << 20;
+/// How long the accept loop waits after a failed accept (out of file
+/// descriptors, say) before it tries again, rather than spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Items queued between a session and its client, each way (output
 /// items hold at most 32 KiB): beyond this the copy waits for the client.
 const STREAM_QUEUE_FRAMES: usize = 64;
@@ -51,6 +62,16 @@ impl Pending {
             Pending::PortForward(_) => "portforward",
         }
     }
+
+    /// About what it holds in memory: its encoded size.
+    fn size(&self) -> usize {
+        use prost::Message;
+        match self {
+            Pending::Exec(r) => r.encoded_len(),
+            Pending::Attach(r) => r.encoded_len(),
+            Pending::PortForward(r) => r.encoded_len(),
+        }
+    }
 }
 
 pub struct StreamServer {
@@ -71,24 +92,36 @@ impl StreamServer {
         self.addr
     }
 
-    fn url(&self, request: Pending) -> String {
+    fn url(&self, request: Pending) -> Result<String, tonic::Status> {
         let token = super::runtime::new_id()[..32].to_string();
         let kind = request.kind();
         let mut pending = self.pending.lock().unwrap();
         pending.retain(|_, (at, _)| at.elapsed() < TOKEN_TTL);
+        let held: usize = pending.values().map(|(_, p)| p.size()).sum();
+        if pending.len() >= MAX_PENDING || held + request.size() > MAX_PENDING_BYTES {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "{kind}: {} streaming URLs ({} KiB of requests) are handed out and not yet used \
+                 (at most {MAX_PENDING}, {} KiB); use one or wait for one to expire ({} s after it \
+                 was handed out)",
+                pending.len(),
+                held >> 10,
+                MAX_PENDING_BYTES >> 10,
+                TOKEN_TTL.as_secs()
+            )));
+        }
         pending.insert(token.clone(), (Instant::now(), request));
-        format!("http://{}/{kind}/{token}", self.addr)
+        Ok(format!("http://{}/{kind}/{token}", self.addr))
     }
 
-    pub fn exec_url(&self, req: ExecRequest) -> String {
+    pub fn exec_url(&self, req: ExecRequest) -> Result<String, tonic::Status> {
         self.url(Pending::Exec(req))
     }
 
-    pub fn attach_url(&self, req: AttachRequest) -> String {
+    pub fn attach_url(&self, req: AttachRequest) -> Result<String, tonic::Status> {
         self.url(Pending::Attach(req))
     }
 
-    pub fn port_forward_url(&self, req: PortForwardRequest) -> String {
+    pub fn port_forward_url(&self, req: PortForwardRequest) -> Result<String, tonic::Status> {
         self.url(Pending::PortForward(req))
     }
 
@@ -104,7 +137,14 @@ impl StreamServer {
     pub fn serve(self: Arc<Self>, listener: TcpListener, runtime: Arc<Runtime>) {
         tokio::spawn(async move {
             loop {
-                let Ok((conn, _)) = listener.accept().await else { continue };
+                let conn = match listener.accept().await {
+                    Ok((conn, _)) => conn,
+                    Err(e) => {
+                        tracing::warn!("streaming server: accepting a connection: {e}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
                 let (server, runtime) = (self.clone(), runtime.clone());
                 tokio::spawn(async move { server.handle(conn, runtime).await });
             }
@@ -425,13 +465,47 @@ mod tests {
     #[tokio::test]
     async fn tokens_are_single_use_and_typed() {
         let (server, _listener) = StreamServer::bind("127.0.0.1:0").await.unwrap();
-        let url = server.exec_url(ExecRequest { container_id: "c".into(), ..Default::default() });
+        let url = server.exec_url(ExecRequest { container_id: "c".into(), ..Default::default() }).unwrap();
         let path = url.split_once(&server.addr().to_string()).unwrap().1.to_string();
         assert!(server.take(&path.replace("/exec/", "/attach/")).is_none());
-        let url = server.exec_url(ExecRequest { container_id: "c".into(), ..Default::default() });
+        let url = server.exec_url(ExecRequest { container_id: "c".into(), ..Default::default() }).unwrap();
         let path = url.split_once(&server.addr().to_string()).unwrap().1.to_string();
         assert!(matches!(server.take(&path), Some(Pending::Exec(r)) if r.container_id == "c"));
         assert!(server.take(&path).is_none());
+    }
+
+    /// A client that calls Exec in a loop and never connects fills at most
+    /// MAX_PENDING URLs; then it is told why, and a URL used or expired
+    /// makes room again.
+    #[tokio::test]
+    async fn attack_a_client_handed_urls_it_never_uses_fills_no_more_than_the_cap() {
+        println!("ATTACK a CRI client calling Exec in a loop without connecting: tried");
+        let (server, _listener) = StreamServer::bind("127.0.0.1:0").await.unwrap();
+        let exec = || ExecRequest { container_id: "c".into(), cmd: vec!["x".repeat(1 << 10)], ..Default::default() };
+        let urls: Vec<String> = (0..MAX_PENDING).map(|_| server.exec_url(exec()).unwrap()).collect();
+        let refused = server.exec_url(exec()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().starts_with("exec: 1000 streaming URLs ("), "{}", refused.message());
+        let refused = server.port_forward_url(PortForwardRequest::default()).unwrap_err();
+        assert!(refused.message().starts_with("portforward: "), "{}", refused.message());
+        assert_eq!(server.pending.lock().unwrap().len(), MAX_PENDING);
+        // One used makes room for one.
+        let path = urls[0].split_once(&server.addr().to_string()).unwrap().1.to_string();
+        assert!(server.take(&path).is_some());
+        server.attach_url(AttachRequest::default()).unwrap();
+        assert!(server.exec_url(exec()).is_err());
+        // Expired ones make room for all.
+        for (at, _) in server.pending.lock().unwrap().values_mut() {
+            *at -= TOKEN_TTL;
+        }
+        server.exec_url(exec()).unwrap();
+        assert_eq!(server.pending.lock().unwrap().len(), 1);
+        // Fewer but larger requests meet the byte cap first.
+        let big = || ExecRequest { container_id: "c".into(), cmd: vec!["x".repeat(4 << 20)], ..Default::default() };
+        while server.exec_url(big()).is_ok() {}
+        let held: usize = server.pending.lock().unwrap().values().map(|(_, p)| p.size()).sum();
+        assert!(held <= MAX_PENDING_BYTES && server.pending.lock().unwrap().len() < 20, "{held} bytes held");
+        println!("ATTACK a CRI client calling Exec in a loop without connecting: held");
     }
 
     #[test]
