@@ -37,6 +37,11 @@ const MAX_PENDING: usize = 1000;
 /// And the most bytes their requests may hold together (an Exec's command
 /// line is the client's to fill, up to the gRPC message limit each).
 const MAX_PENDING_BYTES: usize = 64 << 20;
+/// The most connections served at once, sessions and requests still being
+/// read alike: each session may queue STREAM_QUEUE_FRAMES items of up to
+/// 32 KiB each way, so this bounds what clients can make runv cri hold.
+/// Past it a connection is answered 503 and closed.
+const MAX_CONNECTIONS: usize = 256;
 /// How long the accept loop waits after a failed accept (out of file
 /// descriptors, say) before it tries again, rather than spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -77,6 +82,7 @@ impl Pending {
 pub struct StreamServer {
     addr: SocketAddr,
     pending: Mutex<HashMap<String, (Instant, Pending)>>,
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl StreamServer {
@@ -85,7 +91,8 @@ impl StreamServer {
         let listener =
             TcpListener::bind(address).await.with_context(|| format!("streaming server: listening on {address}"))?;
         let addr = listener.local_addr()?;
-        Ok((Arc::new(Self { addr, pending: Mutex::default() }), listener))
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        Ok((Arc::new(Self { addr, pending: Mutex::default(), connections }), listener))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -145,10 +152,23 @@ impl StreamServer {
                         continue;
                     }
                 };
+                let Some(permit) = self.admit() else {
+                    tokio::spawn(turn_away(conn));
+                    continue;
+                };
                 let (server, runtime) = (self.clone(), runtime.clone());
-                tokio::spawn(async move { server.handle(conn, runtime).await });
+                tokio::spawn(async move {
+                    server.handle(conn, runtime).await;
+                    drop(permit);
+                });
             }
         });
+    }
+
+    /// A place for one more connection, while fewer than MAX_CONNECTIONS
+    /// are served.
+    fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
     }
 
     async fn handle(&self, mut conn: TcpStream, runtime: Arc<Runtime>) {
@@ -197,6 +217,12 @@ impl Head {
     }
 }
 
+/// Answers a connection past MAX_CONNECTIONS with 503 and closes it.
+async fn turn_away(mut conn: TcpStream) {
+    let why = format!("runv cri's streaming server is serving {MAX_CONNECTIONS} connections, its most; try again");
+    let _ = tokio::time::timeout(Duration::from_secs(1), refuse(&mut conn, 503, &[], &why)).await;
+}
+
 /// Reads the request head; returns it with any bytes read past it.
 async fn read_head(conn: &mut TcpStream) -> Result<(Head, Vec<u8>), String> {
     let mut buf = Vec::with_capacity(1024);
@@ -233,6 +259,7 @@ async fn refuse(conn: &mut TcpStream, code: u16, headers: &[(&str, &str)], why: 
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let mut resp = format!(
@@ -506,6 +533,27 @@ mod tests {
         let held: usize = server.pending.lock().unwrap().values().map(|(_, p)| p.size()).sum();
         assert!(held <= MAX_PENDING_BYTES && server.pending.lock().unwrap().len() < 20, "{held} bytes held");
         println!("ATTACK a CRI client calling Exec in a loop without connecting: held");
+    }
+
+    /// A client that opens connections and holds them gets MAX_CONNECTIONS
+    /// served; the next is answered 503 and closed, and a place freed is
+    /// taken again.
+    #[tokio::test]
+    async fn attack_connections_past_the_cap_are_turned_away() {
+        println!("ATTACK a streaming client holding connections open: tried");
+        let (server, listener) = StreamServer::bind("127.0.0.1:0").await.unwrap();
+        let held: Vec<_> = (0..MAX_CONNECTIONS).map(|_| server.admit().expect("a place")).collect();
+        assert!(server.admit().is_none());
+        let mut client = TcpStream::connect(server.addr()).await.unwrap();
+        let (conn, _) = listener.accept().await.unwrap();
+        turn_away(conn).await;
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+        assert!(answer.ends_with("serving 256 connections, its most; try again\n"), "{answer}");
+        drop(held);
+        assert!(server.admit().is_some());
+        println!("ATTACK a streaming client holding connections open: held");
     }
 
     #[test]
