@@ -81,7 +81,9 @@ impl Pending {
 
 pub struct StreamServer {
     addr: SocketAddr,
-    pending: Mutex<HashMap<String, (Instant, Pending)>>,
+    /// Each URL's token: when it was handed out, its request's size
+    /// (counted once, against MAX_PENDING_BYTES) and the request.
+    pending: Mutex<HashMap<String, (Instant, usize, Pending)>>,
     connections: Arc<tokio::sync::Semaphore>,
 }
 
@@ -103,9 +105,10 @@ impl StreamServer {
         let token = super::runtime::new_id()[..32].to_string();
         let kind = request.kind();
         let mut pending = self.pending.lock().unwrap();
-        pending.retain(|_, (at, _)| at.elapsed() < TOKEN_TTL);
-        let held: usize = pending.values().map(|(_, p)| p.size()).sum();
-        if pending.len() >= MAX_PENDING || held + request.size() > MAX_PENDING_BYTES {
+        pending.retain(|_, (at, _, _)| at.elapsed() < TOKEN_TTL);
+        let held: usize = pending.values().map(|(_, size, _)| size).sum();
+        let size = request.size();
+        if pending.len() >= MAX_PENDING || held + size > MAX_PENDING_BYTES {
             return Err(tonic::Status::resource_exhausted(format!(
                 "{kind}: {} streaming URLs ({} KiB of requests) are handed out and not yet used \
                  (at most {MAX_PENDING}, {} KiB); use one or wait for one to expire ({} s after it \
@@ -116,7 +119,7 @@ impl StreamServer {
                 TOKEN_TTL.as_secs()
             )));
         }
-        pending.insert(token.clone(), (Instant::now(), request));
+        pending.insert(token.clone(), (Instant::now(), size, request));
         Ok(format!("http://{}/{kind}/{token}", self.addr))
     }
 
@@ -135,7 +138,7 @@ impl StreamServer {
     /// A URL's request, once: tokens are single use.
     fn take(&self, path: &str) -> Option<Pending> {
         let token = path.rsplit('/').next()?;
-        let (at, request) = self.pending.lock().unwrap().remove(token)?;
+        let (at, _, request) = self.pending.lock().unwrap().remove(token)?;
         let kind_matches =
             path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(k, _)| k) == Some(request.kind());
         (at.elapsed() < TOKEN_TTL && kind_matches).then_some(request)
@@ -522,7 +525,7 @@ mod tests {
         server.attach_url(AttachRequest::default()).unwrap();
         assert!(server.exec_url(exec()).is_err());
         // Expired ones make room for all.
-        for (at, _) in server.pending.lock().unwrap().values_mut() {
+        for (at, _, _) in server.pending.lock().unwrap().values_mut() {
             *at -= TOKEN_TTL;
         }
         server.exec_url(exec()).unwrap();
@@ -530,7 +533,7 @@ mod tests {
         // Fewer but larger requests meet the byte cap first.
         let big = || ExecRequest { container_id: "c".into(), cmd: vec!["x".repeat(4 << 20)], ..Default::default() };
         while server.exec_url(big()).is_ok() {}
-        let held: usize = server.pending.lock().unwrap().values().map(|(_, p)| p.size()).sum();
+        let held: usize = server.pending.lock().unwrap().values().map(|(_, _, p)| p.size()).sum();
         assert!(held <= MAX_PENDING_BYTES && server.pending.lock().unwrap().len() < 20, "{held} bytes held");
         println!("ATTACK a CRI client calling Exec in a loop without connecting: held");
     }
